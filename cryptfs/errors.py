@@ -1,0 +1,126 @@
+"""Exception hierarchy and the one table of process exit codes.
+
+Lower layers raise these typed errors; only the FUSE edge turns them into
+errno values and only ``main()`` turns them into exit codes.  Messages are
+written for users and never contain key material.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes.  Documented for scripts: never renumber a value."""
+
+    OK = 0  # success
+    INTERNAL = 1  # a bug: a traceback was printed
+    USAGE = 2  # bad command line or mount option
+    CIPHERDIR = 10  # cipher directory missing, not initialised, or not empty
+    KEYFILE = 11  # key file unreadable, corrupt, tampered or of an unsupported version
+    PASSWORD = 12  # wrong password (or the key slot was modified)
+    ENGINE = 13  # the requested crypto engine is not usable here
+    MOUNT = 14  # the mount itself failed
+    FSCK_PROBLEMS = 20  # fsck found damage
+
+
+class CryptfsError(Exception):
+    """An expected error: ``main()`` prints its message in one line."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+
+# --- key file -------------------------------------------------------------
+
+
+class KeyFileError(CryptfsError):
+    exit_code = ExitCode.KEYFILE
+
+
+class KeyFileMissingError(KeyFileError):
+    exit_code = ExitCode.CIPHERDIR
+
+
+class KeyFileCorruptError(KeyFileError):
+    """Not parseable, truncated, or failed its checksum: damaged, not attacked."""
+
+
+class KeyFileTamperedError(KeyFileError):
+    """The key unlocked, but the file's authenticated fields do not match."""
+
+
+class UnsupportedVersionError(KeyFileError):
+    """Written by a newer (or unknown) cryptfs format."""
+
+
+class UnsupportedKdfError(KeyFileError):
+    """The key slot names a KDF (or parameters) this version cannot run."""
+
+
+class UnsupportedFeatureError(KeyFileError):
+    """The key file requires a feature flag this version does not know."""
+
+
+class WrongPasswordError(CryptfsError):
+    exit_code = ExitCode.PASSWORD
+
+
+# --- engines --------------------------------------------------------------
+
+
+class EngineUnavailableError(CryptfsError):
+    """A requested crypto engine cannot run on this machine."""
+
+    exit_code = ExitCode.ENGINE
+
+
+class EngineError(CryptfsError):
+    """The crypto engine failed on a request (for example a short kernel reply)."""
+
+
+# --- file contents ----------------------------------------------------------
+
+
+class ContentError(CryptfsError):
+    """A backing file's contents cannot be trusted: the FUSE edge maps this to EIO."""
+
+
+class HeaderCorruptError(ContentError):
+    """The header page is short, lacks the magic, or has non-zero padding."""
+
+
+class HeaderVersionError(ContentError):
+    """The header names a content format version this release does not know."""
+
+
+class HeaderAuthError(ContentError):
+    """The header MAC does not verify: a damaged header, or a file from another
+    cipher directory."""
+
+
+class BackingSizeError(ContentError):
+    """The backing file's size cannot be the encoding of any plaintext size."""
+
+
+class TrailerError(ContentError):
+    """The final page's 16 zero bytes did not decrypt to zero: the final page
+    was damaged, truncated, or moved."""
+
+
+# --- names ------------------------------------------------------------------
+
+
+class FileNameError(CryptfsError):
+    """Base for errors about file, symlink-target and xattr names."""
+
+
+class NameDecodeError(FileNameError):
+    """A backing name is not a valid encrypted name for this directory."""
+
+
+class NameTooLongError(FileNameError):
+    """A plaintext name is longer than 255 bytes (ENAMETOOLONG)."""
+
+
+class InvalidNameError(FileNameError):
+    """A plaintext name is empty, '.', '..', or contains '/' or NUL."""

@@ -1,0 +1,64 @@
+"""The key hierarchy: every key cryptfs uses is derived from one master key.
+
+All subkeys come from HKDF-SHA512 (RFC 5869) with the master key as input
+keying material, an empty salt, and a distinct ``info`` label per purpose, so
+no two purposes can ever share a key (the same scheme fscrypt v2 uses for its
+per-file keys).  See docs/format.md, "Key hierarchy".
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MASTER_KEY_LEN = 32
+FILE_ID_LEN = 16
+
+# HKDF info labels.  Part of the on-disk format: never change one.
+INFO_CONTENT = b"cryptfs v1 content key\x00"  # followed by the 16-byte file ID
+INFO_HEADER = b"cryptfs v1 header mac key"
+INFO_NAMES = b"cryptfs v1 filename key"
+INFO_METADATA = b"cryptfs v1 metadata key"
+INFO_KEYFILE_MAC = b"cryptfs v1 key file mac key"
+
+
+def hkdf_sha512(ikm: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA512 with an empty salt: the one derivation all subkeys use."""
+    return HKDF(algorithm=hashes.SHA512(), length=length, salt=None, info=info).derive(ikm)
+
+
+class KeyRing:
+    """The unlocked master key and the fixed subkeys derived from it.
+
+    Per-file content keys are derived on demand (they depend on the file ID).
+    ``wipe()`` overwrites what Python lets us overwrite; ``bytes`` copies that
+    ``cryptography`` makes internally cannot be reached, which is a known limit
+    of a Python implementation (documented in the README's security model).
+    """
+
+    def __init__(self, master_key: bytes | bytearray) -> None:
+        if len(master_key) != MASTER_KEY_LEN:
+            raise ValueError(f"master key must be {MASTER_KEY_LEN} bytes")
+        self._master = bytearray(master_key)
+        master = bytes(self._master)
+        self.header_key = hkdf_sha512(master, INFO_HEADER, 32)
+        self.name_key = hkdf_sha512(master, INFO_NAMES, 64)
+        self.metadata_key = hkdf_sha512(master, INFO_METADATA, 64)
+        self.keyfile_mac_key = hkdf_sha512(master, INFO_KEYFILE_MAC, 32)
+
+    @property
+    def master_key(self) -> bytes:
+        return bytes(self._master)
+
+    def content_key(self, file_id: bytes) -> bytes:
+        """The 64-byte AES-256-XTS key of one file (data key, then tweak key)."""
+        if len(file_id) != FILE_ID_LEN:
+            raise ValueError(f"file ID must be {FILE_ID_LEN} bytes")
+        return hkdf_sha512(bytes(self._master), INFO_CONTENT + file_id, 64)
+
+    def wipe(self) -> None:
+        for i in range(len(self._master)):
+            self._master[i] = 0
+
+    def __repr__(self) -> str:  # never show key bytes, not even in a traceback
+        return "<KeyRing (keys hidden)>"
