@@ -1,0 +1,117 @@
+"""What every crypto engine provides: AES-256-XTS over runs of data units.
+
+A *run* is a contiguous byte range made of consecutive data units.  Every
+unit is one 4096-byte page except the last, which takes whatever remains
+(16 to 4112 bytes: a final page of r bytes plus cryptfs' 16-byte trailer is
+encrypted as one unit with ciphertext stealing).  Unit ``k`` of a run that
+starts at unit index ``first`` uses the tweak ``first + k`` as a 128-bit
+little-endian number.
+
+Engines also own reading ciphertext from a backing file (so the kernel
+engine can splice it straight into the cipher) and therefore apply the hole
+rule there: a unit whose stored bytes are all zero decrypts to zeros.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from cryptfs.errors import BackingSizeError
+
+PAGE_SIZE = 4096
+XTS_KEY_LEN = 64  # AES-256-XTS: 32-byte data key, then 32-byte tweak key
+MIN_UNIT = 16  # XTS needs at least one AES block
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+
+
+def tweak(index: int) -> bytes:
+    """The XTS tweak (IV) of data unit ``index``: 128-bit little-endian."""
+    return index.to_bytes(16, "little")
+
+
+def units(length: int) -> Iterator[tuple[int, int, int]]:
+    """Split a run of ``length`` bytes into ``(k, start, size)`` per unit."""
+    if length < MIN_UNIT:
+        raise ValueError(f"a run must be at least {MIN_UNIT} bytes, not {length}")
+    count = -(-(length - MIN_UNIT) // PAGE_SIZE) or 1  # ceil((length - 16) / 4096)
+    for k in range(count - 1):
+        yield k, k * PAGE_SIZE, PAGE_SIZE
+    start = (count - 1) * PAGE_SIZE
+    yield count - 1, start, length - start
+
+
+def group_units(
+    length: int, is_hole: Callable[[int, int, int], bool], max_units: int = 1 << 30
+) -> Iterator[tuple[bool, int, int]]:
+    """Group the units of a run into maximal spans ``(hole, start, end)`` of
+    holes or of data (data spans at most ``max_units`` units long), so each
+    data span is one call into the cipher."""
+    span_hole, span_start, span_units = None, 0, 0
+    for k, start, size in units(length):
+        hole = is_hole(k, start, size)
+        if hole != span_hole or (not hole and span_units == max_units):
+            if span_hole is not None:
+                yield span_hole, span_start, start
+            span_hole, span_start, span_units = hole, start, 0
+        span_units += 1
+    yield bool(span_hole), span_start, length
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A zero-filled, page-aligned, writable buffer (the kernel engine can
+    vmsplice these without copying)."""
+    return mmap.mmap(-1, max(size, 1))
+
+
+def is_zero(data: Buffer) -> bool:
+    """True if every byte is zero (a memcmp against a zero buffer)."""
+    return bytes(data) == bytes(len(data))
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """Read exactly ``size`` bytes or raise ``BackingSizeError`` (the backing
+    file was truncated behind our back)."""
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise BackingSizeError(
+                f"backing file ended at {offset + len(data)} while reading {size} "
+                f"bytes at {offset} (changed behind the mount?)"
+            )
+        data += more
+    return data
+
+
+class XtsSession(Protocol):
+    """AES-256-XTS under one file's key.  Safe to call from several threads."""
+
+    def encrypt(self, first: int, src: Buffer, dst: memoryview) -> None:
+        """Encrypt the run ``src`` (first unit index ``first``) into ``dst``."""
+
+    def decrypt(self, first: int, src: Buffer, dst: memoryview) -> None:
+        """Decrypt the run ``src`` into ``dst``."""
+
+    def decrypt_file(self, first: int, fd: int, offset: int, length: int,
+                     dst: memoryview) -> None:
+        """Decrypt the run stored at ``offset`` in ``fd`` into ``dst``; units
+        stored as all zeros (holes) come out as zeros."""
+
+    def close(self) -> None:
+        """Release kernel resources.  Idempotent."""
+
+
+class XtsEngine(Protocol):
+    """A factory of per-file sessions."""
+
+    name: str
+
+    def open_session(self, key: bytes) -> XtsSession: ...
+
+    def describe(self) -> str:
+        """One line for logs and ``cryptfs info`` (never key material)."""
+        ...
