@@ -1,0 +1,1 @@
+"""File contents: the header, the page layout, and encrypted reads and writes."""
