@@ -1,0 +1,224 @@
+"""Both engines: IEEE 1619 vectors, cross-engine equality at every boundary
+size, hole handling, and engine selection."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+
+from cryptfs.engines import cross_check, select_engine
+from cryptfs.engines.afalg import AfalgEngine
+from cryptfs.engines.base import PAGE_SIZE, aligned_buffer, units
+from cryptfs.engines.userspace import OpenSSLEngine
+from cryptfs.errors import BackingSizeError, EngineUnavailableError
+from tests.conftest import afalg_engine
+
+PATTERN = bytes(range(256)) * 2
+# IEEE 1619-2007 XTS-AES-256 vector 10: Key1 || Key2, data unit number 0xff.
+V10_KEY = bytes.fromhex(
+    "2718281828459045235360287471352662497757247093699959574966967627"
+    "3141592653589793238462643383279502884197169399375105820974944592"
+)
+V10_CT = bytes.fromhex(
+    "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b"
+    "5d31e276f8fe4a8d66b317f9ac683f44680a86ac35adfc3345befecb4bb188fd"
+    "5776926c49a3095eb108fd1098baec70aaa66999a72a82f27d848b21d4a741b0"
+    "c5cd4d5fff9dac89aeba122961d03a757123e9870f8acf1000020887891429ca"
+    "2a3e7a7d7df7b10355165c8b9a6d0a7de8b062c4500dc4cd120c0f7418dae3d0"
+    "b5781c34803fa75421c790dfe1de1834f280d7667b327f6c8cd7557e12ac3a0f"
+    "93ec05c52e0493ef31a12d3d9260f79a289d6a379bc70c50841473d1a8cc81ec"
+    "583e9645e07b8d9670655ba5bbcfecc6dc3966380ad8fecb17b6ba02469a020a"
+    "84e18e8f84252070c13e9f1f289be54fbc481457778f616015e1327a02b140f1"
+    "505eb309326d68378f8374595c849d84f4c333ec4423885143cb47bd71c5edae"
+    "9be69a2ffeceb1bec9de244fbe15992b11b77c040f12bd8f6a975a44a0f90c29"
+    "a9abc3d4d893927284c58754cce294529f8614dcd2aba991925fedc4ae74ffac"
+    "6e333b93eb4aff0479da9a410e4450e0dd7ae4c6e2910900575da401fc07059f"
+    "645e8b7e9bfdef33943054ff84011493c27b3429eaedb4ed5376441a77ed4385"
+    "1ad77f16f541dfd269d50d6a5f14fb0aab1cbb4c1550be97f7ab4066193c4caa"
+    "773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151"
+)
+
+# Every length the content format produces at its edges: tiny final units
+# (1..15 plaintext bytes + 16-byte trailer), page boundaries +-1, a final
+# page plus trailer spilling into the next page, segment (16-page) edges.
+BOUNDARY_LENGTHS = sorted({
+    16, 17, 20, 31, 32, 33, 4095, 4096, 4097, 4111, 4112,
+    2 * PAGE_SIZE - 1, 2 * PAGE_SIZE, 2 * PAGE_SIZE + 1, 2 * PAGE_SIZE + 16,
+    16 * PAGE_SIZE, 16 * PAGE_SIZE + 16, 17 * PAGE_SIZE + 100, 40 * PAGE_SIZE + 4112 - 4096,
+})
+
+
+def aligned(data: bytes):
+    buf = aligned_buffer(len(data))
+    buf[:] = data
+    return buf
+
+
+@pytest.mark.parametrize("aligned_input", [True, False])
+def test_ieee1619_vector10(engine, aligned_input):
+    session = engine.open_session(V10_KEY)
+    try:
+        src = aligned(PATTERN) if aligned_input else PATTERN
+        out = bytearray(len(PATTERN))
+        session.encrypt(0xFF, src, memoryview(out))
+        assert bytes(out) == V10_CT
+        back = bytearray(len(PATTERN))
+        session.decrypt(0xFF, aligned(V10_CT) if aligned_input else V10_CT, memoryview(back))
+        assert bytes(back) == PATTERN
+    finally:
+        session.close()
+
+
+def test_units_split():
+    assert list(units(16)) == [(0, 0, 16)]
+    assert list(units(4112)) == [(0, 0, 4112)]
+    assert list(units(8192)) == [(0, 0, 4096), (1, 4096, 4096)]
+    assert list(units(8193)) == [(0, 0, 4096), (1, 4096, 4097)]
+    with pytest.raises(ValueError):
+        list(units(15))
+
+
+@pytest.mark.afalg
+@pytest.mark.parametrize("length", BOUNDARY_LENGTHS)
+def test_cross_engine_equality(length, tmp_path):
+    """Kernel and OpenSSL give identical bytes; each decrypts the other's."""
+    kernel, user = afalg_engine(), OpenSSLEngine()
+    key = secrets.token_bytes(64)
+    first = secrets.randbelow(1 << 40)
+    plain = secrets.token_bytes(length)
+    ks, us = kernel.open_session(key), user.open_session(key)
+    try:
+        outs = []
+        for session, src in [(ks, aligned(plain)), (ks, plain), (us, plain)]:
+            out = bytearray(length)
+            session.encrypt(first, src, memoryview(out))
+            outs.append(bytes(out))
+        assert outs[0] == outs[1] == outs[2]
+        for session, other in [(ks, us), (us, ks)]:
+            ct = bytearray(length)
+            other.encrypt(first, plain, memoryview(ct))
+            back = bytearray(length)
+            session.decrypt(first, aligned(bytes(ct)), memoryview(back))
+            assert bytes(back) == plain
+            # and straight from a file, at a page-aligned offset
+            path = tmp_path / "f"
+            path.write_bytes(bytes(PAGE_SIZE) + bytes(ct))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                back = bytearray(length)
+                session.decrypt_file(first, fd, PAGE_SIZE, length, memoryview(back))
+            finally:
+                os.close(fd)
+            assert bytes(back) == plain
+    finally:
+        ks.close()
+        us.close()
+
+
+def test_decrypt_file_hole_rule(engine, tmp_path):
+    """Units stored as zeros (a real hole, or written zeros) read as zeros."""
+    key = secrets.token_bytes(64)
+    session = engine.open_session(key)
+    pages = [secrets.token_bytes(PAGE_SIZE) for _ in range(5)]
+    last = secrets.token_bytes(100)
+    cts = []
+    for i, page in enumerate(pages + [last]):
+        out = bytearray(len(page))
+        session.encrypt(i, page, memoryview(out))
+        cts.append(bytes(out))
+    cts[1] = bytes(PAGE_SIZE)  # written zeros
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        for i, ct in enumerate(cts):
+            if i == 3:  # a real filesystem hole
+                f.seek(PAGE_SIZE, os.SEEK_CUR)
+            else:
+                f.write(ct)
+    expected = [pages[0], bytes(PAGE_SIZE), pages[2], bytes(PAGE_SIZE), pages[4], last]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = bytearray(5 * PAGE_SIZE + 100)
+        session.decrypt_file(0, fd, 0, len(out), memoryview(out))
+        assert bytes(out) == b"".join(expected)
+        with pytest.raises(BackingSizeError):  # the file is shorter than asked
+            longer = bytearray(len(out) + PAGE_SIZE)
+            session.decrypt_file(0, fd, 0, len(longer), memoryview(longer))
+    finally:
+        os.close(fd)
+        session.close()
+
+
+def test_sessions_are_thread_safe(engine):
+    """Several threads share one session (each borrows its own channel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = secrets.token_bytes(64)
+    session = engine.open_session(key)
+    ref = OpenSSLEngine().open_session(key)
+    data = [secrets.token_bytes(3 * PAGE_SIZE + 50) for _ in range(16)]
+
+    def work(i):
+        out = bytearray(len(data[i]))
+        session.encrypt(i, aligned(data[i]), memoryview(out))
+        expected = bytearray(len(data[i]))
+        ref.encrypt(i, data[i], memoryview(expected))
+        return out == expected
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(16)))
+    session.close()
+    session.close()  # idempotent
+
+
+def test_selection_openssl_requested():
+    choice = select_engine("openssl")
+    assert choice.engine.name == "openssl"
+    with pytest.raises(ValueError):
+        select_engine("bogus")
+
+
+def kernel_has_afalg() -> bool:
+    try:
+        AfalgEngine.probe()
+    except EngineUnavailableError:
+        return False
+    return True
+
+
+# These two run on the host (no AF_ALG: the fallback) and in the kernel VM
+# (AF_ALG present: the kernel engine), hence the afalg mark.
+@pytest.mark.afalg
+def test_selection_auto_matches_the_kernel(caplog):
+    caplog.set_level("INFO", logger="cryptfs")
+    choice = select_engine("auto")
+    if kernel_has_afalg():
+        assert choice.engine.name == "afalg"
+        assert "self-test" in choice.reason
+    else:
+        assert choice.engine.name == "openssl"
+        assert "AF_ALG not usable" in choice.reason
+    assert f"using the {choice.engine.name}" in caplog.text
+
+
+@pytest.mark.afalg
+def test_forced_afalg():
+    if kernel_has_afalg():
+        assert select_engine("afalg").engine.name == "afalg"
+    else:
+        with pytest.raises(EngineUnavailableError, match="AF_ALG"):
+            select_engine("afalg")
+
+
+@pytest.mark.afalg
+def test_cross_check_passes_on_the_kernel():
+    cross_check(afalg_engine(), OpenSSLEngine())
+
+
+@pytest.mark.afalg
+def test_afalg_without_vmsplice_uses_sendmsg():
+    """The sendmsg fallback (seccomp forbids vmsplice) gives the same bytes."""
+    afalg_engine()
+    engine = AfalgEngine(zero_copy=False)
+    cross_check(engine, OpenSSLEngine())
