@@ -1,0 +1,193 @@
+"""The key file: round trip, and one distinct error per kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from cryptfs.errors import (
+    ExitCode,
+    KeyFileCorruptError,
+    KeyFileMissingError,
+    KeyFileTamperedError,
+    UnsupportedFeatureError,
+    UnsupportedKdfError,
+    UnsupportedVersionError,
+    WrongPasswordError,
+)
+from cryptfs.keyfile import KEYFILE_NAME, KdfParams, KeyFile, canonical_json
+
+
+def fast() -> KdfParams:
+    return KdfParams.argon2id(memory_kib=1024, iterations=1, lanes=1)
+
+
+def reseal(data: bytes, edit) -> bytes:
+    """Apply ``edit`` to the JSON and recompute the plain checksum, as an
+    attacker (or a careless tool) could; only the MAC and AEAD stop it."""
+    import hashlib
+
+    obj = json.loads(data)
+    obj.pop("checksum")
+    edit(obj)
+    obj["checksum"] = hashlib.sha256(canonical_json(obj)).hexdigest()
+    return json.dumps(obj).encode()
+
+
+@pytest.fixture
+def created(tmp_path):
+    keyfile, keys = KeyFile.create(b"correct horse", fast())
+    keyfile.save(tmp_path)
+    return tmp_path, keys
+
+
+def test_round_trip_and_permissions(created):
+    cipherdir, keys = created
+    path = cipherdir / KEYFILE_NAME
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in cipherdir.iterdir()] == [KEYFILE_NAME]  # no temp file left
+    unlocked = KeyFile.load(cipherdir).unlock(b"correct horse")
+    assert unlocked.master_key == keys.master_key
+    assert keys.master_key.hex() not in path.read_text()
+
+
+def test_mode_is_0600_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        KeyFile.create(b"pw", fast())[0].save(tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / KEYFILE_NAME).stat().st_mode) == 0o600
+
+
+def test_wrong_password(created):
+    with pytest.raises(WrongPasswordError) as info:
+        KeyFile.load(created[0]).unlock(b"wrong")
+    assert info.value.exit_code == ExitCode.PASSWORD
+
+
+def test_missing(tmp_path):
+    with pytest.raises(KeyFileMissingError, match="cryptfs init"):
+        KeyFile.load(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 100, -50, -2])
+def test_truncated(created, cut):
+    path = created[0] / KEYFILE_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut > 0 else data[:len(data) + cut] if cut else b"")
+    with pytest.raises(KeyFileCorruptError):
+        KeyFile.load(created[0])
+
+
+def test_bit_flip_is_corruption_not_wrong_password(created):
+    path = created[0] / KEYFILE_NAME
+    data = bytearray(path.read_bytes())
+    pos = data.index(b'"wrapped_key": "') + 20
+    data[pos] = ord("A") if data[pos] != ord("A") else ord("B")
+    path.write_bytes(bytes(data))
+    with pytest.raises(KeyFileCorruptError, match="checksum"):
+        KeyFile.load(created[0])
+
+
+def test_newer_version(created):
+    path = created[0] / KEYFILE_NAME
+    path.write_bytes(reseal(path.read_bytes(), lambda o: o.update(version=2)))
+    with pytest.raises(UnsupportedVersionError, match="version 2"):
+        KeyFile.load(created[0])
+
+
+def test_unknown_kdf(created):
+    path = created[0] / KEYFILE_NAME
+    edit = lambda o: o["slots"][0]["kdf"].update(name="pbkdf2")  # noqa: E731
+    path.write_bytes(reseal(path.read_bytes(), edit))
+    with pytest.raises(UnsupportedKdfError, match="pbkdf2"):
+        KeyFile.load(created[0])
+
+
+def test_absurd_kdf_cost_refused(created):
+    path = created[0] / KEYFILE_NAME
+    edit = lambda o: o["slots"][0]["kdf"].update(memory_kib=1 << 40)  # noqa: E731
+    path.write_bytes(reseal(path.read_bytes(), edit))
+    with pytest.raises(UnsupportedKdfError, match="out of range"):
+        KeyFile.load(created[0])
+
+
+def test_unknown_feature_flag(created):
+    path = created[0] / KEYFILE_NAME
+    path.write_bytes(reseal(path.read_bytes(), lambda o: o.update(features=["hctr2"])))
+    with pytest.raises(UnsupportedFeatureError, match="hctr2"):
+        KeyFile.load(created[0])
+
+
+def test_lowered_kdf_cost_breaks_the_slot(created):
+    """Slot parameters are AEAD associated data: weakening them cannot unlock."""
+    path = created[0] / KEYFILE_NAME
+    edit = lambda o: o["slots"][0]["kdf"].update(memory_kib=512)  # noqa: E731
+    path.write_bytes(reseal(path.read_bytes(), edit))
+    with pytest.raises(WrongPasswordError):
+        KeyFile.load(created[0]).unlock(b"correct horse")
+
+
+def test_foreign_slot_is_tampering(created, tmp_path_factory):
+    """A slot copied in from another key file (whose password the attacker
+    knows) unwraps a different master key, which fails the file MAC."""
+    other_dir = tmp_path_factory.mktemp("other")
+    KeyFile.create(b"attacker", fast())[0].save(other_dir)
+    foreign = json.loads((other_dir / KEYFILE_NAME).read_bytes())["slots"][0]
+    path = created[0] / KEYFILE_NAME
+    path.write_bytes(reseal(path.read_bytes(), lambda o: o.update(slots=[foreign])))
+    with pytest.raises(KeyFileTamperedError):
+        KeyFile.load(created[0]).unlock(b"attacker")
+
+
+def test_removed_slot_is_tampering(created):
+    cipherdir, keys = created
+    keyfile = KeyFile.load(cipherdir)
+    keyfile.add_password(keys, b"second", fast())
+    keyfile.save(cipherdir)
+    path = cipherdir / KEYFILE_NAME
+    path.write_bytes(reseal(path.read_bytes(), lambda o: o["slots"].pop(0)))
+    with pytest.raises(KeyFileTamperedError):
+        KeyFile.load(cipherdir).unlock(b"second")
+
+
+def test_several_slots_and_removal(created):
+    cipherdir, keys = created
+    keyfile = KeyFile.load(cipherdir)
+    slot = keyfile.add_password(keys, b"second", KdfParams.scrypt(log2_n=10))
+    keyfile.save(cipherdir)
+    for pw in (b"correct horse", b"second"):
+        assert KeyFile.load(cipherdir).unlock(pw).master_key == keys.master_key
+    keyfile = KeyFile.load(cipherdir)
+    keyfile.remove_slot(keys, 0)
+    keyfile.save(cipherdir)
+    with pytest.raises(WrongPasswordError):
+        KeyFile.load(cipherdir).unlock(b"correct horse")
+    assert KeyFile.load(cipherdir).unlock(b"second").master_key == keys.master_key
+    with pytest.raises(ValueError, match="last"):
+        keyfile.remove_slot(keys, slot.slot_id)
+
+
+def test_master_key_verifies_directly(created):
+    """The recovery path: the master key itself is checked by the file MAC."""
+    cipherdir, keys = created
+    assert KeyFile.load(cipherdir).verify(keys.master_key).master_key == keys.master_key
+    with pytest.raises(KeyFileTamperedError):
+        KeyFile.load(cipherdir).verify(bytes(32))
+
+
+@pytest.mark.parametrize("junk", [b"\xff\xfe", b"[]", b'{"format": "gocryptfs"}', b"{" * 100000])
+def test_garbage(tmp_path, junk):
+    (tmp_path / KEYFILE_NAME).write_bytes(junk)
+    with pytest.raises(KeyFileCorruptError):
+        KeyFile.load(tmp_path)
+
+
+def test_default_kdf_cost():
+    """The default must stay expensive for an attacker (documented in README)."""
+    params = KdfParams.argon2id()
+    assert (params.name, params.memory_kib, params.iterations) == ("argon2id", 262144, 3)
