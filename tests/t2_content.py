@@ -1,0 +1,231 @@
+"""The content format and codec, on both engines: sizes, read-modify-write
+at every boundary, holes and sparse files, and damaged backing files."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cryptfs.content.format import (
+    HEADER_SIZE,
+    FileHeader,
+    backing_size,
+    plaintext_size,
+)
+from cryptfs.engines.base import PAGE_SIZE
+from cryptfs.errors import (
+    BackingSizeError,
+    HeaderAuthError,
+    HeaderCorruptError,
+    HeaderVersionError,
+    TrailerError,
+)
+from cryptfs.keys import KeyRing
+
+P = PAGE_SIZE
+EDGE_SIZES = [0, 1, 15, 16, 17, P - 17, P - 16, P - 1, P, P + 1, P + 15, P + 16,
+              2 * P - 1, 2 * P, 2 * P + 1, 16 * P, 16 * P + 1, 17 * P + 4090]
+
+
+@pytest.fixture
+def backing(tmp_path):
+    fd = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)
+    yield fd
+    os.close(fd)
+
+
+# --- pure format ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "stored"), [
+    (0, HEADER_SIZE), (1, HEADER_SIZE + 17), (15, HEADER_SIZE + 31), (P, 2 * P + 16),
+    (P + 1, 2 * P + 17), (5000, HEADER_SIZE + 5016), (5 << 30, HEADER_SIZE + (5 << 30) + 16),
+])
+def test_size_table(size, stored):
+    assert backing_size(size) == stored
+    assert plaintext_size(stored) == size
+
+
+@pytest.mark.parametrize("bad", [1, 100, HEADER_SIZE - 1, HEADER_SIZE + 1, HEADER_SIZE + 16])
+def test_impossible_backing_sizes(bad):
+    with pytest.raises(BackingSizeError):
+        plaintext_size(bad)
+
+
+def test_header_round_trip_and_damage(keys):
+    header = FileHeader(secrets.token_bytes(16))
+    raw = header.encode(keys.header_key)
+    assert len(raw) == HEADER_SIZE and FileHeader.decode(raw, keys.header_key) == header
+    cases = {
+        HeaderCorruptError: [raw[:100], b"X" + raw[1:], raw[:-1] + b"\x01",
+                             raw[:11] + b"\x01" + raw[12:]],
+        HeaderVersionError: [raw[:9] + b"\x02" + raw[10:]],
+        HeaderAuthError: [raw[:20] + bytes([raw[20] ^ 1]) + raw[21:],
+                          raw[:40] + bytes([raw[40] ^ 1]) + raw[41:]],
+    }
+    for error, variants in cases.items():
+        for variant in variants:
+            with pytest.raises(error):
+                FileHeader.decode(variant, keys.header_key)
+    with pytest.raises(HeaderAuthError, match="another cipher directory"):
+        FileHeader.decode(raw, KeyRing(secrets.token_bytes(32)).header_key)
+
+
+# --- the codec on every engine ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", EDGE_SIZES)
+def test_write_read_every_edge_size(codec, backing, size):
+    data = secrets.token_bytes(size)
+    f = codec.open(backing)
+    f.write(0, data)
+    assert os.fstat(backing).st_size == (backing_size(size) if size else 0)
+    assert f.size() == size
+    reopened = codec.open(backing)
+    assert reopened.read(0, size + 10) == data
+    for offset in {0, 1, size // 2, max(size - 1, 0), P - 1, P, P + 1}:
+        assert reopened.read(offset, 5000) == data[offset:offset + 5000]
+
+
+def test_empty_file_with_and_without_header(codec, backing):
+    f = codec.open(backing)
+    assert f.size() == 0 and f.read(0, 100) == b""
+    f.write(0, b"x")
+    f.truncate(0)
+    assert os.fstat(backing).st_size == HEADER_SIZE
+    assert codec.open(backing).read(0, 10) == b""
+
+
+def test_truncate_grows_with_holes_and_shrinks(codec, backing):
+    f = codec.open(backing)
+    f.write(0, b"a" * (P + 5))
+    f.truncate(3 * P + 7)  # old final page retired, new final unit is a hole
+    assert f.read(0, 10 * P) == b"a" * (P + 5) + bytes(2 * P + 2)
+    f.truncate(P + 2)
+    assert f.read(0, 10 * P) == b"a" * (P + 2)
+    f.truncate(P)  # a full final page still carries the trailer
+    assert os.fstat(backing).st_size == backing_size(P)
+    assert codec.open(backing).read(0, 10 * P) == b"a" * P
+
+
+def test_final_page_trailer_spill_is_cleared(codec, backing):
+    """A full final page's trailer spills 16 bytes into the next page; when
+    the file grows past it with a hole, that page must still read as zeros."""
+    f = codec.open(backing)
+    f.write(0, b"b" * P)
+    f.write(3 * P, b"c")
+    assert f.read(0, 4 * P) == b"b" * P + bytes(2 * P) + b"c"
+    g = codec.open(backing)
+    g.truncate(P)
+    g.truncate(2 * P + 3)
+    assert g.read(0, 4 * P) == b"b" * P + bytes(P + 3)
+
+
+def test_sparse_file_beyond_4_gib(codec, backing):
+    far = (5 << 30) + 12345
+    f = codec.open(backing)
+    f.write(far, b"end of a big file")
+    f.write(10, b"start")
+    assert f.size() == far + 17
+    st = os.fstat(backing)
+    assert st.st_size == backing_size(far + 17)
+    assert st.st_blocks * 512 < 1 << 20  # still sparse
+    assert f.read(far - 3, 100) == bytes(3) + b"end of a big file"
+    assert f.read(0, 20) == bytes(10) + b"start" + bytes(5)
+    assert f.read(1 << 32, 8) == bytes(8)  # a hole in the middle
+
+
+def test_non_sparse_copy_reads_the_same(codec, backing, tmp_path):
+    """A copy tool that writes holes out as zeros (rsync without -S) must not
+    change what the file reads as: zero units are holes on every engine."""
+    f = codec.open(backing)
+    f.write(0, b"x" * 100)
+    f.write(5 * P + 3, b"y" * 100)
+    expected = f.read(0, 10 * P)
+    copy = tmp_path / "dense"
+    copy.write_bytes(os.pread(backing, 1 << 20, 0))
+    fd = os.open(copy, os.O_RDONLY)
+    try:
+        assert codec.open(fd).read(0, 10 * P) == expected
+    finally:
+        os.close(fd)
+
+
+# --- damaged backing files ---------------------------------------------------------------
+
+
+def test_truncated_or_damaged_final_page(codec, backing):
+    f = codec.open(backing)
+    f.write(0, secrets.token_bytes(3 * P + 100))
+    size = os.fstat(backing).st_size
+    os.ftruncate(backing, size - 1)  # one byte lost at the end
+    with pytest.raises(TrailerError):
+        codec.open(backing).read(3 * P, 200)
+    assert len(codec.open(backing).read(0, 3 * P)) == 3 * P  # earlier pages still read
+    f.write(0, secrets.token_bytes(3 * P + 100))
+    # XTS works per AES block: only damage to the final two blocks (those
+    # entangled with the trailer by ciphertext stealing) is detectable.
+    os.pwrite(backing, b"\x00\x01", size - 20)
+    with pytest.raises(TrailerError):
+        codec.open(backing).read(0, 4 * P)
+    with pytest.raises(TrailerError):  # a write that must re-read it refuses too
+        codec.open(backing).write(3 * P + 5, b"z")
+
+
+@pytest.mark.parametrize("stored", [1, HEADER_SIZE - 1, HEADER_SIZE + 10])
+def test_impossible_size_is_an_error(codec, backing, stored):
+    codec.open(backing).write(0, b"x" * 100)
+    os.ftruncate(backing, stored)
+    with pytest.raises((BackingSizeError, HeaderCorruptError)):
+        codec.open(backing).read(0, 100)
+
+
+def test_foreign_file_is_refused(engine, backing, tmp_path):
+    from cryptfs.content.codec import ContentCodec
+    from cryptfs.content.sessions import SessionCache
+
+    mine, theirs = KeyRing(secrets.token_bytes(32)), KeyRing(secrets.token_bytes(32))
+    ContentCodec(theirs, SessionCache(engine, theirs)).open(backing).write(0, b"secret")
+    with pytest.raises(HeaderAuthError):
+        ContentCodec(mine, SessionCache(engine, mine)).open(backing)
+    os.pwrite(backing, b"garbage!", 0)
+    with pytest.raises(HeaderCorruptError):
+        ContentCodec(theirs, SessionCache(engine, theirs)).open(backing)
+
+
+# --- model-based: random writes and truncates against a bytearray ----------------------------
+
+offsets = st.one_of(st.integers(0, 6 * P), st.sampled_from([0, P - 1, P, P + 1, 2 * P - 16]))
+ops = st.lists(st.one_of(
+    st.tuples(st.just("write"), offsets, st.integers(1, 3 * P)),
+    st.tuples(st.just("truncate"), offsets, st.just(0)),
+), min_size=1, max_size=12)
+
+
+@settings(max_examples=int(os.environ.get("CRYPTFS_HYPOTHESIS_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=ops, seed=st.integers(0, 255))
+def test_random_operations_match_a_model(codec, tmp_path, ops, seed):
+    path = tmp_path / f"model-{secrets.token_hex(4)}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        f, model = codec.open(fd), bytearray()
+        for i, (op, offset, length) in enumerate(ops):
+            if op == "write":
+                data = bytes([(seed + i) % 255 + 1]) * length
+                f.write(offset, data)
+                model.extend(bytes(max(0, offset - len(model))))
+                model[offset:offset + length] = data
+            else:
+                f.truncate(offset)
+                del model[offset:]
+                model.extend(bytes(offset - len(model)))
+            assert f.size() == len(model)
+        assert codec.open(fd).read(0, len(model) + P) == bytes(model)
+    finally:
+        os.close(fd)
+        path.unlink()
