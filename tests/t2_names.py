@@ -1,0 +1,162 @@
+"""Encrypted names, long names, directory IVs, symlink targets and xattrs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cryptfs.errors import InvalidNameError, NameDecodeError, NameTooLongError
+from cryptfs.keys import KeyRing
+from cryptfs.metadata import MetadataCipher
+from cryptfs.names import (
+    DIRIV_NAME,
+    NAME_MAX,
+    NameCipher,
+    create_diriv,
+    is_longname,
+    is_reserved,
+    read_diriv,
+    unb64url,
+)
+
+KEYS = KeyRing(bytes(range(32)))
+NAMES = NameCipher(KEYS)
+META = MetadataCipher(KEYS)
+IV = bytes(16)
+
+names = st.binary(min_size=1, max_size=NAME_MAX).filter(
+    lambda n: n not in (b".", b"..") and b"/" not in n and b"\x00" not in n
+)
+
+
+@given(name=names, dir_iv=st.binary(min_size=16, max_size=16))
+def test_round_trip_any_valid_name(name, dir_iv):
+    backing = NAMES.to_backing(dir_iv, name)
+    assert len(backing.name) <= NAME_MAX
+    assert not is_reserved(backing.name) or is_longname(backing.name)
+    if backing.sidecar is None:
+        assert NAMES.decode(dir_iv, backing.name) == name
+    else:
+        assert NAMES.decode_longname(dir_iv, backing.name, backing.sidecar.encode()) == name
+
+
+def test_deterministic_per_directory_and_unlinkable_across():
+    a, b = secrets.token_bytes(16), secrets.token_bytes(16)
+    assert NAMES.to_backing(a, b"report.txt") == NAMES.to_backing(a, b"report.txt")
+    assert NAMES.to_backing(a, b"report.txt") != NAMES.to_backing(b, b"report.txt")
+    with pytest.raises(NameDecodeError, match="this directory"):
+        NAMES.decode(b, NAMES.to_backing(a, b"report.txt").name)
+
+
+def test_common_prefixes_do_not_leak():
+    x = NAMES.to_backing(IV, b"holiday-2025-photo-0001.jpg").name
+    y = NAMES.to_backing(IV, b"holiday-2025-photo-0002.jpg").name
+    assert x[:4] != y[:4]
+
+
+def test_length_padding_hides_exact_length():
+    assert len(NAMES.to_backing(IV, b"a").name) == len(NAMES.to_backing(IV, b"a" * 15).name)
+
+
+def test_long_names_up_to_255_bytes():
+    for length in (159, 160, 200, 255):
+        backing = NAMES.to_backing(IV, b"n" * length)
+        assert len(backing.name) <= NAME_MAX
+        assert (backing.sidecar is None) == (length <= 159)
+    long = NAMES.to_backing(IV, b"n" * 255)
+    assert is_longname(long.name) and long.sidecar_name == long.name + ".name"
+    with pytest.raises(NameDecodeError, match="hash"):
+        NAMES.decode_longname(IV, long.name, long.sidecar.encode()[:-1] + b"A")
+
+
+@pytest.mark.parametrize("bad", [b"", b".", b"..", b"a/b", b"a\x00b"])
+def test_invalid_names(bad):
+    with pytest.raises(InvalidNameError):
+        NAMES.to_backing(IV, bad)
+
+
+def test_too_long():
+    with pytest.raises(NameTooLongError):
+        NAMES.to_backing(IV, b"x" * 256)
+
+
+@pytest.mark.parametrize("foreign", [
+    "cryptfs.conf", "notes.txt", "AAAA", "x" * 43, "!!!!", "report (conflicted copy).txt",
+    "A" * 255,
+])
+def test_foreign_backing_names_are_decode_errors(foreign):
+    with pytest.raises(NameDecodeError):
+        NAMES.decode(IV, foreign)
+
+
+@given(st.text(max_size=300))
+def test_decode_never_raises_anything_else(text):
+    with contextlib.suppress(NameDecodeError):
+        NAMES.decode(IV, text)
+
+
+def test_base64url_is_strict():
+    for bad in ["ab=", "a", "ab+/", "abc$", "ab c"]:
+        with pytest.raises(ValueError):
+            unb64url(bad)
+
+
+def test_diriv_files(tmp_path):
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(NameDecodeError):
+            read_diriv(dir_fd)
+        iv = create_diriv(dir_fd)
+        assert read_diriv(dir_fd) == iv and len(iv) == 16
+        (tmp_path / DIRIV_NAME).chmod(0o600)
+        (tmp_path / DIRIV_NAME).write_bytes(b"short")
+        with pytest.raises(NameDecodeError):
+            read_diriv(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def test_symlink_targets():
+    target = b"../some/where/file"
+    sealed = META.encrypt_target(target)
+    assert sealed != META.encrypt_target(target)  # randomised
+    assert b"some" not in sealed and META.decrypt_target(sealed) == target
+    assert META.decrypt_target(META.encrypt_target(b"x" * 3000)) == b"x" * 3000
+    with pytest.raises(NameTooLongError):
+        META.encrypt_target(b"x" * 4000)
+    for bad in [b"/etc/passwd", b"", sealed[:-2], b"A" * 60]:
+        with pytest.raises(NameDecodeError):
+            META.decrypt_target(bad)
+
+
+def test_xattrs():
+    name = META.encrypt_xattr_name(b"user.comment")
+    assert name.startswith(b"user.") and b"comment" not in name
+    assert name == META.encrypt_xattr_name(b"user.comment")  # deterministic
+    assert META.decrypt_xattr_name(name) == b"user.comment"
+    value = META.encrypt_xattr_value(name, b"hello")
+    assert META.decrypt_xattr_value(name, value) == b"hello"
+    other = META.encrypt_xattr_name(b"user.other")
+    with pytest.raises(NameDecodeError, match="moved"):
+        META.decrypt_xattr_value(other, value)
+    for bad in [b"security.selinux", b"user.", b"trusted.x"]:
+        with pytest.raises(InvalidNameError):
+            META.encrypt_xattr_name(bad)
+    for bad in [b"user.plain", b"security.x", b"user.!!"]:
+        with pytest.raises(NameDecodeError):
+            META.decrypt_xattr_name(bad)
+    with pytest.raises(NameTooLongError):
+        META.encrypt_xattr_name(b"user." + b"x" * 250)
+
+
+def test_name_key_separation():
+    """Names and metadata use different keys: a name does not decrypt as a
+    symlink target even with the same plaintext."""
+    other = NameCipher(KeyRing(secrets.token_bytes(32)))
+    with pytest.raises(NameDecodeError):
+        other.decode(IV, NAMES.to_backing(IV, b"file").name)
