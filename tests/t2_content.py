@@ -189,12 +189,17 @@ def test_foreign_file_is_refused(engine, backing, tmp_path):
     from cryptfs.content.sessions import SessionCache
 
     mine, theirs = KeyRing(secrets.token_bytes(32)), KeyRing(secrets.token_bytes(32))
-    ContentCodec(theirs, SessionCache(engine, theirs)).open(backing).write(0, b"secret")
-    with pytest.raises(HeaderAuthError):
-        ContentCodec(mine, SessionCache(engine, mine)).open(backing)
-    os.pwrite(backing, b"garbage!", 0)
-    with pytest.raises(HeaderCorruptError):
-        ContentCodec(theirs, SessionCache(engine, theirs)).open(backing)
+    my_sessions, their_sessions = SessionCache(engine, mine), SessionCache(engine, theirs)
+    try:
+        ContentCodec(theirs, their_sessions).open(backing).write(0, b"secret")
+        with pytest.raises(HeaderAuthError):
+            ContentCodec(mine, my_sessions).open(backing)
+        os.pwrite(backing, b"garbage!", 0)
+        with pytest.raises(HeaderCorruptError):
+            ContentCodec(theirs, their_sessions).open(backing)
+    finally:
+        my_sessions.close()
+        their_sessions.close()
 
 
 # --- model-based: random writes and truncates against a bytearray ----------------------------
