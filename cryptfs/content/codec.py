@@ -95,13 +95,21 @@ class EncryptedFile:
             )
         return buf
 
-    def _encrypt_write(self, first: int, plain, length: int) -> None:
-        """Encrypt ``length`` bytes of page-aligned ``plain`` as the run starting
-        at page ``first`` and write it in place."""
+    def _write_run(self, first: int, length: int,
+                   pieces: list[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Encrypt the run of ``length`` stored bytes starting at page
+        ``first`` and write it in place.  Its plaintext is zero except for
+        ``pieces``: (offset in the run, bytes)."""
         header = self._ensure_header()
-        out = bytearray(length)
-        with self._codec.sessions.session(header.file_id) as session:
-            session.encrypt(first, plain, memoryview(out))
+        plain = aligned_buffer(length)  # page-aligned: the kernel engine vmsplices it
+        try:
+            for at, piece in pieces:
+                plain[at:at + len(piece)] = piece
+            out = bytearray(length)
+            with self._codec.sessions.session(header.file_id) as session:
+                session.encrypt(first, plain, memoryview(out))
+        finally:
+            plain.close()
         pwrite_all(self.fd, out, unit_offset(first))
 
     def _page(self, page: int, size: int) -> bytes:
@@ -138,14 +146,8 @@ class EncryptedFile:
         stale = final_page(old) if old and final_page(old) < run.first else None
         stale_plain = self._page(stale, old) if stale is not None else b""
 
-        buf = aligned_buffer(run.length)
-        try:
-            buf[:len(head)] = head
-            buf[offset - page_start:end - page_start] = data
-            buf[end - page_start:end - page_start + len(tail)] = tail
-            self._encrypt_write(run.first, buf, run.length)
-        finally:
-            buf.close()
+        self._write_run(run.first, run.length,
+                        [(0, head), (offset - page_start, data), (end - page_start, tail)])
         if stale is not None:
             self._retire_final(stale, stale_plain, old, clear_spill=run.first > stale + 1)
         return length
@@ -154,12 +156,7 @@ class EncryptedFile:
         """Re-encrypt an old final page as an ordinary full page (zero padded).
         If its trailer spilled into the next page and that page is now a hole,
         zero the spilled bytes so the hole reads as zeros."""
-        buf = aligned_buffer(PAGE_SIZE)
-        try:
-            buf[:len(plain)] = plain
-            self._encrypt_write(page, buf, PAGE_SIZE)
-        finally:
-            buf.close()
+        self._write_run(page, PAGE_SIZE, [(0, plain)])
         spill = page_bytes(page, old_size) + TRAILER_SIZE - PAGE_SIZE
         if clear_spill and spill > 0:
             pwrite_all(self.fd, bytes(spill), unit_offset(page + 1))
@@ -176,13 +173,7 @@ class EncryptedFile:
             # The new final page is an existing page: re-encrypt it with a trailer.
             page = final_page(size)
             plain = self._page(page, old)[:page_bytes(page, size)]
-            count = page_bytes(page, size) + TRAILER_SIZE
-            buf = aligned_buffer(count)
-            try:
-                buf[:len(plain)] = plain
-                self._encrypt_write(page, buf, count)
-            finally:
-                buf.close()
+            self._write_run(page, page_bytes(page, size) + TRAILER_SIZE, [(0, plain)])
             os.ftruncate(self.fd, backing_size(size))
             return
         # Growing past the old final page: that page becomes a full page and
