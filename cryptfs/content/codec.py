@@ -75,7 +75,7 @@ class EncryptedFile:
     def size(self) -> int:
         return plaintext_size(os.fstat(self.fd).st_size)
 
-    def _ensure_header(self) -> FileHeader:
+    def ensure_header(self) -> FileHeader:
         if self.header is None:
             header = self._codec.new_header()
             pwrite_all(self.fd, self._codec.encode_header(header), 0)
@@ -100,7 +100,7 @@ class EncryptedFile:
         """Encrypt the run of ``length`` stored bytes starting at page
         ``first`` and write it in place.  Its plaintext is zero except for
         ``pieces``: (offset in the run, bytes)."""
-        header = self._ensure_header()
+        header = self.ensure_header()
         plain = aligned_buffer(length)  # page-aligned: the kernel engine vmsplices it
         try:
             for at, piece in pieces:
@@ -178,7 +178,7 @@ class EncryptedFile:
             return
         # Growing past the old final page: that page becomes a full page and
         # the new final unit is a hole (all zeros), which reads as zeros.
-        self._ensure_header()
+        self.ensure_header()
         stale = final_page(old) if old else None
         plain = self._page(stale, old) if stale is not None else b""
         os.ftruncate(self.fd, backing_size(size))

@@ -1,0 +1,1 @@
+"""The FUSE side: inode and handle tables, the backing tree, the operations."""

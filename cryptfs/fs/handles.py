@@ -1,0 +1,118 @@
+"""Open files: one backing descriptor and lock per inode, shared by handles.
+
+All handles of an inode share one ``OpenFile``: one backing descriptor (so
+size changes are seen by every handle at once), one ``EncryptedFile`` (its
+header read and authenticated once), and one ``trio.Lock`` that serialises
+that file's I/O (writes read-modify-write the edge and final pages, so they
+must not interleave with each other or with reads).  Other files proceed
+in parallel.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+from cryptfs.content.codec import ContentCodec, EncryptedFile
+
+
+@dataclass
+class OpenFile:
+    ino: int
+    fd: int
+    file: EncryptedFile
+    writable: bool
+    opens: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class HandleTable:
+    def __init__(self, codec: ContentCodec, read_only: bool = False) -> None:
+        self._codec = codec
+        self._read_only = read_only
+        self._by_ino: dict[int, OpenFile] = {}
+        self._by_fh: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        # (backing mtime, size) when each inode's last handle closed: if
+        # unchanged at the next open, the kernel may keep its page cache.
+        self._closed_state: dict[int, tuple[int, int]] = {}
+
+    def open(self, ino: int, path: bytes, write: bool) -> tuple[int, OpenFile, bool]:
+        """A new handle on ``ino``; returns (fh, open file, keep_cache)."""
+        current = self._by_ino.get(ino)
+        if current is not None and write and not current.writable:
+            raise OSError(errno.EACCES, "backing file is not writable")
+        if current is None:
+            current = self.adopt(ino, self._open_backing(path, write))
+            st = os.fstat(current.fd)
+            keep_cache = self._closed_state.pop(ino, None) == (st.st_mtime_ns, st.st_size)
+        else:
+            keep_cache = True  # open already: the kernel's cache is current
+        current.opens += 1
+        return self._new_fh(current), current, keep_cache
+
+    def _open_backing(self, path: bytes, write: bool) -> int:
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+        if self._read_only:
+            return os.open(path, flags | os.O_RDONLY)
+        try:  # writers need reads too (read-modify-write of partial pages)
+            return os.open(path, flags | os.O_RDWR)
+        except PermissionError:
+            if write:
+                raise
+            return os.open(path, flags | os.O_RDONLY)
+
+    def adopt(self, ino: int, fd: int) -> OpenFile:
+        """Wrap a backing descriptor (reading its header).  Closes ``fd`` if
+        the header is bad."""
+        try:
+            file = self._codec.open(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        accmode = os.O_RDONLY if self._read_only else _accmode(fd)
+        opened = OpenFile(ino, fd, file, writable=accmode != os.O_RDONLY)
+        self._by_ino[ino] = opened
+        return opened
+
+    def create_handle(self, opened: OpenFile) -> int:
+        opened.opens += 1
+        return self._new_fh(opened)
+
+    def _new_fh(self, opened: OpenFile) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._by_fh[fh] = opened
+        return fh
+
+    def get(self, fh: int) -> OpenFile:
+        return self._by_fh[fh]
+
+    def by_ino(self, ino: int) -> OpenFile | None:
+        return self._by_ino.get(ino)
+
+    def release(self, fh: int) -> None:
+        opened = self._by_fh.pop(fh)
+        opened.opens -= 1
+        if opened.opens == 0:
+            st = os.fstat(opened.fd)
+            self._closed_state[opened.ino] = (st.st_mtime_ns, st.st_size)
+            del self._by_ino[opened.ino]
+            os.close(opened.fd)
+
+    def forget(self, ino: int) -> None:
+        self._closed_state.pop(ino, None)
+
+    def close_all(self) -> None:
+        for opened in self._by_ino.values():
+            os.close(opened.fd)
+        self._by_ino.clear()
+        self._by_fh.clear()
+
+
+def _accmode(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE

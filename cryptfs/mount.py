@@ -1,0 +1,105 @@
+"""Building the filesystem stack and serving it: key → engine → codec →
+names → operations → FUSE.  Errors up to ``pyfuse3.init`` are raised to the
+caller (and reach the terminal); after that the mount runs until unmounted
+or signalled."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from cryptfs.content.codec import ContentCodec
+from cryptfs.content.sessions import SessionCache
+from cryptfs.engines import select_engine
+from cryptfs.errors import CryptfsError, ExitCode
+from cryptfs.fs.handles import HandleTable
+from cryptfs.fs.inodes import InodeTable
+from cryptfs.fs.ops import MountOptions, Operations
+from cryptfs.fs.tree import BackingTree
+from cryptfs.keys import KeyRing
+from cryptfs.metadata import MetadataCipher
+from cryptfs.names import NameCipher
+
+log = logging.getLogger(__name__)
+
+
+class MountError(CryptfsError):
+    exit_code = ExitCode.MOUNT
+
+
+@dataclass
+class Stack:
+    """The built filesystem and what must be closed after unmounting."""
+
+    operations: Operations
+    sessions: SessionCache
+    handles: HandleTable
+
+    def close(self) -> None:
+        self.handles.close_all()
+        self.sessions.close()
+
+
+def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
+                options: MountOptions) -> Stack:
+    choice = select_engine(engine_name)
+    log.info("engine: %s (%s)", choice.engine.describe(), choice.reason)
+    root = os.fsencode(os.path.abspath(cipherdir))
+    st = os.stat(root)
+    inodes = InodeTable(root, (st.st_dev, st.st_ino))
+    sessions = SessionCache(choice.engine, keys)
+    codec = ContentCodec(keys, sessions)
+    handles = HandleTable(codec, read_only=options.read_only)
+    tree = BackingTree(inodes, NameCipher(keys))
+    tree.diriv(pyfuse3.ROOT_INODE)  # fails early if the root has no IV
+    ops = Operations(inodes, tree, handles, codec, MetadataCipher(keys), options)
+    return Stack(ops, sessions, handles)
+
+
+def fuse_options(options: MountOptions, fsname: str, allow_other: bool) -> set[str]:
+    opts = {f"fsname={fsname}", "subtype=cryptfs", "default_permissions"}
+    if options.read_only:
+        opts.add("ro")
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+@contextlib.contextmanager
+def mounted(stack: Stack, mountpoint: Path, opts: set[str]) -> Iterator[None]:
+    try:
+        pyfuse3.init(stack.operations, os.fspath(mountpoint), opts)
+    except RuntimeError as exc:
+        stack.close()
+        raise MountError(f"cannot mount on {mountpoint}: {exc}") from exc
+    try:
+        yield
+    finally:
+        pyfuse3.close(unmount=True)
+        stack.close()
+
+
+async def serve(on_ready: Callable[[], None] | None = None) -> None:
+    """Run the FUSE loop until unmount; SIGINT/SIGTERM unmount cleanly."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+        if on_ready is not None:
+            on_ready()
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
