@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +52,130 @@ def codec(engine: XtsEngine, keys: KeyRing):
     sessions = SessionCache(engine, keys)
     yield ContentCodec(keys, sessions)
     sessions.close()
+
+
+# --- real mounts --------------------------------------------------------------
+
+PASSWORD = "test password"
+MOUNT_TIMEOUT = 120  # seconds: the kernel VM emulates every instruction
+
+
+def fuse_usable() -> bool:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except OSError:
+        return False
+    os.close(fd)
+    return shutil.which("fusermount3") is not None
+
+
+def cryptfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cryptfs.cli", *args]
+
+
+def init_cipherdir(cipherdir: Path, passfile: Path) -> None:
+    cipherdir.mkdir(parents=True, exist_ok=True)
+    passfile.write_text(PASSWORD + "\n")
+    subprocess.run(cryptfs_cmd("init", str(cipherdir), "--passfile", str(passfile),
+                               "--argon2-memory", "8", "--argon2-passes", "1"),
+                   check=True, capture_output=True)
+
+
+class Mount:
+    """A ``cryptfs mount --foreground`` process that is always unmounted."""
+
+    def __init__(self, cipherdir: Path, mountpoint: Path, passfile: Path, engine: str,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.cipherdir, self.mountpoint = cipherdir, mountpoint
+        self.passfile, self.engine, self.extra = passfile, engine, extra
+        self.proc: subprocess.Popen | None = None
+        self.log_path = mountpoint.parent / f"{mountpoint.name}.log"
+
+    def start(self) -> Mount:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cryptfs_cmd("mount", str(self.cipherdir), str(self.mountpoint), "--passfile",
+                            str(self.passfile), "--foreground", "--engine", self.engine,
+                            *self.extra),
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(self.mountpoint):
+            if self.proc.poll() is not None:
+                pytest.fail(f"cryptfs mount exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"cryptfs mount did not come up:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        """Unmount: fusermount3 -u, then lazy, then signals; always reaps."""
+        if self.proc is None:
+            return
+        for cmd in (["fusermount3", "-u", str(self.mountpoint)],
+                    ["fusermount3", "-u", "-z", str(self.mountpoint)]):
+            if not os.path.ismount(self.mountpoint):
+                break
+            subprocess.run(cmd, capture_output=True)
+            time.sleep(0.1)
+        try:
+            self.proc.wait(timeout=MOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code, self.proc = self.proc.returncode, None
+        assert code == 0, f"cryptfs mount exited with {code}:\n{self.log()}"
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def check_log(self, allowed: tuple[str, ...] = ()) -> None:
+        """No tracebacks, and no warnings except the expected ones."""
+        text = self.log()
+        assert "Traceback" not in text and "internal error" not in text, text
+        for line in text.splitlines():
+            if "WARNING" in line or "skipping" in line or "backing file" in line:
+                assert any(a in line for a in allowed), f"unexpected log line: {line}"
+
+
+def mount_engine_param(request) -> str:
+    if request.param == "afalg":
+        afalg_engine()  # skip, or fail where AF_ALG is required
+    return request.param
+
+
+ENGINE_PARAMS = ["openssl", pytest.param("afalg", marks=pytest.mark.afalg)]
+
+
+@pytest.fixture(scope="module", params=ENGINE_PARAMS)
+def cryptfs_mount(request, tmp_path_factory):
+    """One mount per test module and engine; tests use their own subdirectory."""
+    if not fuse_usable():
+        pytest.skip("/dev/fuse is not usable here")
+    engine = mount_engine_param(request)
+    base = tmp_path_factory.mktemp(f"mount-{engine}")
+    passfile = base / "password"
+    init_cipherdir(base / "cipher", passfile)
+    mount = Mount(base / "cipher", base / "plain", passfile, engine).start()
+    try:
+        yield mount
+    finally:
+        mount.stop()
+    mount.check_log()
+
+
+@pytest.fixture
+def mnt(cryptfs_mount, request) -> Path:
+    """A fresh directory inside the module's mount for one test."""
+    path = cryptfs_mount.mountpoint / request.node.name.replace("[", "-").replace("]", "")
+    path.mkdir()
+    return path
