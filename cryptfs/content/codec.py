@@ -12,6 +12,8 @@ layer holds a per-inode lock); reads may run concurrently with each other.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import secrets
 
@@ -52,6 +54,21 @@ class ContentCodec:
         return EncryptedFile(self, fd)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE = 1
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate backing blocks before overwriting pages in place, so that a
+    full disk fails the write cleanly (ENOSPC) instead of half-way through a
+    page.  Filesystems without fallocate are left to the write itself."""
+    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+
+
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -64,7 +81,9 @@ class EncryptedFile:
         self._codec = codec
         self.fd = fd
         self.header: FileHeader | None = None
-        if os.fstat(fd).st_size:
+        stored = os.fstat(fd).st_size
+        plaintext_size(stored)  # an impossible size is refused at open, not read as empty
+        if stored:
             data = os.pread(fd, HEADER_SIZE, 0)
             if len(data) < HEADER_SIZE:
                 raise HeaderCorruptError(f"backing file is only {len(data)} bytes")
@@ -110,6 +129,7 @@ class EncryptedFile:
                 session.encrypt(first, plain, memoryview(out))
         finally:
             plain.close()
+        reserve(self.fd, unit_offset(first), length)
         pwrite_all(self.fd, out, unit_offset(first))
 
     def _page(self, page: int, size: int) -> bytes:

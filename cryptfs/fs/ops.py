@@ -30,7 +30,7 @@ from cryptfs.errors import (
     NameDecodeError,
     NameTooLongError,
 )
-from cryptfs.fs.handles import HandleTable, OpenFile
+from cryptfs.fs.handles import HandleTable
 from cryptfs.fs.inodes import ROOT_INODE, InodeTable
 from cryptfs.fs.tree import BackingTree
 from cryptfs.metadata import MetadataCipher
@@ -105,6 +105,7 @@ class Operations(pyfuse3.Operations):
         self._dir_ino: dict[int, int] = {}
         self._next_dir_fh = 1
         self._as_root = os.geteuid() == 0
+        self._reported: set[tuple[str, str]] = set()  # damaged files already logged
 
     # -- helpers --
 
@@ -225,17 +226,20 @@ class Operations(pyfuse3.Operations):
         return await self.getattr(inode, ctx)
 
     async def _truncate(self, ino: int, size: int) -> None:
-        opened = self.handles.by_ino(ino)
-        if opened is not None:
-            async with opened.lock:
-                await self._in_thread(opened.file.truncate, size)
-            return
-        fh, opened, _ = self.handles.open(ino, self.inodes.path(ino), write=True)
         try:
-            async with opened.lock:
-                await self._in_thread(opened.file.truncate, size)
-        finally:
-            self.handles.release(fh)
+            opened = self.handles.by_ino(ino)
+            if opened is not None:
+                async with opened.lock:
+                    await self._in_thread(opened.file.truncate, size)
+                return
+            fh, opened, _ = self.handles.open(ino, self.inodes.path(ino), write=True)
+            try:
+                async with opened.lock:
+                    await self._in_thread(opened.file.truncate, size)
+            finally:
+                self.handles.release(fh)
+        except ContentError as exc:
+            raise self._content_error(ino, exc) from exc
 
     @fuse_op
     async def readlink(self, inode, ctx):
@@ -442,7 +446,10 @@ class Operations(pyfuse3.Operations):
         write = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if write:
             self._check_writable()
-        fh, opened, keep_cache = self.handles.open(inode, self.inodes.path(inode), write)
+        try:
+            fh, opened, keep_cache = self.handles.open(inode, self.inodes.path(inode), write)
+        except ContentError as exc:
+            raise self._content_error(inode, exc) from exc
         if flags & os.O_TRUNC:
             try:
                 async with opened.lock:
@@ -453,12 +460,17 @@ class Operations(pyfuse3.Operations):
             keep_cache = False
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
-    def _log_content_error(self, opened: OpenFile, exc: ContentError) -> None:
+    def _content_error(self, ino: int, exc: ContentError) -> pyfuse3.FUSEError:
+        """Log a damaged file once, naming its backing path; EIO for the caller."""
         try:
-            where = os.fsdecode(self.inodes.path(opened.ino))
+            where = os.fsdecode(self.inodes.path(ino))
         except (OSError, KeyError):
             where = "(unlinked)"
-        log.warning("inode %d, backing file %s: %s", opened.ino, where, exc)
+        key = (where, str(exc))
+        if key not in self._reported and len(self._reported) < 10000:
+            self._reported.add(key)
+            log.warning("inode %d, backing file %s: %s", ino, where, exc)
+        return pyfuse3.FUSEError(errno.EIO)
 
     @fuse_op
     async def read(self, fh, off, size):
@@ -467,8 +479,7 @@ class Operations(pyfuse3.Operations):
             async with opened.lock:
                 return await self._in_thread(opened.file.read, off, size)
         except ContentError as exc:
-            self._log_content_error(opened, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
+            raise self._content_error(opened.ino, exc) from exc
 
     @fuse_op
     async def write(self, fh, off, buf):
@@ -478,8 +489,7 @@ class Operations(pyfuse3.Operations):
             async with opened.lock:
                 return await self._in_thread(opened.file.write, off, buf)
         except ContentError as exc:
-            self._log_content_error(opened, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
+            raise self._content_error(opened.ino, exc) from exc
 
     @fuse_op
     async def flush(self, fh):

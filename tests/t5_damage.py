@@ -1,0 +1,168 @@
+"""Confidentiality of what reaches the backing directory, and damaged,
+foreign or full backing storage: errors stay with the affected file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ENGINE_PARAMS, Mount, fuse_usable, init_cipherdir, mount_engine_param
+
+MARKER = "ZEBRA-MARKER-7731"
+
+
+@pytest.fixture(params=ENGINE_PARAMS)
+def fresh(request, tmp_path):
+    """A cipher directory and an unmounted Mount for it (tests damage the
+    backing files between mounts)."""
+    if not fuse_usable():
+        pytest.skip("/dev/fuse is not usable here")
+    engine = mount_engine_param(request)
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, engine)
+    try:
+        yield mount
+    finally:
+        mount.stop()
+
+
+def backing_files(cipherdir: Path) -> list[Path]:
+    return [p for p in cipherdir.rglob("*")
+            if p.is_file() and not p.name.startswith("cryptfs.")]
+
+
+def test_no_plaintext_reaches_the_backing_directory(fresh):
+    fresh.start()
+    plain = fresh.mountpoint
+    (plain / f"dir-{MARKER}").mkdir()
+    (plain / f"dir-{MARKER}" / f"file-{MARKER}.txt").write_text((MARKER + "\n") * 1000)
+    (plain / f"{MARKER}-{'x' * 200}").write_text(MARKER)  # a long name
+    os.symlink(f"../{MARKER}/target", plain / f"link-{MARKER}")
+    os.setxattr(plain / f"dir-{MARKER}", f"user.{MARKER}", MARKER.encode())
+    (plain / "small").write_text(MARKER[:10])
+    fresh.stop()
+    fresh.check_log()
+    marker = MARKER.encode()
+    seen = 0
+    for path in fresh.cipherdir.rglob("*"):
+        assert marker not in os.fsencode(path.name)
+        if path.is_symlink():
+            assert marker not in os.fsencode(os.readlink(path))
+        elif path.is_file():
+            assert marker not in path.read_bytes() and MARKER[:10].encode() not in path.read_bytes()
+        for name in os.listxattr(path, follow_symlinks=False):
+            assert marker not in name.encode()
+            assert marker not in os.getxattr(path, name, follow_symlinks=False)
+        seen += 1
+    assert seen >= 8
+
+
+def test_broken_header_is_eio_for_that_file_only(fresh):
+    fresh.start()
+    (fresh.mountpoint / "victim").write_bytes(b"v" * 10000)
+    fresh.stop()
+    (victim,) = backing_files(fresh.cipherdir)
+    fresh.start()
+    (fresh.mountpoint / "healthy").write_bytes(b"h" * 10000)
+    fresh.stop()
+    with open(victim, "r+b") as f:
+        f.seek(40)
+        f.write(b"\xff")  # inside the header MAC
+    fresh.start()
+    with pytest.raises(OSError) as info:
+        (fresh.mountpoint / "victim").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert (fresh.mountpoint / "healthy").read_bytes() == b"h" * 10000
+    assert sorted(os.listdir(fresh.mountpoint)) == ["healthy", "victim"]
+    (fresh.mountpoint / "after").write_bytes(b"still works")
+    assert (fresh.mountpoint / "after").read_bytes() == b"still works"
+    fresh.stop()
+    fresh.check_log(allowed=("header MAC mismatch",))
+    assert victim.name in fresh.log()
+
+
+def test_invalid_backing_size_is_eio(fresh):
+    fresh.start()
+    (fresh.mountpoint / "victim").write_bytes(b"v" * 10000)
+    fresh.stop()
+    (victim,) = backing_files(fresh.cipherdir)
+    os.truncate(victim, 4100)  # no plaintext size encodes to this
+    fresh.start()
+    assert os.listdir(fresh.mountpoint) == ["victim"]
+    with pytest.raises(OSError) as info:
+        (fresh.mountpoint / "victim").read_bytes()
+    assert info.value.errno == errno.EIO
+    fresh.stop()
+    fresh.check_log(allowed=("backing size 4100",))
+    assert victim.name in fresh.log()
+
+
+def test_truncated_backing_file_is_eio_not_garbage(fresh):
+    fresh.start()
+    (fresh.mountpoint / "victim").write_bytes(os.urandom(3 * 4096 + 500))
+    fresh.stop()
+    (victim,) = backing_files(fresh.cipherdir)
+    os.truncate(victim, victim.stat().st_size - 7)
+    fresh.start()
+    with pytest.raises(OSError) as info:
+        (fresh.mountpoint / "victim").read_bytes()
+    assert info.value.errno == errno.EIO
+    fresh.stop()
+    fresh.check_log(allowed=("final page",))
+
+
+def test_foreign_files_do_not_break_listings(fresh):
+    fresh.start()
+    for i in range(5):
+        (fresh.mountpoint / f"mine{i}").write_text(str(i))
+    (fresh.mountpoint / "sub").mkdir()
+    fresh.stop()
+    (fresh.cipherdir / "notes.txt").write_text("dropped in by hand")
+    (fresh.cipherdir / "report (conflicted copy 2026-11-21).txt").write_text("sync tool")
+    (fresh.cipherdir / "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB").mkdir()  # valid base64, wrong key
+    fresh.start()
+    assert sorted(os.listdir(fresh.mountpoint)) == [f"mine{i}" for i in range(5)] + ["sub"]
+    assert (fresh.mountpoint / "mine3").read_text() == "3"
+    fresh.stop()
+    fresh.check_log(allowed=("skipping",))
+    assert fresh.log().count("skipping") == 3
+
+
+def test_backing_disk_full(fresh, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
+    try:
+        passfile = tmp_path / "password"
+        init_cipherdir(small / "cipher", passfile)
+        mount = Mount(small / "cipher", tmp_path / "plain-small", passfile, fresh.engine)
+        mount.start()
+        try:
+            keep = os.urandom(1 << 20)
+            (mount.mountpoint / "keep").write_bytes(keep)
+            with pytest.raises(OSError) as info, open(mount.mountpoint / "fill", "wb") as f:
+                for _ in range(8):
+                    f.write(os.urandom(1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+            assert info.value.errno == errno.ENOSPC
+            assert (mount.mountpoint / "keep").read_bytes() == keep
+            os.unlink(mount.mountpoint / "fill")
+            (mount.mountpoint / "again").write_bytes(b"space again")
+            assert (mount.mountpoint / "again").read_bytes() == b"space again"
+        finally:
+            mount.stop()
+        mount.restart()
+        try:
+            assert (mount.mountpoint / "keep").read_bytes() == keep
+        finally:
+            mount.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
