@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 
 from cryptfs import __version__
+from cryptfs.daemonize import detach
 from cryptfs.engines import ENGINE_NAMES
 from cryptfs.errors import CryptfsError, ExitCode
 from cryptfs.fs.ops import MountOptions
@@ -89,6 +90,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
     fsname = args.fsname or os.path.abspath(cipherdir)
     with mounted(stack, mountpoint, fuse_options(options, fsname, args.allow_other)):
         log.info("mounted %s on %s", cipherdir, mountpoint)
+        if not args.foreground:
+            detach()
         trio.run(serve)
     keys.wipe()
 
@@ -119,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
                        help="let other users access the mount (with permission checks)")
     mount.add_argument("--fsname", help="name shown in /proc/mounts")
     mount.add_argument("-f", "--foreground", action="store_true",
-                       help="stay in the foreground (currently always)")
+                       help="stay in the foreground and log to stderr")
     mount.set_defaults(func=cmd_mount)
     return top
 

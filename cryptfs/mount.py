@@ -51,7 +51,6 @@ class Stack:
 def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
                 options: MountOptions) -> Stack:
     choice = select_engine(engine_name)
-    log.info("engine: %s (%s)", choice.engine.describe(), choice.reason)
     root = os.fsencode(os.path.abspath(cipherdir))
     st = os.stat(root)
     inodes = InodeTable(root, (st.st_dev, st.st_ino))

@@ -60,7 +60,7 @@ def cross_check(candidate: XtsEngine, reference: XtsEngine) -> None:
 def select_engine(name: str = "auto") -> EngineChoice:
     """Return the engine ``name`` asks for; see the module docstring."""
     if name == "openssl":
-        return EngineChoice(OpenSSLEngine(), "requested")
+        return _chosen(OpenSSLEngine(), "requested")
     if name not in ("auto", "afalg"):
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
     try:
@@ -71,9 +71,10 @@ def select_engine(name: str = "auto") -> EngineChoice:
             if isinstance(exc, EngineUnavailableError):
                 raise
             raise EngineUnavailableError(f"AF_ALG engine failed its self-test: {exc}") from exc
-        reason = f"AF_ALG not usable: {exc}"
-        log.info("using the openssl engine: %s", reason)
-        return EngineChoice(OpenSSLEngine(), reason)
-    reason = "requested" if name == "afalg" else "AF_ALG passed its self-test"
-    log.info("using the %s engine: %s", kernel.describe(), reason)
-    return EngineChoice(kernel, reason)
+        return _chosen(OpenSSLEngine(), f"AF_ALG not usable: {exc}")
+    return _chosen(kernel, "requested" if name == "afalg" else "AF_ALG passed its self-test")
+
+
+def _chosen(engine: XtsEngine, reason: str) -> EngineChoice:
+    log.info("using the %s engine, %s: %s", engine.name, engine.describe(), reason)
+    return EngineChoice(engine, reason)
