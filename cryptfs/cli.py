@@ -1,13 +1,17 @@
-"""The ``cryptfs`` command.  Only ``main()`` exits: expected errors print one
-line and exit with their ``ExitCode``; anything else is a bug and prints a
-traceback (exit ``INTERNAL``)."""
+"""The ``cryptfs`` command (and ``mount.cryptfs``).
+
+Only ``main()`` exits: expected errors print one line and exit with their
+``ExitCode``; anything else is a bug and prints a traceback (``INTERNAL``).
+``cryptfs SRC DIR -o opts`` (no subcommand) is the form mount.fuse3 uses
+for ``mount -t fuse.cryptfs`` and fstab type ``fuse.cryptfs``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import getpass
 import logging
 import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -16,15 +20,20 @@ import trio
 
 from cryptfs import __version__
 from cryptfs.daemonize import detach
-from cryptfs.engines import ENGINE_NAMES
-from cryptfs.errors import CryptfsError, ExitCode
+from cryptfs.engines import ENGINE_NAMES, select_engine
+from cryptfs.errors import CryptfsError, EngineUnavailableError, ExitCode
 from cryptfs.fs.ops import MountOptions
-from cryptfs.keyfile import KEYFILE_NAME, KdfParams, KeyFile
+from cryptfs.keyfile import FORMAT_VERSION, KEYFILE_NAME, KdfParams, KeyFile
+from cryptfs.keys import KeyRing
 from cryptfs.log import setup_logging
 from cryptfs.mount import build_stack, fuse_options, mounted, serve
+from cryptfs.mountopts import parse_mount_options
 from cryptfs.names import DIRIV_NAME, create_diriv
+from cryptfs.password import get_password
+from cryptfs.recovery import decode_recovery_code, encode_recovery_code
 
 log = logging.getLogger("cryptfs")
+SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-helpers"}
 
 
 class UsageError(CryptfsError):
@@ -35,37 +44,37 @@ class CipherDirError(CryptfsError):
     exit_code = ExitCode.CIPHERDIR
 
 
-def read_password(passfile: str | None, confirm: bool = False) -> bytes:
-    if passfile is not None:
-        try:
-            with open(passfile, "rb") as f:
-                line = f.readline()
-        except OSError as exc:
-            raise UsageError(f"cannot read the password file {passfile}: {exc.strerror}") from exc
-        password = line.rstrip(b"\r\n")
-    else:
-        if not sys.stdin.isatty():
-            raise UsageError("no terminal to ask for the password: use --passfile")
-        password = getpass.getpass("Password: ").encode()
-        if confirm and getpass.getpass("Repeat: ").encode() != password:
-            raise UsageError("the passwords do not match")
-    if not password:
-        raise UsageError("the password is empty")
-    return password
+def _kdf(args: argparse.Namespace) -> KdfParams:
+    return KdfParams.argon2id(memory_kib=args.argon2_memory * 1024,
+                              iterations=args.argon2_passes)
+
+
+def _cipherdir(path: str) -> Path:
+    cipherdir = Path(path)
+    if not cipherdir.is_dir():
+        raise CipherDirError(f"cipher directory {cipherdir} does not exist")
+    return cipherdir
+
+
+def _unlock(cipherdir: Path, args: argparse.Namespace) -> tuple[KeyFile, KeyRing]:
+    keyfile = KeyFile.load(cipherdir)
+    if getattr(args, "recovery", False):
+        code = get_password(args.passfile, args.extpass, prompt="Recovery code: ")
+        return keyfile, keyfile.verify(decode_recovery_code(code.decode("ascii", "replace")))
+    return keyfile, keyfile.unlock(get_password(args.passfile, args.extpass))
+
+
+# --- subcommands -------------------------------------------------------------
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    cipherdir = Path(args.cipherdir)
-    if not cipherdir.is_dir():
-        raise CipherDirError(f"{cipherdir} is not a directory")
+    cipherdir = _cipherdir(args.cipherdir)
     if (cipherdir / KEYFILE_NAME).exists():
         raise CipherDirError(f"{cipherdir} is already a cryptfs cipher directory")
     if any(cipherdir.iterdir()) and not args.force:
         raise CipherDirError(f"{cipherdir} is not empty (use --force to initialise it anyway)")
-    password = read_password(args.passfile, confirm=True)
-    kdf = KdfParams.argon2id(memory_kib=args.argon2_memory * 1024,
-                             iterations=args.argon2_passes)
-    keyfile, keys = KeyFile.create(password, kdf)
+    password = get_password(args.passfile, args.extpass, confirm=True)
+    keyfile, keys = KeyFile.create(password, _kdf(args))
     if not (cipherdir / DIRIV_NAME).exists():
         fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -73,27 +82,129 @@ def cmd_init(args: argparse.Namespace) -> None:
         finally:
             os.close(fd)
     keyfile.save(cipherdir)
-    keys.wipe()
     print(f"cryptfs: initialised {cipherdir}")
+    if not args.no_recovery_code:
+        print("\nRecovery code (unlocks this directory if the password is lost; anyone\n"
+              "holding it can read everything: store it offline, then forget it):\n\n"
+              f"    {encode_recovery_code(keys.master_key)}\n")
+    keys.wipe()
 
 
 def cmd_mount(args: argparse.Namespace) -> None:
-    cipherdir, mountpoint = Path(args.cipherdir), Path(args.mountpoint)
-    if not cipherdir.is_dir():
-        raise CipherDirError(f"cipher directory {cipherdir} does not exist")
+    cipherdir, mountpoint = _cipherdir(args.cipherdir), Path(args.mountpoint)
     if not mountpoint.is_dir():
         raise UsageError(f"mount point {mountpoint} does not exist or is not a directory")
-    keyfile = KeyFile.load(cipherdir)
-    keys = keyfile.unlock(read_password(args.passfile))
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is already a mount point")
+    _, keys = _unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro)
     stack = build_stack(cipherdir, keys, args.engine, options)
     fsname = args.fsname or os.path.abspath(cipherdir)
-    with mounted(stack, mountpoint, fuse_options(options, fsname, args.allow_other)):
+    opts = fuse_options(options, fsname, args.allow_other) | set(args.fuse_flags)
+    with mounted(stack, mountpoint, opts):
         log.info("mounted %s on %s", cipherdir, mountpoint)
         if not args.foreground:
             detach()
-        trio.run(serve)
+        trio.run(serve, stack, args.idle)
     keys.wipe()
+
+
+def cmd_unmount(args: argparse.Namespace) -> None:
+    proc = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UsageError(proc.stderr.strip() or f"cannot unmount {args.mountpoint}")
+
+
+def cmd_passwd(args: argparse.Namespace) -> None:
+    cipherdir = _cipherdir(args.cipherdir)
+    keyfile, keys = _unlock(cipherdir, args)
+    new = get_password(args.new_passfile, None, prompt="New password: ", confirm=True)
+    slot = keyfile.unlocked_slot if keyfile.unlocked_slot is not None else keyfile.slots[0].slot_id
+    keyfile.change_password(keys, slot, new)
+    keyfile.save(cipherdir, backup=True)
+    keys.wipe()
+    print(f"cryptfs: password of key slot {slot} changed "
+          f"(previous key file kept as {KEYFILE_NAME}.bak)")
+
+
+def cmd_key(args: argparse.Namespace) -> None:
+    cipherdir = _cipherdir(args.cipherdir)
+    if args.key_command == "list":
+        for line in _slot_lines(KeyFile.load(cipherdir)):
+            print(line)
+        return
+    keyfile, keys = _unlock(cipherdir, args)
+    if args.key_command == "add":
+        new = get_password(args.new_passfile, None, prompt="New password: ", confirm=True)
+        slot = keyfile.add_password(keys, new, _kdf(args), label=args.label)
+        print(f"cryptfs: added key slot {slot.slot_id}")
+    else:
+        if args.slot not in {s.slot_id for s in keyfile.slots}:
+            raise UsageError(f"there is no key slot {args.slot}")
+        try:
+            keyfile.remove_slot(keys, args.slot)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        print(f"cryptfs: removed key slot {args.slot}")
+    keyfile.save(cipherdir, backup=True)
+    keys.wipe()
+
+
+def _slot_lines(keyfile: KeyFile) -> list[str]:
+    lines = []
+    for slot in keyfile.slots:
+        k = slot.kdf
+        cost = (f"{k.memory_kib // 1024} MiB, {k.iterations} passes, {k.lanes} lanes"
+                if k.name == "argon2id" else f"N=2^{k.log2_n}, r={k.r}, p={k.p}")
+        label = f" {slot.label!r}" if slot.label else ""
+        lines.append(f"slot {slot.slot_id}: {slot.kind}{label}, {k.name} ({cost})")
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    cipherdir = _cipherdir(args.cipherdir)
+    keyfile = KeyFile.load(cipherdir)
+    print(f"cipher directory: {os.path.abspath(cipherdir)}")
+    print(f"format version:   {keyfile.version} (this cryptfs writes {FORMAT_VERSION})")
+    print(f"feature flags:    {', '.join(keyfile.features) or 'none'}")
+    print("contents:         AES-256-XTS, 4096-byte pages, per-file keys (HKDF-SHA512)")
+    print("names:            AES-256-SIV, base64url, long names over 255 bytes hashed")
+    for line in _slot_lines(keyfile):
+        print(f"key {line}")
+    try:
+        choice = select_engine("auto")
+        print(f"engine here:      {choice.engine.describe()}; {choice.reason}")
+    except EngineUnavailableError as exc:  # pragma: no cover - auto always falls back
+        print(f"engine here:      none ({exc})")
+
+
+def cmd_install_helpers(args: argparse.Namespace) -> None:
+    """mount(8) finds helpers only in /sbin, and runs them with an empty PATH
+    (so mount.fuse3 finds ``cryptfs`` only in the shell's default PATH)."""
+    here = Path(sys.argv[0]).resolve().parent
+    for target, link in ((here / "cryptfs", Path(args.bindir) / "cryptfs"),
+                         (here / "mount.cryptfs", Path(args.sbindir) / "mount.cryptfs")):
+        if not target.exists():
+            raise UsageError(f"{target} not found (run this from the installed cryptfs)")
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+        print(f"cryptfs: {link} -> {target}")
+
+
+# --- argument parsing ----------------------------------------------------------------
+
+
+def _password_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--passfile", help="read the password from the first line of FILE")
+    p.add_argument("--extpass", metavar="CMD", help="read the password from CMD's output")
+
+
+def _kdf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--argon2-memory", type=int, default=256, metavar="MIB",
+                   help="Argon2id memory cost in MiB (default 256)")
+    p.add_argument("--argon2-passes", type=int, default=3, metavar="N",
+                   help="Argon2id passes (default 3)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -104,30 +215,108 @@ def parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="create a new cipher directory")
     init.add_argument("cipherdir")
-    init.add_argument("--passfile", help="read the password from the first line of FILE")
+    _password_args(init)
+    _kdf_args(init)
     init.add_argument("--force", action="store_true", help="initialise a non-empty directory")
-    init.add_argument("--argon2-memory", type=int, default=256, metavar="MIB",
-                      help="Argon2id memory cost in MiB (default 256)")
-    init.add_argument("--argon2-passes", type=int, default=3, metavar="N",
-                      help="Argon2id passes (default 3)")
+    init.add_argument("--no-recovery-code", action="store_true",
+                      help="do not print the recovery code")
     init.set_defaults(func=cmd_init)
 
     mount = sub.add_parser("mount", help="mount a cipher directory")
     mount.add_argument("cipherdir")
     mount.add_argument("mountpoint")
-    mount.add_argument("--passfile", help="read the password from the first line of FILE")
+    _password_args(mount)
+    mount.add_argument("--recovery", action="store_true",
+                       help="unlock with the recovery code instead of a password")
     mount.add_argument("--engine", choices=ENGINE_NAMES, default="auto")
     mount.add_argument("--ro", action="store_true", help="mount read-only")
     mount.add_argument("--allow-other", action="store_true",
                        help="let other users access the mount (with permission checks)")
+    mount.add_argument("--idle", type=float, metavar="SECONDS",
+                       help="unmount after this long without activity")
     mount.add_argument("--fsname", help="name shown in /proc/mounts")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="stay in the foreground and log to stderr")
+    mount.add_argument("--fuse-flag", action="append", dest="fuse_flags", default=[],
+                       help=argparse.SUPPRESS)  # kernel mount flags from -o (nodev, ...)
     mount.set_defaults(func=cmd_mount)
+
+    unmount = sub.add_parser("unmount", help="unmount (flushes and stops the daemon)")
+    unmount.add_argument("mountpoint")
+    unmount.set_defaults(func=cmd_unmount)
+
+    passwd = sub.add_parser("passwd", help="change the password")
+    passwd.add_argument("cipherdir")
+    _password_args(passwd)
+    passwd.add_argument("--new-passfile", help="read the new password from FILE")
+    passwd.set_defaults(func=cmd_passwd, recovery=False)
+
+    key = sub.add_parser("key", help="manage key slots (several passwords)")
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    key_list = key_sub.add_parser("list", help="list key slots (no password needed)")
+    key_list.add_argument("cipherdir")
+    key_add = key_sub.add_parser("add", help="add a password slot")
+    key_add.add_argument("cipherdir")
+    _password_args(key_add)
+    _kdf_args(key_add)
+    key_add.add_argument("--new-passfile", help="read the new password from FILE")
+    key_add.add_argument("--label", default="", help="a note to recognise the slot by")
+    key_remove = key_sub.add_parser("remove", help="remove a slot")
+    key_remove.add_argument("cipherdir")
+    key_remove.add_argument("slot", type=int)
+    _password_args(key_remove)
+    key.set_defaults(func=cmd_key, recovery=False)
+
+    helpers = sub.add_parser("install-helpers",
+                             help="link cryptfs and mount.cryptfs where mount(8) finds them")
+    helpers.add_argument("--bindir", default="/usr/local/bin")
+    helpers.add_argument("--sbindir", default="/sbin")
+    helpers.set_defaults(func=cmd_install_helpers)
+
+    info = sub.add_parser("info", help="format, key slots and engine (never key material)")
+    info.add_argument("cipherdir")
+    info.set_defaults(func=cmd_info)
     return top
 
 
+def mount_helper_args(argv: list[str]) -> list[str]:
+    """``SRC DIR [-o opts] [-f|-n|-s|-v]`` (mount.fuse3 and mount(8) helpers)
+    into ``mount`` subcommand arguments."""
+    positional, options = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "-o":
+            options.append(next(it, ""))
+        elif arg.startswith("-o"):
+            options.append(arg[2:])
+        elif arg in ("-n", "-s", "-v"):  # no mtab / sloppy / verbose: nothing to do
+            continue
+        elif arg == "-f":
+            options.append("foreground")
+        elif arg == "-t":
+            next(it, None)
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        raise UsageError("usage: cryptfs CIPHERDIR MOUNTPOINT [-o options]")
+    parsed = parse_mount_options(",".join(options))
+    out = ["mount", *positional]
+    for key, value in parsed.values.items():
+        out += [f"--{key}", value]
+    flag_map = {"ro": "--ro", "allow_other": "--allow-other", "recovery": "--recovery",
+                "foreground": "--foreground"}
+    out += [flag_map[f] for f in sorted(parsed.flags) if f in flag_map]
+    return out + [f"--fuse-flag={flag}" for flag in sorted(parsed.fuse)]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+            argv = mount_helper_args(argv)  # the mount.fuse3 / mount(8) helper form
+    except CryptfsError as exc:
+        print(f"cryptfs: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser().parse_args(argv)
     setup_logging(args.debug)
     try:
@@ -143,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return ExitCode.INTERNAL
     return ExitCode.OK
+
+
+def mount_helper_main() -> int:
+    """``mount.cryptfs SRC DIR -o ...``: fstab type ``cryptfs``."""
+    return main(sys.argv[1:])
 
 
 if __name__ == "__main__":

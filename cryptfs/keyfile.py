@@ -206,6 +206,7 @@ class KeyFile:
     features: list[str] = field(default_factory=list)
     version: int = FORMAT_VERSION
     mac: bytes = b""
+    unlocked_slot: int | None = None  # which slot the last unlock() opened
 
     # -- associated data and MACs --
 
@@ -235,16 +236,32 @@ class KeyFile:
     def add_password(
         self, keys: KeyRing, password: bytes, kdf: KdfParams | None = None, label: str = ""
     ) -> KeySlot:
-        kdf = kdf or KdfParams.argon2id()
         slot_id = max((s.slot_id for s in self.slots), default=-1) + 1
+        slot = self._wrap(keys, slot_id, password, kdf or KdfParams.argon2id(), label)
+        self.slots.append(slot)
+        self.mac = self._compute_mac(keys)
+        return slot
+
+    def _wrap(self, keys: KeyRing, slot_id: int, password: bytes, kdf: KdfParams,
+              label: str) -> KeySlot:
         nonce = secrets.token_bytes(12)
         public = KeySlot(slot_id, "password", kdf, nonce, b"", label).public_json()
         kek = kdf.derive(password)
         wrapped = AESGCM(kek).encrypt(nonce, keys.master_key, self._slot_ad(public))
-        slot = KeySlot(slot_id, "password", kdf, nonce, wrapped, label)
-        self.slots.append(slot)
+        return KeySlot(slot_id, "password", kdf, nonce, wrapped, label)
+
+    def change_password(self, keys: KeyRing, slot_id: int, password: bytes,
+                        kdf: KdfParams | None = None) -> None:
+        """Re-wrap the master key in slot ``slot_id`` under a new password
+        (fresh salt and nonce; same id, label and KDF cost unless given)."""
+        index = next(i for i, s in enumerate(self.slots) if s.slot_id == slot_id)
+        old = self.slots[index]
+        if kdf is None:
+            kdf = KdfParams(old.kdf.name, secrets.token_bytes(32), old.kdf.memory_kib,
+                            old.kdf.iterations, old.kdf.lanes, old.kdf.log2_n, old.kdf.r,
+                            old.kdf.p)
+        self.slots[index] = self._wrap(keys, slot_id, password, kdf, old.label)
         self.mac = self._compute_mac(keys)
-        return slot
 
     def remove_slot(self, keys: KeyRing, slot_id: int) -> None:
         remaining = [s for s in self.slots if s.slot_id != slot_id]
@@ -275,7 +292,9 @@ class KeyFile:
                                              self._slot_ad(slot.public_json()))
             except InvalidTag:
                 continue
-            return self.verify(master)
+            keys = self.verify(master)
+            self.unlocked_slot = slot.slot_id
+            return keys
         if unsupported is not None:
             raise unsupported
         raise WrongPasswordError("wrong password")
@@ -356,8 +375,13 @@ class KeyFile:
             raise KeyFileMissingError(f"cannot read {path}: {exc.strerror}") from exc
         return cls.from_bytes(data)
 
-    def save(self, cipherdir: Path) -> None:
-        write_atomic(Path(cipherdir) / KEYFILE_NAME, self.to_bytes())
+    def save(self, cipherdir: Path, backup: bool = False) -> None:
+        """Write atomically; with ``backup``, first keep the current file as
+        ``cryptfs.conf.bak`` (0600), so a mistake can be undone by hand."""
+        path = Path(cipherdir) / KEYFILE_NAME
+        if backup and path.exists():
+            write_atomic(path.with_name(KEYFILE_NAME + ".bak"), path.read_bytes())
+        write_atomic(path, self.to_bytes())
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -9,7 +9,9 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,19 +88,47 @@ def mounted(stack: Stack, mountpoint: Path, opts: set[str]) -> Iterator[None]:
         stack.close()
 
 
-async def serve(on_ready: Callable[[], None] | None = None) -> None:
-    """Run the FUSE loop until unmount; SIGINT/SIGTERM unmount cleanly."""
+async def serve(stack: Stack, idle: float | None = None) -> None:
+    """Run the FUSE loop until unmount; SIGINT/SIGTERM unmount cleanly;
+    with ``idle``, unmount after that many seconds without any request and
+    with no file open."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
-        if on_ready is not None:
-            on_ready()
+        nursery.start_soon(_stop_on_signals)
+        if idle:
+            nursery.start_soon(_stop_when_idle, stack, idle)
+        notify_ready()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
+async def _stop_on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
+
+
+async def _stop_when_idle(stack: Stack, idle: float) -> None:
+    ops = stack.operations
+    while True:
+        await trio.sleep(max(0.5, min(idle / 4, 30.0)))
+        if len(stack.handles) == 0 and time.monotonic() - ops.last_activity >= idle:
+            log.info("idle for %g s: unmounting", idle)
+            pyfuse3.terminate()
+            return
+
+
+def notify_ready() -> None:
+    """Tell systemd the filesystem is ready (``Type=notify`` units)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(b"READY=1")
+    except OSError as exc:
+        log.warning("could not notify systemd at %s: %s", address, exc)

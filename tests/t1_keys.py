@@ -80,3 +80,23 @@ def test_keyring_hides_keys_and_wipes():
     assert "aa" not in repr(ring).lower()
     ring.wipe()
     assert ring.master_key == bytes(32)
+
+
+def test_recovery_code_round_trip_and_typos():
+    import pytest
+
+    from cryptfs.recovery import RecoveryCodeError, decode_recovery_code, encode_recovery_code
+
+    key = bytes(range(32))
+    code = encode_recovery_code(key)
+    assert len(code) == 65 and code.count("-") == 10
+    assert decode_recovery_code(code) == key
+    assert decode_recovery_code(code.lower().replace("-", " ")) == key
+    for i, ch in enumerate(code):
+        if ch == "-":
+            continue
+        typo = code[:i] + ("A" if ch != "A" else "B") + code[i + 1:]
+        with pytest.raises(RecoveryCodeError):
+            decode_recovery_code(typo)
+    with pytest.raises(RecoveryCodeError):
+        decode_recovery_code("not a code")

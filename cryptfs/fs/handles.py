@@ -89,6 +89,10 @@ class HandleTable:
         self._by_fh[fh] = opened
         return fh
 
+    def __len__(self) -> int:
+        """Open handles (the filesystem is not idle while any exist)."""
+        return len(self._by_fh)
+
     def get(self, fh: int) -> OpenFile:
         return self._by_fh[fh]
 

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -65,6 +66,7 @@ def fuse_op(method):
 
     @functools.wraps(method)
     async def wrapper(self, *args):
+        self.last_activity = time.monotonic()
         try:
             return await method(self, *args)
         except pyfuse3.FUSEError:
@@ -106,6 +108,7 @@ class Operations(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._as_root = os.geteuid() == 0
         self._reported: set[tuple[str, str]] = set()  # damaged files already logged
+        self.last_activity = time.monotonic()  # for --idle
 
     # -- helpers --
 

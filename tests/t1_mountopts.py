@@ -1,0 +1,31 @@
+"""The -o option string of mount(8) and fstab, as a table."""
+
+from __future__ import annotations
+
+import pytest
+
+from cryptfs.errors import ExitCode
+from cryptfs.mountopts import OptionError, parse_mount_options
+
+
+@pytest.mark.parametrize(("text", "values", "flags", "fuse"), [
+    ("", {}, set(), set()),
+    ("passfile=/etc/pw", {"passfile": "/etc/pw"}, set(), set()),
+    ("ro,allow_other,engine=openssl", {"engine": "openssl"}, {"ro", "allow_other"}, set()),
+    ("ro,rw", {}, {"rw"}, set()),
+    ("defaults,noauto,nofail,_netdev,user,x-systemd.automount,x-systemd.idle-timeout=60,"
+     "comment=x,passfile=p", {"passfile": "p"}, set(), set()),
+    ("nodev,nosuid,noexec,noatime,idle=300,fsname=vault", {"idle": "300", "fsname": "vault"},
+     set(), {"nodev", "nosuid", "noexec", "noatime"}),
+    ("extpass=echo a=b", {"extpass": "echo a=b"}, set(), set()),
+])
+def test_options(text, values, flags, fuse):
+    parsed = parse_mount_options(text)
+    assert (parsed.values, parsed.flags, parsed.fuse) == (values, flags, fuse)
+
+
+@pytest.mark.parametrize("bad", ["bogus", "passfile", "passfile=", "ro=1", "uid=5,bogus=1"])
+def test_unknown_or_malformed(bad):
+    with pytest.raises(OptionError) as info:
+        parse_mount_options(bad)
+    assert info.value.exit_code == ExitCode.USAGE

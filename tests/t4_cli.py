@@ -1,0 +1,304 @@
+"""The command line as users run it: real processes, real mounts, mount(8)
+and fstab, exit codes and messages, password changes and key slots."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cryptfs.errors import ExitCode
+from tests.conftest import MOUNT_TIMEOUT, PASSWORD, Mount, cryptfs_cmd, fuse_usable
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+FAST_KDF = ("--argon2-memory", "8", "--argon2-passes", "1")
+
+pytestmark = pytest.mark.skipif(not fuse_usable(), reason="/dev/fuse is not usable here")
+
+
+def cryptfs(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cryptfs_cmd(*args), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=MOUNT_TIMEOUT, **kwargs)
+    if check:
+        assert proc.returncode == 0, f"cryptfs {args} -> {proc.returncode}:\n{proc.stderr}"
+    return proc
+
+
+def unmount(mountpoint: Path) -> None:
+    subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.ismount(mountpoint)
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    """From /proc/mounts: unlike stat(), this does not touch the filesystem
+    (which would count as activity for --idle)."""
+    return any(line.split()[1] == str(mountpoint)
+               for line in Path("/proc/mounts").read_text().splitlines())
+
+
+def wait_unmounted(mountpoint: Path, timeout: float = MOUNT_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while is_mounted(mountpoint):
+        assert time.monotonic() < deadline, f"{mountpoint} is still mounted"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    cipher, plain, passfile = tmp_path / "cipher", tmp_path / "plain", tmp_path / "pw"
+    cipher.mkdir()
+    plain.mkdir()
+    passfile.write_text(PASSWORD + "\n")
+    passfile.chmod(0o600)
+    init = cryptfs("init", str(cipher), "--passfile", str(passfile), *FAST_KDF)
+    code = re.search(r"([A-Z2-7]{5}-){10}[A-Z2-7]{5}", init.stdout).group(0)
+    yield cipher, plain, passfile, code
+    if os.path.ismount(plain):
+        subprocess.run(["fusermount3", "-u", "-z", str(plain)], capture_output=True)
+
+
+@pytest.fixture
+def helpers():
+    """cryptfs where mount.fuse3 finds it and mount.cryptfs where mount(8)
+    finds it (as `cryptfs install-helpers` does), removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mount(8) tests need root")
+    links = [(Path("/usr/local/bin/cryptfs"), VENV_BIN / "cryptfs"),
+             (Path("/sbin/mount.cryptfs"), VENV_BIN / "mount.cryptfs")]
+    created = []
+    for link, target in links:
+        if link.is_symlink() or link.exists():
+            if link.resolve() != target.resolve():
+                pytest.skip(f"{link} belongs to another cryptfs installation")
+            continue
+        link.symlink_to(target)
+        created.append(link)
+    yield
+    for link in created:
+        link.unlink()
+
+
+def test_init_mount_write_unmount_remount_read(setup):
+    cipher, plain, passfile, _ = setup
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    (plain / "hello").write_text("written right after mount returned")  # ready at once
+    unmount(plain)
+    assert not (plain / "hello").exists()
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    assert (plain / "hello").read_text() == "written right after mount returned"
+    cryptfs("unmount", str(plain))
+    wait_unmounted(plain)
+
+
+def test_mount_t_fuse_cryptfs_and_umount(setup, helpers):
+    cipher, plain, passfile, _ = setup
+    subprocess.run(["mount", "-t", "fuse.cryptfs", str(cipher), str(plain),
+                    "-o", f"passfile={passfile},nodev,nosuid"], check=True, env={"PATH": ""},
+                   executable="/usr/bin/mount", timeout=MOUNT_TIMEOUT)
+    (plain / "f").write_text("via mount -t fuse.cryptfs")
+    assert "nodev" in [line for line in Path("/proc/mounts").read_text().splitlines()
+                       if str(plain) in line][0]
+    subprocess.run(["umount", str(plain)], check=True)
+    wait_unmounted(plain)
+    subprocess.run(["mount", "-t", "cryptfs", str(cipher), str(plain),
+                    "-o", f"passfile={passfile}"], check=True, timeout=MOUNT_TIMEOUT)
+    assert (plain / "f").read_text() == "via mount -t fuse.cryptfs"
+    subprocess.run(["umount", str(plain)], check=True)
+
+
+@pytest.mark.parametrize("fstype", ["fuse.cryptfs", "cryptfs"])
+def test_fstab_line(setup, helpers, tmp_path, fstype):
+    cipher, plain, passfile, _ = setup
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{cipher} {plain} {fstype} "
+                     f"noauto,nofail,x-systemd.automount,passfile={passfile} 0 0\n")
+    subprocess.run(["mount", "-T", str(fstab), str(plain)], check=True, timeout=MOUNT_TIMEOUT)
+    (plain / "via-fstab").write_text("ok")
+    subprocess.run(["umount", str(plain)], check=True)
+    wait_unmounted(plain)
+    subprocess.run(["mount", "-T", str(fstab), str(plain)], check=True, timeout=MOUNT_TIMEOUT)
+    assert (plain / "via-fstab").read_text() == "ok"
+    subprocess.run(["umount", str(plain)], check=True)
+
+
+def test_mount_failures_have_reasons_and_exit_codes(setup, tmp_path):
+    cipher, plain, passfile, _ = setup
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the password\n")
+    wrong.chmod(0o600)
+    cases = [
+        (("mount", str(cipher), str(plain), "--passfile", str(wrong)), ExitCode.PASSWORD,
+         "wrong password"),
+        (("mount", str(cipher), str(tmp_path / "nope"), "--passfile", str(passfile)),
+         ExitCode.USAGE, "does not exist"),
+        (("mount", str(tmp_path), str(plain), "--passfile", str(passfile)), ExitCode.CIPHERDIR,
+         "cryptfs init"),
+        (("mount", str(tmp_path / "missing"), str(plain), "--passfile", str(passfile)),
+         ExitCode.CIPHERDIR, "does not exist"),
+        ((str(cipher), str(plain), "-o", "bogus"), ExitCode.USAGE, "unknown mount option"),
+        (("init", str(cipher), "--passfile", str(passfile)), ExitCode.CIPHERDIR, "already"),
+    ]
+    for args, code, message in cases:
+        proc = cryptfs(*args, check=False)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+        assert not os.path.ismount(plain)
+
+
+def test_init_refuses_non_empty_directory(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "stuff").write_text("x")
+    (tmp_path / "pw").write_text("pw\n")
+    proc = cryptfs("init", str(tmp_path / "c"), "--passfile", str(tmp_path / "pw"), check=False)
+    assert proc.returncode == ExitCode.CIPHERDIR and "not empty" in proc.stderr
+
+
+def test_sigterm_unmounts_cleanly_with_data(setup):
+    cipher, plain, passfile, _ = setup
+    mount = Mount(cipher, plain, passfile, "auto").start()
+    data = os.urandom(3 << 20)
+    with open(plain / "big", "wb") as f:
+        f.write(data)
+    mount.proc.send_signal(signal.SIGTERM)
+    assert mount.proc.wait(MOUNT_TIMEOUT) == 0
+    wait_unmounted(plain)
+    mount.proc = None
+    mount.start()
+    assert (plain / "big").read_bytes() == data
+    mount.stop()
+    mount.check_log()
+
+
+def test_passwd_key_slots_and_recovery(setup, tmp_path):
+    cipher, plain, passfile, code = setup
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    (plain / "data").write_text("survives key changes")
+    unmount(plain)
+    new = tmp_path / "new"
+    new.write_text("brand new password\n")
+    new.chmod(0o600)
+    cryptfs("passwd", str(cipher), "--passfile", str(passfile), "--new-passfile", str(new))
+    assert (cipher / "cryptfs.conf.bak").stat().st_mode & 0o777 == 0o600
+    proc = cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile), check=False)
+    assert proc.returncode == ExitCode.PASSWORD
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(new))
+    assert (plain / "data").read_text() == "survives key changes"
+    unmount(plain)
+    # a second password in its own slot
+    second = tmp_path / "second"
+    second.write_text("second password\n")
+    second.chmod(0o600)
+    cryptfs("key", "add", str(cipher), "--passfile", str(new), "--new-passfile", str(second),
+            "--label", "laptop", *FAST_KDF)
+    listing = cryptfs("key", "list", str(cipher)).stdout
+    assert "slot 0" in listing and "slot 1" in listing and "laptop" in listing
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(second))
+    assert (plain / "data").read_text() == "survives key changes"
+    unmount(plain)
+    cryptfs("key", "remove", str(cipher), "0", "--passfile", str(second))
+    assert cryptfs("mount", str(cipher), str(plain), "--passfile", str(new),
+                   check=False).returncode == ExitCode.PASSWORD
+    assert cryptfs("key", "remove", str(cipher), "1", "--passfile", str(second),
+                   check=False).returncode == ExitCode.USAGE  # never the last slot
+    # the recovery code unlocks even though slot 0 is gone
+    recovery = tmp_path / "recovery"
+    recovery.write_text(code.lower() + "\n")
+    recovery.chmod(0o600)
+    cryptfs("mount", str(cipher), str(plain), "--recovery", "--passfile", str(recovery))
+    assert (plain / "data").read_text() == "survives key changes"
+    unmount(plain)
+    for position in (3, len(code) - 1):  # any mistyped character is caught
+        typo = "A" if code[position] != "A" else "B"
+        recovery.write_text(code[:position] + typo + code[position + 1:] + "\n")
+        proc = cryptfs("mount", str(cipher), str(plain), "--recovery", "--passfile",
+                       str(recovery), check=False)
+        assert proc.returncode == ExitCode.PASSWORD and "mistyped" in proc.stderr
+
+
+def test_extpass_and_passfile_warning(setup):
+    cipher, plain, passfile, _ = setup
+    cryptfs("mount", str(cipher), str(plain), "--extpass", f"cat {passfile}")
+    unmount(plain)
+    passfile.chmod(0o644)
+    proc = cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    assert "accessible by other users" in proc.stderr
+    unmount(plain)
+
+
+def test_read_only(setup):
+    cipher, plain, passfile, _ = setup
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    (plain / "f").write_text("x")
+    unmount(plain)
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile), "--ro")
+    assert (plain / "f").read_text() == "x"
+    for action in (lambda: (plain / "g").write_text("y"), lambda: (plain / "d").mkdir(),
+                   lambda: os.unlink(plain / "f"), lambda: os.open(plain / "f", os.O_WRONLY)):
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == errno.EROFS
+    unmount(plain)
+
+
+def test_idle_unmount(setup):
+    cipher, plain, passfile, _ = setup
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile), "--idle", "2")
+    (plain / "f").write_text("x")
+    wait_unmounted(plain, timeout=60)
+
+
+def test_info_shows_no_key_material(setup):
+    cipher, _, passfile, code = setup
+    out = cryptfs("info", str(cipher))
+    text = out.stdout + out.stderr
+    assert "format version:   1" in text and "slot 0: password" in text and "engine" in text
+    assert code not in text and code.replace("-", "") not in text
+
+
+def test_help_everywhere():
+    for args in ([], ["init"], ["mount"], ["passwd"], ["key"], ["key", "add"], ["info"],
+                 ["unmount"], ["install-helpers"]):
+        proc = cryptfs(*args, "--help")
+        assert "usage:" in proc.stdout
+
+
+def test_readme_exit_codes_match_the_enum():
+    readme = (REPO / "README.md").read_text()
+    for code in ExitCode:
+        assert re.search(rf"\b{code.value} [a-z(]", readme), f"README lacks exit code {code}"
+
+
+def test_systemd_notify(setup, tmp_path):
+    import socket
+
+    cipher, plain, passfile, _ = setup
+    address = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(MOUNT_TIMEOUT)
+    try:
+        env = {**os.environ, "NOTIFY_SOCKET": address}
+        cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile), env=env)
+        assert sock.recv(100) == b"READY=1"
+    finally:
+        sock.close()
+        unmount(plain)
+
+
+def test_no_mounts_left_behind():
+    leftovers = [line for line in Path("/proc/mounts").read_text().splitlines()
+                 if "fuse.cryptfs" in line and "pytest-of" in line and shutil.which("true")]
+    assert leftovers == [] or all("/plain" not in line for line in leftovers), leftovers
