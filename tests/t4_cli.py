@@ -302,3 +302,16 @@ def test_no_mounts_left_behind():
     leftovers = [line for line in Path("/proc/mounts").read_text().splitlines()
                  if "fuse.cryptfs" in line and "pytest-of" in line and shutil.which("true")]
     assert leftovers == [] or all("/plain" not in line for line in leftovers), leftovers
+
+
+def test_readme_fstab_example_is_valid():
+    from cryptfs.mountopts import parse_mount_options
+
+    readme = (REPO / "README.md").read_text()
+    lines = [line for line in readme.splitlines()
+             if line.startswith("/") and " fuse.cryptfs " in line]
+    assert lines
+    for line in lines:
+        source, target, fstype, options, *_ = line.split()
+        assert fstype == "fuse.cryptfs"
+        assert parse_mount_options(options).values["passfile"]
