@@ -54,6 +54,18 @@ def codec(engine: XtsEngine, keys: KeyRing):
     sessions.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_mounts_left_behind(tmp_path_factory):
+    """Every test unmounts what it mounted: fail the session otherwise."""
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    with open("/proc/mounts") as f:
+        left = [line.split()[1] for line in f if line.split()[1].startswith(base)]
+    for path in left:
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+    assert not left, f"mounts left behind: {left}"
+
+
 # --- real mounts --------------------------------------------------------------
 
 PASSWORD = "test password"
