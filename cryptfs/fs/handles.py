@@ -47,7 +47,12 @@ class HandleTable:
         if current is not None and write and not current.writable:
             raise OSError(errno.EACCES, "backing file is not writable")
         if current is None:
-            current = self.adopt(ino, self._open_backing(path, write))
+            fd = self._open_backing(path, write)
+            try:
+                current = self.adopt(ino, fd)
+            except BaseException:
+                os.close(fd)
+                raise
             st = os.fstat(current.fd)
             keep_cache = self._closed_state.pop(ino, None) == (st.st_mtime_ns, st.st_size)
         else:
@@ -67,17 +72,19 @@ class HandleTable:
             return os.open(path, flags | os.O_RDONLY)
 
     def adopt(self, ino: int, fd: int) -> OpenFile:
-        """Wrap a backing descriptor (reading its header).  Closes ``fd`` if
-        the header is bad."""
-        try:
-            file = self._codec.open(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        """Wrap a backing descriptor, reading its header (the caller still
+        owns ``fd`` if this raises)."""
+        file = self._codec.open(fd)
         accmode = os.O_RDONLY if self._read_only else _accmode(fd)
         opened = OpenFile(ino, fd, file, writable=accmode != os.O_RDONLY)
         self._by_ino[ino] = opened
         return opened
+
+    def discard(self, opened: OpenFile) -> None:
+        """Forget an adopted file that never got a handle, closing its fd."""
+        if self._by_ino.get(opened.ino) is opened:
+            del self._by_ino[opened.ino]
+        os.close(opened.fd)
 
     def create_handle(self, opened: OpenFile) -> int:
         opened.opens += 1

@@ -257,66 +257,41 @@ class Operations(pyfuse3.Operations):
             fi, attr = await self.create(parent_inode, name, mode, os.O_WRONLY, ctx)
             await self.release(fi.fh)
             return attr
-        entry = self.tree.entry(parent_inode, name)
-        path = self.tree.path(parent_inode, entry)
-        self.tree.add_sidecar(parent_inode, entry)
-        try:
+        with self.tree.creating(parent_inode, name) as (entry, path):
             os.mknod(path, mode & ~ctx.umask, rdev)
-        except BaseException:
-            self.tree.remove_sidecar(parent_inode, entry)
-            raise
         self._chown_new(path, ctx)
         return self._new_entry(parent_inode, entry, path)
 
     @fuse_op
     async def mkdir(self, parent_inode, name, mode, ctx):
         self._check_writable()
-        entry = self.tree.entry(parent_inode, name)
-        path = self.tree.path(parent_inode, entry)
-        self.tree.add_sidecar(parent_inode, entry)
-        try:
-            os.mkdir(path, 0o700)
-        except BaseException:
-            self.tree.remove_sidecar(parent_inode, entry)
-            raise
-        try:
-            self.tree.init_dir(path)
-            os.chmod(path, stat.S_IMODE(mode & ~ctx.umask))
-            self._chown_new(path, ctx)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path + b"/" + DIRIV_NAME.encode())
-                os.rmdir(path)
-            self.tree.remove_sidecar(parent_inode, entry)
-            raise
+        with self.tree.creating(parent_inode, name) as (entry, path):
+            os.mkdir(path, 0o700)  # owner-writable until its IV is in place
+            try:
+                self.tree.init_dir(path)
+                os.chmod(path, stat.S_IMODE(mode & ~ctx.umask))
+                self._chown_new(path, ctx)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(path + b"/" + DIRIV_NAME.encode())
+                    os.rmdir(path)
+                raise
         return self._new_entry(parent_inode, entry, path)
 
     @fuse_op
     async def symlink(self, parent_inode, name, target, ctx):
         self._check_writable()
-        entry = self.tree.entry(parent_inode, name)
-        path = self.tree.path(parent_inode, entry)
         sealed = self.metadata.encrypt_target(target)
-        self.tree.add_sidecar(parent_inode, entry)
-        try:
+        with self.tree.creating(parent_inode, name) as (entry, path):
             os.symlink(sealed, path)
-        except BaseException:
-            self.tree.remove_sidecar(parent_inode, entry)
-            raise
         self._chown_new(path, ctx)
         return self._new_entry(parent_inode, entry, path)
 
     @fuse_op
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._check_writable()
-        entry = self.tree.entry(new_parent_inode, new_name)
-        path = self.tree.path(new_parent_inode, entry)
-        self.tree.add_sidecar(new_parent_inode, entry)
-        try:
+        with self.tree.creating(new_parent_inode, new_name) as (entry, path):
             os.link(self.inodes.path(inode), path, follow_symlinks=False)
-        except BaseException:
-            self.tree.remove_sidecar(new_parent_inode, entry)
-            raise
         return self._new_entry(new_parent_inode, entry, path)
 
     @fuse_op
@@ -421,26 +396,24 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._check_writable()
-        entry = self.tree.entry(parent_inode, name)
-        path = self.tree.path(parent_inode, entry)
-        self.tree.add_sidecar(parent_inode, entry)
-        try:
+        with self.tree.creating(parent_inode, name) as (entry, path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                          stat.S_IMODE(mode & ~ctx.umask))
-        except BaseException:
-            self.tree.remove_sidecar(parent_inode, entry)
-            raise
-        try:
-            self._chown_new(path, ctx)
-            st = os.fstat(fd)
-            inode = self.inodes.remember(parent_inode, entry.name.encode(), st)
-            opened = self.handles.adopt(inode.ino, fd)
-            await self._in_thread(opened.file.ensure_header)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            self.tree.remove_sidecar(parent_inode, entry)
-            raise
+            opened = None
+            try:
+                self._chown_new(path, ctx)
+                inode = self.inodes.remember(parent_inode, entry.name.encode(), os.fstat(fd))
+                opened = self.handles.adopt(inode.ino, fd)
+                await self._in_thread(opened.file.ensure_header)
+            except BaseException:
+                if opened is not None:
+                    self.handles.discard(opened)
+                else:
+                    os.close(fd)
+                self.inodes.unlink(parent_inode, entry.name.encode())
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
         fh = self.handles.create_handle(opened)
         return pyfuse3.FileInfo(fh=fh), self._attrs(inode.ino, os.fstat(fd))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptfs.errors import NameDecodeError
@@ -89,6 +90,18 @@ class BackingTree:
             os.write(fd, entry.sidecar.encode("ascii"))
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def creating(self, parent: int, name: bytes) -> Iterator[tuple[BackingName, bytes]]:
+        """Yield the backing entry and path for a new ``name``; its long-name
+        sidecar exists inside the block and is removed again if it fails."""
+        entry = self.entry(parent, name)
+        self.add_sidecar(parent, entry)
+        try:
+            yield entry, self.path(parent, entry)
+        except BaseException:
+            self.remove_sidecar(parent, entry)
+            raise
 
     def remove_sidecar(self, parent: int, entry: BackingName) -> None:
         if entry.sidecar is not None:
