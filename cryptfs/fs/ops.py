@@ -31,7 +31,7 @@ from cryptfs.errors import (
     NameDecodeError,
     NameTooLongError,
 )
-from cryptfs.fs.handles import HandleTable
+from cryptfs.fs.handles import HandleTable, OpenFile
 from cryptfs.fs.inodes import ROOT_INODE, InodeTable
 from cryptfs.fs.tree import BackingTree
 from cryptfs.metadata import MetadataCipher
@@ -229,20 +229,18 @@ class Operations(pyfuse3.Operations):
         return await self.getattr(inode, ctx)
 
     async def _truncate(self, ino: int, size: int) -> None:
+        opened = self.handles.by_ino(ino)
+        if opened is not None:
+            await self._file_io(opened, opened.file.truncate, size)
+            return
         try:
-            opened = self.handles.by_ino(ino)
-            if opened is not None:
-                async with opened.lock:
-                    await self._in_thread(opened.file.truncate, size)
-                return
             fh, opened, _ = self.handles.open(ino, self.inodes.path(ino), write=True)
-            try:
-                async with opened.lock:
-                    await self._in_thread(opened.file.truncate, size)
-            finally:
-                self.handles.release(fh)
         except ContentError as exc:
             raise self._content_error(ino, exc) from exc
+        try:
+            await self._file_io(opened, opened.file.truncate, size)
+        finally:
+            self.handles.release(fh)
 
     @fuse_op
     async def readlink(self, inode, ctx):
@@ -428,8 +426,7 @@ class Operations(pyfuse3.Operations):
             raise self._content_error(inode, exc) from exc
         if flags & os.O_TRUNC:
             try:
-                async with opened.lock:
-                    await self._in_thread(opened.file.truncate, 0)
+                await self._file_io(opened, opened.file.truncate, 0)
             except BaseException:
                 self.handles.release(fh)
                 raise
@@ -448,24 +445,24 @@ class Operations(pyfuse3.Operations):
             log.warning("inode %d, backing file %s: %s", ino, where, exc)
         return pyfuse3.FUSEError(errno.EIO)
 
+    async def _file_io(self, opened: OpenFile, fn, *args):
+        """Run a codec call on a worker thread under the file's lock."""
+        try:
+            async with opened.lock:
+                return await self._in_thread(fn, *args)
+        except ContentError as exc:
+            raise self._content_error(opened.ino, exc) from exc
+
     @fuse_op
     async def read(self, fh, off, size):
         opened = self.handles.get(fh)
-        try:
-            async with opened.lock:
-                return await self._in_thread(opened.file.read, off, size)
-        except ContentError as exc:
-            raise self._content_error(opened.ino, exc) from exc
+        return await self._file_io(opened, opened.file.read, off, size)
 
     @fuse_op
     async def write(self, fh, off, buf):
         self._check_writable()
         opened = self.handles.get(fh)
-        try:
-            async with opened.lock:
-                return await self._in_thread(opened.file.write, off, buf)
-        except ContentError as exc:
-            raise self._content_error(opened.ino, exc) from exc
+        return await self._file_io(opened, opened.file.write, off, buf)
 
     @fuse_op
     async def flush(self, fh):
