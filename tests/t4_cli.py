@@ -308,3 +308,32 @@ def test_readme_fstab_example_is_valid():
         source, target, fstype, options, *_ = line.split()
         assert fstype == "fuse.cryptfs"
         assert parse_mount_options(options).values["passfile"]
+
+
+def test_forced_afalg_where_unavailable(setup):
+    from cryptfs.engines.afalg import AfalgEngine
+    from cryptfs.errors import EngineUnavailableError
+
+    try:
+        AfalgEngine.probe()
+        pytest.skip("this kernel has AF_ALG")
+    except EngineUnavailableError:
+        pass
+    cipher, plain, passfile, _ = setup
+    proc = cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile),
+                   "--engine", "afalg", check=False)
+    assert proc.returncode == ExitCode.ENGINE and "AF_ALG" in proc.stderr
+    assert not is_mounted(plain)
+
+
+def test_demo_script(tmp_path):
+    demo = tmp_path / "demo"
+    proc = subprocess.run([str(REPO / "scripts/demo"), str(demo)], capture_output=True,
+                          text=True, timeout=600)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert "Hello from cryptfs" in proc.stdout
+        assert (demo / "plain" / "hello.txt").read_text().startswith("Hello from cryptfs")
+        assert not any("hello" in p.name for p in (demo / "cipher").rglob("*"))
+    finally:
+        unmount(demo / "plain")
