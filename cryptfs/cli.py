@@ -21,7 +21,7 @@ import trio
 from cryptfs import __version__
 from cryptfs.daemonize import detach
 from cryptfs.engines import ENGINE_NAMES, select_engine
-from cryptfs.errors import CryptfsError, EngineUnavailableError, ExitCode
+from cryptfs.errors import CipherDirError, CryptfsError, EngineUnavailableError, ExitCode
 from cryptfs.fs.ops import MountOptions
 from cryptfs.keyfile import FORMAT_VERSION, KEYFILE_NAME, KdfParams, KeyFile
 from cryptfs.keys import KeyRing
@@ -38,10 +38,6 @@ SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-hel
 
 class UsageError(CryptfsError):
     exit_code = ExitCode.USAGE
-
-
-class CipherDirError(CryptfsError):
-    exit_code = ExitCode.CIPHERDIR
 
 
 def _kdf(args: argparse.Namespace) -> KdfParams:

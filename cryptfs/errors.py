@@ -33,6 +33,12 @@ class CryptfsError(Exception):
 # --- key file -------------------------------------------------------------
 
 
+class CipherDirError(CryptfsError):
+    """The cipher directory is missing, not initialised, or unusable."""
+
+    exit_code = ExitCode.CIPHERDIR
+
+
 class KeyFileError(CryptfsError):
     exit_code = ExitCode.KEYFILE
 

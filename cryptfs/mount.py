@@ -21,7 +21,7 @@ import trio
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.engines import select_engine
-from cryptfs.errors import CryptfsError, ExitCode
+from cryptfs.errors import CipherDirError, CryptfsError, ExitCode, NameDecodeError
 from cryptfs.fs.handles import HandleTable
 from cryptfs.fs.inodes import InodeTable
 from cryptfs.fs.ops import MountOptions, Operations
@@ -60,7 +60,11 @@ def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
     codec = ContentCodec(keys, sessions)
     handles = HandleTable(codec, read_only=options.read_only)
     tree = BackingTree(inodes, NameCipher(keys))
-    tree.diriv(pyfuse3.ROOT_INODE)  # fails early if the root has no IV
+    try:
+        tree.diriv(pyfuse3.ROOT_INODE)
+    except NameDecodeError as exc:
+        sessions.close()
+        raise CipherDirError(f"{cipherdir}: {exc} (damaged cipher directory?)") from exc
     ops = Operations(inodes, tree, handles, codec, MetadataCipher(keys), options)
     return Stack(ops, sessions, handles)
 
