@@ -233,6 +233,8 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--fsname", help="name shown in /proc/mounts")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="stay in the foreground and log to stderr")
+    mount.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="verbose logs (also accepted before the subcommand)")
     mount.add_argument("--fuse-flag", action="append", dest="fuse_flags", default=[],
                        help=argparse.SUPPRESS)  # kernel mount flags from -o (nodev, ...)
     mount.set_defaults(func=cmd_mount)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,3 +338,51 @@ def test_demo_script(tmp_path):
         assert not any("hello" in p.name for p in (demo / "cipher").rglob("*"))
     finally:
         unmount(demo / "plain")
+
+
+def test_logs_never_contain_key_material(setup):
+    import base64
+
+    from cryptfs.recovery import decode_recovery_code
+
+    cipher, plain, passfile, code = setup
+    master = decode_recovery_code(code)
+    mount = Mount(cipher, plain, passfile, "auto", extra=("--debug",)).start()
+    (plain / "f").write_bytes(os.urandom(10000))
+    (plain / "f").read_bytes()
+    os.symlink("target", plain / "s")
+    os.setxattr(plain / "f", "user.k", b"v")
+    mount.stop()
+    text = mount.log()
+    assert "DEBUG" in text  # the debug log really was on
+    for form in (master.hex(), base64.b64encode(master).decode(), code, PASSWORD):
+        assert form not in text
+
+
+def test_allow_other_keeps_permission_checks(setup):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    import tempfile
+
+    cipher, _, passfile, _ = setup
+    outside = Path(tempfile.mkdtemp(prefix="cryptfs-allow-other-", dir="/tmp"))
+    outside.chmod(0o755)  # pytest's own tmp dirs are 0700: other users cannot enter
+    plain = outside / "plain"
+    plain.mkdir()
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile), "--allow-other")
+    try:
+        (plain / "private").write_text("root only")
+        (plain / "private").chmod(0o600)
+        (plain / "public").write_text("everyone")
+        (plain / "public").chmod(0o644)
+        os.chmod(plain, 0o755)
+
+        def as_nobody(path: Path) -> int:
+            return subprocess.run(["cat", str(path)], capture_output=True,
+                                  user=65534, group=65534).returncode
+
+        assert as_nobody(plain / "public") == 0
+        assert as_nobody(plain / "private") != 0
+    finally:
+        unmount(plain)
+        shutil.rmtree(outside)
