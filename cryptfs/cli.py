@@ -9,6 +9,7 @@ for ``mount -t fuse.cryptfs`` and fstab type ``fuse.cryptfs``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -19,21 +20,25 @@ from pathlib import Path
 import trio
 
 from cryptfs import __version__
+from cryptfs.content.codec import ContentCodec
+from cryptfs.content.sessions import SessionCache
 from cryptfs.daemonize import detach
 from cryptfs.engines import ENGINE_NAMES, select_engine
 from cryptfs.errors import CipherDirError, CryptfsError, EngineUnavailableError, ExitCode
 from cryptfs.fs.ops import MountOptions
+from cryptfs.fsck import Checker, as_json, print_report
 from cryptfs.keyfile import FORMAT_VERSION, KEYFILE_NAME, KdfParams, KeyFile
 from cryptfs.keys import KeyRing
 from cryptfs.log import setup_logging
+from cryptfs.metadata import MetadataCipher
 from cryptfs.mount import build_stack, fuse_options, mounted, serve
 from cryptfs.mountopts import parse_mount_options
-from cryptfs.names import DIRIV_NAME, create_diriv
+from cryptfs.names import DIRIV_NAME, NameCipher, create_diriv
 from cryptfs.password import get_password
 from cryptfs.recovery import decode_recovery_code, encode_recovery_code
 
 log = logging.getLogger("cryptfs")
-SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-helpers"}
+SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-helpers", "fsck"}
 
 
 class UsageError(CryptfsError):
@@ -174,6 +179,32 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"engine here:      none ({exc})")
 
 
+class ProblemsFound(CryptfsError):
+    exit_code = ExitCode.FSCK_PROBLEMS
+
+
+def cmd_fsck(args: argparse.Namespace) -> None:
+    cipherdir = _cipherdir(args.cipherdir)
+    _, keys = _unlock(cipherdir, args)
+    sessions = SessionCache(select_engine(args.engine).engine, keys)
+    try:
+        checker = Checker(str(cipherdir), ContentCodec(keys, sessions), NameCipher(keys),
+                          MetadataCipher(keys), progress=not args.json and sys.stderr.isatty())
+        problems = checker.run()
+    finally:
+        sessions.close()
+        keys.wipe()
+    if args.json:
+        print(json.dumps({"problems": as_json(problems), "files": checker.progress.files,
+                          "bytes": checker.progress.bytes}, indent=2))
+    else:
+        print_report(problems)
+        print(f"cryptfs: checked {checker.progress.files} files, "
+              f"{checker.progress.bytes} bytes: {len(problems) or 'no'} problems")
+    if problems:
+        raise ProblemsFound(f"{len(problems)} problems found in {cipherdir}")
+
+
 def cmd_install_helpers(args: argparse.Namespace) -> None:
     """mount(8) finds helpers only in /sbin, and runs them with an empty PATH
     (so mount.fuse3 finds ``cryptfs`` only in the shell's default PATH)."""
@@ -270,6 +301,14 @@ def parser() -> argparse.ArgumentParser:
     helpers.add_argument("--bindir", default="/usr/local/bin")
     helpers.add_argument("--sbindir", default="/sbin")
     helpers.set_defaults(func=cmd_install_helpers)
+
+    fsck = sub.add_parser("fsck", help="check a whole cipher directory (read-only)")
+    fsck.add_argument("cipherdir")
+    _password_args(fsck)
+    fsck.add_argument("--recovery", action="store_true", help="unlock with the recovery code")
+    fsck.add_argument("--engine", choices=ENGINE_NAMES, default="auto")
+    fsck.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    fsck.set_defaults(func=cmd_fsck)
 
     info = sub.add_parser("info", help="format, key slots and engine (never key material)")
     info.add_argument("cipherdir")

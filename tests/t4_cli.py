@@ -270,7 +270,7 @@ def test_info_shows_no_key_material(setup):
 
 def test_help_everywhere():
     for args in ([], ["init"], ["mount"], ["passwd"], ["key"], ["key", "add"], ["info"],
-                 ["unmount"], ["install-helpers"]):
+                 ["unmount"], ["install-helpers"], ["fsck"]):
         proc = cryptfs(*args, "--help")
         assert "usage:" in proc.stdout
 

@@ -1,0 +1,217 @@
+"""``cryptfs fsck``: check a whole cipher directory, offline.
+
+Walks every backing directory and checks its IV, every name (including
+long-name sidecars and orphans), every regular file's size, header and pages
+(the final page's trailer is the check XTS allows), every symlink target and
+every user.* extended attribute.  Each problem is reported with the backing
+path and, where it could be decrypted, the plaintext path.  It only reads.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from cryptfs.content.codec import ContentCodec
+from cryptfs.content.format import plaintext_size
+from cryptfs.engines.base import PAGE_SIZE
+from cryptfs.errors import (
+    BackingSizeError,
+    CryptfsError,
+    FileNameError,
+    HeaderAuthError,
+    HeaderCorruptError,
+    HeaderVersionError,
+    TrailerError,
+)
+from cryptfs.keyfile import KEYFILE_NAME
+from cryptfs.metadata import MetadataCipher
+from cryptfs.names import (
+    DIRIV_NAME,
+    SIDECAR_SUFFIX,
+    NameCipher,
+    is_longname,
+    read_diriv,
+)
+
+# Problem kinds are part of the --json output: keep them stable.
+CONTENT_KINDS = {HeaderAuthError: "header-mac", HeaderCorruptError: "header",
+                 HeaderVersionError: "version", TrailerError: "final-page",
+                 BackingSizeError: "size"}
+CHUNK = 256 * PAGE_SIZE  # 1 MiB per read while checking contents
+OWN_FILES = {KEYFILE_NAME, KEYFILE_NAME + ".bak"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # diriv, name, sidecar, symlink, xattr, size, header, header-mac,
+    #            version, final-page, io (stable: scripts read --json)
+    backing: str
+    plaintext: str | None
+    message: str
+
+
+class Progress:
+    """Files, bytes, rate and ETA on stderr, at most a few times a second."""
+
+    def __init__(self, total_files: int, total_bytes: int, enabled: bool) -> None:
+        self.total_files, self.total_bytes = total_files, total_bytes
+        self.files = self.bytes = 0
+        self.enabled = enabled
+        self._start = self._last = time.monotonic()
+
+    def add(self, files: int = 0, nbytes: int = 0) -> None:
+        self.files += files
+        self.bytes += nbytes
+        now = time.monotonic()
+        if self.enabled and now - self._last >= 0.25:
+            self._last = now
+            self._show(now)
+
+    def _show(self, now: float, end: str = "\r") -> None:
+        elapsed = max(now - self._start, 1e-6)
+        rate = self.bytes / elapsed
+        left = (self.total_bytes - self.bytes) / rate if rate else 0
+        sys.stderr.write(f"fsck: {self.files}/{self.total_files} files, "
+                         f"{self.bytes >> 20}/{self.total_bytes >> 20} MiB, "
+                         f"{rate / 1e6:.0f} MB/s, ETA {left:.0f} s   {end}")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            self._show(time.monotonic(), end="\n")
+
+
+class Checker:
+    def __init__(self, cipherdir: str, codec: ContentCodec, names: NameCipher,
+                 metadata: MetadataCipher, progress: bool = False) -> None:
+        self.root = os.path.abspath(cipherdir)
+        self.codec, self.names, self.metadata = codec, names, metadata
+        self.problems: list[Problem] = []
+        files, size = 0, 0
+        for dirpath, _dirs, filenames in os.walk(self.root):
+            for name in filenames:
+                files += 1
+                size += os.lstat(os.path.join(dirpath, name)).st_size
+        self.progress = Progress(files, size, progress)
+
+    def report(self, kind: str, backing: str, plaintext: str | None, message: str) -> None:
+        self.problems.append(Problem(kind, os.path.relpath(backing, self.root), plaintext,
+                                     message))
+
+    def run(self) -> list[Problem]:
+        self._check_dir(self.root, "/")
+        self.progress.done()
+        return self.problems
+
+    def _check_dir(self, path: str, plain: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                dir_iv = read_diriv(fd)
+            finally:
+                os.close(fd)
+        except (OSError, FileNameError) as exc:
+            self.report("diriv", path, plain, f"directory IV unusable, names lost: {exc}")
+            return
+        entries = sorted(os.listdir(path))
+        present = set(entries)
+        for name in entries:
+            full = os.path.join(path, name)
+            if name == DIRIV_NAME or (path == self.root and name in OWN_FILES):
+                continue
+            if name.endswith(SIDECAR_SUFFIX) and is_longname(name[:-len(SIDECAR_SUFFIX)]):
+                if name[:-len(SIDECAR_SUFFIX)] not in present:
+                    self.report("sidecar", full, None, "long-name sidecar without its entry")
+                self.progress.add(files=1, nbytes=os.lstat(full).st_size)
+                continue
+            plain_name = self._decode(path, name, dir_iv, present)
+            child_plain = None if plain_name is None else \
+                os.path.join(plain, os.fsdecode(plain_name))
+            self._check_entry(full, child_plain)
+
+    def _decode(self, path: str, name: str, dir_iv: bytes, present: set[str]) -> bytes | None:
+        full = os.path.join(path, name)
+        try:
+            if is_longname(name):
+                if name + SIDECAR_SUFFIX not in present:
+                    self.report("sidecar", full, None, "long name without its sidecar")
+                    return None
+                with open(full + SIDECAR_SUFFIX, "rb") as f:
+                    return self.names.decode_longname(dir_iv, name, f.read(4096))
+            return self.names.decode(dir_iv, name)
+        except (FileNameError, OSError) as exc:
+            self.report("name", full, None, f"name does not decrypt: {exc}")
+            return None
+
+    def _check_entry(self, full: str, plain: str | None) -> None:
+        st = os.lstat(full)
+        if stat.S_ISDIR(st.st_mode):
+            self._check_xattrs(full, plain)
+            self._check_dir(full, plain or "?")
+            return
+        self.progress.add(files=1)
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                self.metadata.decrypt_target(os.fsencode(os.readlink(full)))
+            except FileNameError as exc:
+                self.report("symlink", full, plain, str(exc))
+            return
+        self._check_xattrs(full, plain)
+        if stat.S_ISREG(st.st_mode):
+            self._check_file(full, plain, st.st_size)
+
+    def _check_xattrs(self, full: str, plain: str | None) -> None:
+        try:
+            stored_names = os.listxattr(full, follow_symlinks=False)
+        except OSError:
+            return
+        for stored in stored_names:
+            if not stored.startswith("user."):
+                continue
+            try:
+                self.metadata.decrypt_xattr_name(os.fsencode(stored))
+                value = os.getxattr(full, stored, follow_symlinks=False)
+                self.metadata.decrypt_xattr_value(os.fsencode(stored), value)
+            except (FileNameError, OSError) as exc:
+                self.report("xattr", full, plain, f"{stored}: {exc}")
+
+    def _check_file(self, full: str, plain: str | None, stored: int) -> None:
+        try:
+            size = plaintext_size(stored)
+        except CryptfsError as exc:
+            self.report("size", full, plain, str(exc))
+            return
+        try:
+            fd = os.open(full, os.O_RDONLY)
+        except OSError as exc:
+            self.report("io", full, plain, str(exc))
+            return
+        try:
+            file = self.codec.open(fd)
+            for offset in range(0, size, CHUNK):
+                file.read(offset, CHUNK, size)
+                self.progress.add(nbytes=min(CHUNK, size - offset))
+        except CryptfsError as exc:
+            self.report(CONTENT_KINDS.get(type(exc), "content"), full, plain, str(exc))
+        except OSError as exc:
+            self.report("io", full, plain, str(exc))
+        finally:
+            os.close(fd)
+
+
+def print_report(problems: list[Problem], out: Callable[[str], None] = print) -> None:
+    for p in problems:
+        where = f"{p.plaintext} (backing {p.backing})" if p.plaintext else f"backing {p.backing}"
+        out(f"{p.kind}: {where}: {p.message}")
+
+
+def as_json(problems: list[Problem]) -> list[dict]:
+    return [asdict(p) for p in problems]
+
+
+

@@ -1,0 +1,114 @@
+"""cryptfs fsck: a clean directory passes; every kind of damage is reported,
+with the plaintext path where it can be known, and exit code 20."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cryptfs.errors import ExitCode
+from tests.conftest import MOUNT_TIMEOUT, Mount, cryptfs_cmd, fuse_usable, init_cipherdir
+
+pytestmark = pytest.mark.skipif(not fuse_usable(), reason="/dev/fuse is not usable here")
+
+
+def fsck(cipher: Path, passfile: Path) -> tuple[int, dict]:
+    proc = subprocess.run(cryptfs_cmd("fsck", str(cipher), "--passfile", str(passfile), "--json"),
+                          capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+@pytest.fixture
+def populated(tmp_path):
+    """A cipher directory with one of everything, and a map from plaintext
+    names to their backing paths."""
+    passfile = tmp_path / "pw"
+    cipher = tmp_path / "cipher"
+    init_cipherdir(cipher, passfile)
+    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl").start()
+    plain = mount.mountpoint
+    backing = {}
+
+    def make(name, action):
+        before = set(cipher.rglob("*"))
+        action(plain / name)
+        (entry,) = [p for p in set(cipher.rglob("*")) - before
+                    if p.name != "cryptfs.diriv" and not p.name.endswith(".name")]
+        backing[name] = entry
+
+    try:
+        make("dir", lambda p: p.mkdir())
+        for name in ("dir/header", "dir/size", "dir/trailer", "dir/xattr", "healthy"):
+            make(name, lambda p: p.write_bytes(os.urandom(10000)))
+        make("dir/link", lambda p: os.symlink("target", p))
+        make("L" * 200, lambda p: p.write_text("long name"))
+        os.setxattr(plain / "dir/xattr", "user.note", b"value")
+    finally:
+        mount.stop()
+    return cipher, passfile, backing
+
+
+def test_clean_directory_passes(populated):
+    cipher, passfile, _ = populated
+    code, report = fsck(cipher, passfile)
+    assert code == 0 and report["problems"] == [] and report["files"] >= 8
+
+
+def test_every_kind_of_damage_is_reported(populated):
+    cipher, passfile, backing = populated
+    with open(backing["dir/header"], "r+b") as f:
+        f.seek(40)
+        f.write(b"\xff")
+    os.truncate(backing["dir/size"], 4100)
+    os.truncate(backing["dir/trailer"], backing["dir/trailer"].stat().st_size - 3)
+    stored = next(n for n in os.listxattr(backing["dir/xattr"]) if n.startswith("user."))
+    os.setxattr(backing["dir/xattr"], stored, b"\0" * 40)
+    link = backing["dir/link"]
+    os.unlink(link)
+    os.symlink("bm90IGVuY3J5cHRlZA", link)
+    (cipher / "foreign.txt").write_text("dropped in")
+    long_entry = backing["L" * 200]
+    Path(str(long_entry) + ".name").unlink()  # the sidecar of a long name
+    (cipher / ("cryptfs.longname." + "A" * 43 + ".name")).write_text("orphan")
+
+    code, report = fsck(cipher, passfile)
+    assert code == ExitCode.FSCK_PROBLEMS
+    found = {(p["kind"], p["plaintext"]) for p in report["problems"]}
+    expected = {
+        ("header-mac", "/dir/header"),
+        ("size", "/dir/size"),
+        ("final-page", "/dir/trailer"),
+        ("xattr", "/dir/xattr"),
+        ("symlink", "/dir/link"),
+        ("name", None),  # foreign.txt
+        ("sidecar", None),  # long name without sidecar, and the orphan sidecar
+    }
+    assert expected <= found, report["problems"]
+    assert len([p for p in report["problems"] if p["kind"] == "sidecar"]) == 2
+    assert not any(p["plaintext"] == "/healthy" for p in report["problems"])
+
+
+def test_missing_directory_iv(populated):
+    cipher, passfile, backing = populated
+    (backing["dir"] / "cryptfs.diriv").unlink()
+    code, report = fsck(cipher, passfile)
+    assert code == ExitCode.FSCK_PROBLEMS
+    assert [(p["kind"], p["plaintext"]) for p in report["problems"]] == [("diriv", "/dir")]
+
+
+def test_human_report_and_wrong_password(populated, tmp_path):
+    cipher, passfile, backing = populated
+    os.truncate(backing["dir/size"], 4100)
+    proc = subprocess.run(cryptfs_cmd("fsck", str(cipher), "--passfile", str(passfile)),
+                          capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    assert proc.returncode == ExitCode.FSCK_PROBLEMS
+    assert "/dir/size" in proc.stdout and "1 problems" in proc.stdout
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope\n")
+    proc = subprocess.run(cryptfs_cmd("fsck", str(cipher), "--passfile", str(wrong)),
+                          capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    assert proc.returncode == ExitCode.PASSWORD
