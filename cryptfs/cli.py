@@ -28,7 +28,7 @@ from cryptfs.errors import CipherDirError, CryptfsError, EngineUnavailableError,
 from cryptfs.fs.ops import MountOptions
 from cryptfs.fsck import Checker, as_json, print_report
 from cryptfs.keyfile import FORMAT_VERSION, KEYFILE_NAME, KdfParams, KeyFile
-from cryptfs.keys import KeyRing
+from cryptfs.keys import KeyRing, protect_process
 from cryptfs.log import setup_logging
 from cryptfs.metadata import MetadataCipher
 from cryptfs.mount import build_stack, fuse_options, mounted, serve
@@ -58,6 +58,7 @@ def _cipherdir(path: str) -> Path:
 
 
 def _unlock(cipherdir: Path, args: argparse.Namespace) -> tuple[KeyFile, KeyRing]:
+    protect_process()  # before any key is in memory
     keyfile = KeyFile.load(cipherdir)
     if getattr(args, "recovery", False):
         code = get_password(args.passfile, args.extpass, prompt="Recovery code: ")
@@ -75,6 +76,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     if any(cipherdir.iterdir()) and not args.force:
         raise CipherDirError(f"{cipherdir} is not empty (use --force to initialise it anyway)")
     password = get_password(args.passfile, args.extpass, confirm=True)
+    protect_process()
     keyfile, keys = KeyFile.create(password, _kdf(args))
     if not (cipherdir / DIRIV_NAME).exists():
         fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY)

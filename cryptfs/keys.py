@@ -8,6 +8,9 @@ per-file keys).  See docs/format.md, "Key hierarchy".
 
 from __future__ import annotations
 
+import ctypes
+import resource
+
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -62,3 +65,11 @@ class KeyRing:
 
     def __repr__(self) -> str:  # never show key bytes, not even in a traceback
         return "<KeyRing (keys hidden)>"
+
+
+def protect_process() -> None:
+    """Keep key material out of core dumps: no core file (RLIMIT_CORE 0) and
+    not dumpable (which also stops non-root ptrace of the daemon)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    pr_set_dumpable = 4
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)

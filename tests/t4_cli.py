@@ -352,6 +352,8 @@ def test_logs_never_contain_key_material(setup):
     (plain / "f").read_bytes()
     os.symlink("target", plain / "s")
     os.setxattr(plain / "f", "user.k", b"v")
+    limits = Path(f"/proc/{mount.proc.pid}/limits").read_text()
+    assert re.search(r"Max core file size\s+0\s+0", limits)  # no core dumps of keys
     mount.stop()
     text = mount.log()
     assert "DEBUG" in text  # the debug log really was on
