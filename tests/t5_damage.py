@@ -4,8 +4,10 @@ foreign or full backing storage: errors stay with the affected file."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,25 @@ def test_backing_disk_full(fresh, tmp_path):
             mount.stop()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_files_shuffled_between_directories(fresh):
+    fresh.start()
+    for d in ("a", "b"):
+        (fresh.mountpoint / d).mkdir()
+        (fresh.mountpoint / d / f"in-{d}").write_text(d)
+    fresh.stop()
+    dirs = [p for p in fresh.cipherdir.iterdir() if p.is_dir()]
+    moved = next(p for p in dirs[0].iterdir() if p.name != "cryptfs.diriv")
+    moved.rename(dirs[1] / moved.name)  # same encrypted name, other directory IV
+    fresh.start()
+    listings = {d: sorted(os.listdir(fresh.mountpoint / d)) for d in ("a", "b")}
+    assert sorted(listings.values()) == [[], ["in-a"]] or \
+        sorted(listings.values()) == [[], ["in-b"]]
+    fresh.stop()
+    fresh.check_log(allowed=("skipping",))
+    proc = subprocess.run([sys.executable, "-m", "cryptfs.cli", "fsck", str(fresh.cipherdir),
+                           "--passfile", str(fresh.passfile), "--json"],
+                          capture_output=True, text=True)
+    kinds = [p["kind"] for p in json.loads(proc.stdout)["problems"]]
+    assert kinds == ["name"]
