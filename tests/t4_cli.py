@@ -343,6 +343,7 @@ def test_demo_script(tmp_path):
 def test_logs_never_contain_key_material(setup):
     import base64
 
+    from cryptfs.keys import KeyRing
     from cryptfs.recovery import decode_recovery_code
 
     cipher, plain, passfile, code = setup
@@ -357,7 +358,10 @@ def test_logs_never_contain_key_material(setup):
     mount.stop()
     text = mount.log()
     assert "DEBUG" in text  # the debug log really was on
-    for form in (master.hex(), base64.b64encode(master).decode(), code, PASSWORD):
+    ring = KeyRing(master)
+    secrets_ = [master, ring.header_key, ring.name_key, ring.metadata_key, ring.keyfile_mac_key]
+    forms = [f(k) for k in secrets_ for f in (bytes.hex, lambda k: base64.b64encode(k).decode())]
+    for form in (*forms, code, PASSWORD):
         assert form not in text
 
 

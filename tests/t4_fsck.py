@@ -42,7 +42,8 @@ def populated(tmp_path):
 
     try:
         make("dir", lambda p: p.mkdir())
-        for name in ("dir/header", "dir/size", "dir/trailer", "dir/xattr", "healthy"):
+        for name in ("dir/header", "dir/size", "dir/trailer", "dir/xattr", "healthy",
+                     "dir/magic", "dir/version"):
             make(name, lambda p: p.write_bytes(os.urandom(10000)))
         make("dir/link", lambda p: os.symlink("target", p))
         make("L" * 200, lambda p: p.write_text("long name"))
@@ -64,6 +65,11 @@ def test_every_kind_of_damage_is_reported(populated):
         f.seek(40)
         f.write(b"\xff")
     os.truncate(backing["dir/size"], 4100)
+    with open(backing["dir/magic"], "r+b") as f:
+        f.write(b"GOCRYPTF")
+    with open(backing["dir/version"], "r+b") as f:
+        f.seek(9)
+        f.write(b"\x07")
     os.truncate(backing["dir/trailer"], backing["dir/trailer"].stat().st_size - 3)
     stored = next(n for n in os.listxattr(backing["dir/xattr"]) if n.startswith("user."))
     os.setxattr(backing["dir/xattr"], stored, b"\0" * 40)
@@ -80,6 +86,8 @@ def test_every_kind_of_damage_is_reported(populated):
     found = {(p["kind"], p["plaintext"]) for p in report["problems"]}
     expected = {
         ("header-mac", "/dir/header"),
+        ("header", "/dir/magic"),
+        ("version", "/dir/version"),
         ("size", "/dir/size"),
         ("final-page", "/dir/trailer"),
         ("xattr", "/dir/xattr"),
@@ -112,3 +120,14 @@ def test_human_report_and_wrong_password(populated, tmp_path):
     proc = subprocess.run(cryptfs_cmd("fsck", str(cipher), "--passfile", str(wrong)),
                           capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
     assert proc.returncode == ExitCode.PASSWORD
+
+
+def test_progress_line(capsys):
+    from cryptfs.fsck import Progress
+
+    progress = Progress(total_files=10, total_bytes=10 << 20, enabled=True)
+    progress._last = 0  # force an update now
+    progress.add(files=3, nbytes=4 << 20)
+    progress.done()
+    err = capsys.readouterr().err
+    assert "3/10 files" in err and "4/10 MiB" in err and "MB/s" in err and "ETA" in err
