@@ -108,6 +108,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         log.info("mounted %s on %s", cipherdir, mountpoint)
         if not args.foreground:
             detach()
+            keys.lock_memory()  # memory locks are not inherited across fork
         trio.run(serve, stack, args.idle)
     keys.wipe()
 

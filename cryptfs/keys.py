@@ -43,6 +43,7 @@ class KeyRing:
         if len(master_key) != MASTER_KEY_LEN:
             raise ValueError(f"master key must be {MASTER_KEY_LEN} bytes")
         self._master = bytearray(master_key)
+        self.lock_memory()
         master = bytes(self._master)
         self.header_key = hkdf_sha512(master, INFO_HEADER, 32)
         self.name_key = hkdf_sha512(master, INFO_NAMES, 64)
@@ -59,6 +60,12 @@ class KeyRing:
             raise ValueError(f"file ID must be {FILE_ID_LEN} bytes")
         return hkdf_sha512(bytes(self._master), INFO_CONTENT + file_id, 64)
 
+    def lock_memory(self) -> bool:
+        """mlock the master key's buffer so it is never written to swap (best
+        effort; call again after fork, which does not inherit locks)."""
+        buf = (ctypes.c_char * len(self._master)).from_buffer(self._master)
+        return _libc.mlock(ctypes.addressof(buf), len(self._master)) == 0
+
     def wipe(self) -> None:
         for i in range(len(self._master)):
             self._master[i] = 0
@@ -67,9 +74,13 @@ class KeyRing:
         return "<KeyRing (keys hidden)>"
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
 def protect_process() -> None:
     """Keep key material out of core dumps: no core file (RLIMIT_CORE 0) and
     not dumpable (which also stops non-root ptrace of the daemon)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     pr_set_dumpable = 4
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+    _libc.prctl(pr_set_dumpable, 0, 0, 0, 0)

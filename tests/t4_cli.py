@@ -355,6 +355,9 @@ def test_logs_never_contain_key_material(setup):
     os.setxattr(plain / "f", "user.k", b"v")
     limits = Path(f"/proc/{mount.proc.pid}/limits").read_text()
     assert re.search(r"Max core file size\s+0\s+0", limits)  # no core dumps of keys
+    status = Path(f"/proc/{mount.proc.pid}/status").read_text()
+    locked = int(re.search(r"VmLck:\s+(\d+)", status).group(1))
+    assert locked > 0  # the master key's page is locked in memory
     mount.stop()
     text = mount.log()
     assert "DEBUG" in text  # the debug log really was on
