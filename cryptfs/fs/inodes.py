@@ -69,11 +69,18 @@ class InodeTable:
         return self.path(parent) + b"/" + backing_name
 
     def remember(self, parent: int, backing_name: bytes, st: os.stat_result,
-                 lookup: bool = True) -> Inode:
+                 lookup: bool = True, fresh: bool = False) -> Inode:
         """Record that ``parent/backing_name`` is the backing inode ``st``;
-        return our inode for it (one more kernel lookup if ``lookup``)."""
+        return our inode for it (one more kernel lookup if ``lookup``).
+
+        ``fresh`` says the backing inode was just created: if its number is
+        still mapped, that mapping belongs to a deleted file whose number the
+        backing filesystem reused (the kernel may not have forgotten the old
+        inode yet), so the new file gets a new inode of ours."""
         link = (parent, backing_name)
         dev_ino = (st.st_dev, st.st_ino)
+        if fresh:
+            self._by_dev_ino.pop(dev_ino, None)
         inode = self._by_dev_ino.get(dev_ino)
         if inode is None:
             inode = Inode(self._next, dev_ino)

@@ -159,9 +159,11 @@ class Operations(pyfuse3.Operations):
         if self._as_root and (ctx.uid, ctx.gid) != (0, 0):
             os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
 
-    def _new_entry(self, parent: int, entry: BackingName, path: bytes):
+    def _new_entry(self, parent: int, entry: BackingName, path: bytes, fresh: bool = True):
+        """The attributes of an entry just made at ``path`` (a new backing
+        inode unless ``fresh`` is False, as for a hard link)."""
         st = os.lstat(path)
-        inode = self.inodes.remember(parent, entry.name.encode(), st)
+        inode = self.inodes.remember(parent, entry.name.encode(), st, fresh=fresh)
         return self._attrs(inode.ino, st, path)
 
     def _check_writable(self) -> None:
@@ -290,7 +292,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         with self.tree.creating(new_parent_inode, new_name) as (entry, path):
             os.link(self.inodes.path(inode), path, follow_symlinks=False)
-        return self._new_entry(new_parent_inode, entry, path)
+        return self._new_entry(new_parent_inode, entry, path, fresh=False)
 
     @fuse_op
     async def unlink(self, parent_inode, name, ctx):
@@ -400,7 +402,8 @@ class Operations(pyfuse3.Operations):
             opened = None
             try:
                 self._chown_new(path, ctx)
-                inode = self.inodes.remember(parent_inode, entry.name.encode(), os.fstat(fd))
+                inode = self.inodes.remember(parent_inode, entry.name.encode(), os.fstat(fd),
+                                             fresh=True)
                 opened = self.handles.adopt(inode.ino, fd)
                 await self._in_thread(opened.file.ensure_header)
             except BaseException:
