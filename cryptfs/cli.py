@@ -100,7 +100,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
     if os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is already a mount point")
     _, keys = _unlock(cipherdir, args)
-    options = MountOptions(read_only=args.ro)
+    options = MountOptions(read_only=args.ro, inline_max=args.inline_max)
     stack = build_stack(cipherdir, keys, args.engine, options)
     fsname = args.fsname or os.path.abspath(cipherdir)
     opts = fuse_options(options, fsname, args.allow_other) | set(args.fuse_flags)
@@ -268,6 +268,8 @@ def parser() -> argparse.ArgumentParser:
                        help="verbose logs (also accepted before the subcommand)")
     mount.add_argument("--fuse-flag", action="append", dest="fuse_flags", default=[],
                        help=argparse.SUPPRESS)  # kernel mount flags from -o (nodev, ...)
+    mount.add_argument("--inline-max", type=int, default=None,
+                       help=argparse.SUPPRESS)  # tuning experiments (scripts/bench)
     mount.set_defaults(func=cmd_mount)
 
     unmount = sub.add_parser("unmount", help="unmount (flushes and stops the daemon)")

@@ -11,7 +11,7 @@ import pytest
 from cryptfs.engines import cross_check, select_engine
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, aligned_buffer, units
-from cryptfs.engines.userspace import OpenSSLEngine
+from cryptfs.engines.userspace import FACTORIES, OpenSSLEngine
 from cryptfs.errors import BackingSizeError, EngineUnavailableError
 from tests.conftest import afalg_engine
 
@@ -69,6 +69,28 @@ def test_ieee1619_vector10(engine, aligned_input):
         assert bytes(back) == PATTERN
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("length", BOUNDARY_LENGTHS)
+def test_openssl_context_paths_agree(length):
+    """The direct context factories (the fast path) and the public
+    ``Cipher`` API give the same bytes; the fast path is really in use."""
+    assert FACTORIES["direct"] is not None, "cryptography moved its cipher contexts"
+    key, first = secrets.token_bytes(64), secrets.randbelow(1 << 40)
+    plain = secrets.token_bytes(length)
+    outs = []
+    for factories in ("direct", "public"):
+        session = OpenSSLEngine(factories).open_session(key)
+        out, back = bytearray(length), bytearray(length)
+        session.encrypt(first, plain, memoryview(out))
+        session.decrypt(first, out, memoryview(back))
+        assert bytes(back) == plain
+        outs.append(bytes(out))
+    assert outs[0] == outs[1]
+    public = OpenSSLEngine("public").open_session(V10_KEY)
+    out = bytearray(len(PATTERN))
+    public.encrypt(0xFF, PATTERN, memoryview(out))
+    assert bytes(out) == V10_CT
 
 
 def test_units_split():

@@ -30,7 +30,7 @@ from cryptfs.content.format import (
     unit_offset,
 )
 from cryptfs.content.sessions import SessionCache
-from cryptfs.engines.base import PAGE_SIZE, aligned_buffer, is_zero
+from cryptfs.engines.base import PAGE_SIZE, Scratch, fill_zeros, is_zero
 from cryptfs.errors import HeaderCorruptError, TrailerError
 from cryptfs.keys import FILE_ID_LEN, KeyRing
 
@@ -69,6 +69,34 @@ def reserve(fd: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
+_MEMORY_FILESYSTEMS = {0x01021994, 0x858458F6}  # tmpfs, ramfs: f_type from statfs(2)
+_probe = bytearray(1)
+
+
+def in_memory_filesystem(fd: int) -> bool:
+    """True if ``fd`` lives on tmpfs or ramfs, whose reads never wait for a disk."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FILESYSTEMS
+
+
+def page_cached(fd: int, offset: int) -> bool | None:
+    """Whether a read at ``offset`` would be served from memory without
+    waiting for the disk (a one-byte RWF_NOWAIT read); None if the
+    filesystem cannot tell."""
+    try:
+        os.preadv(fd, [_probe], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            return None
+        raise
+    return True
+
+
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -76,11 +104,17 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         view, offset = view[written:], offset + written
 
 
+# Per-thread buffers, reused by every file: plaintext being decrypted out of
+# or encrypted into a run, and the run's ciphertext on its way to the disk.
+_decrypted, _plaintext, _ciphertext = Scratch(), Scratch(), Scratch()
+
+
 class EncryptedFile:
     def __init__(self, codec: ContentCodec, fd: int) -> None:
         self._codec = codec
         self.fd = fd
         self.header: FileHeader | None = None
+        self._memory_fs: bool | None = None  # backing on tmpfs/ramfs (checked on first use)
         stored = os.fstat(fd).st_size
         plaintext_size(stored)  # an impossible size is refused at open, not read as empty
         if stored:
@@ -88,6 +122,20 @@ class EncryptedFile:
             if len(data) < HEADER_SIZE:
                 raise HeaderCorruptError(f"backing file is only {len(data)} bytes")
             self.header = codec.decode_header(data)
+
+    # -- scheduling --
+
+    def cached(self, offset: int, length: int) -> bool:
+        """True if the backing pages that an I/O of ``length`` plaintext
+        bytes at ``offset`` may read (its first and last page) are in memory,
+        so the call will not wait for a disk."""
+        if self._memory_fs is None:
+            self._memory_fs = in_memory_filesystem(self.fd)
+        if self._memory_fs:
+            return True
+        last = offset + max(length, 1) - 1
+        return all(page_cached(self.fd, unit_offset(page)) is True
+                   for page in {offset // PAGE_SIZE, last // PAGE_SIZE})
 
     # -- sizes --
 
@@ -103,11 +151,13 @@ class EncryptedFile:
 
     # -- the cipher --
 
-    def _decrypt_run(self, run: PageRun) -> bytearray:
+    def _decrypt_run(self, run: PageRun) -> memoryview:
+        """The run's plaintext, in this thread's scratch buffer: valid until
+        the thread's next ``_decrypt_run``."""
         assert self.header is not None
-        buf = bytearray(run.length)
+        buf = _decrypted.get(run.length)
         with self._codec.sessions.session(self.header.file_id) as session:
-            session.decrypt_file(run.first, self.fd, run.offset, run.length, memoryview(buf))
+            session.decrypt_file(run.first, self.fd, run.offset, run.length, buf)
         if run.has_trailer and not is_zero(buf[-TRAILER_SIZE:]):
             raise TrailerError(
                 f"final page {run.last} failed its check (damaged, truncated or moved)"
@@ -120,15 +170,16 @@ class EncryptedFile:
         ``first`` and write it in place.  Its plaintext is zero except for
         ``pieces``: (offset in the run, bytes)."""
         header = self.ensure_header()
-        plain = aligned_buffer(length)  # page-aligned: the kernel engine vmsplices it
-        try:
-            for at, piece in pieces:
-                plain[at:at + len(piece)] = piece
-            out = bytearray(length)
-            with self._codec.sessions.session(header.file_id) as session:
-                session.encrypt(first, plain, memoryview(out))
-        finally:
-            plain.close()
+        plain = _plaintext.get(length)  # page-aligned: the kernel engine vmsplices it
+        filled = 0
+        for at, piece in pieces:  # in order, not overlapping; zeros in the gaps
+            fill_zeros(plain[filled:at])
+            plain[at:at + len(piece)] = piece
+            filled = at + len(piece)
+        fill_zeros(plain[filled:])
+        out = _ciphertext.get(length)
+        with self._codec.sessions.session(header.file_id) as session:
+            session.encrypt(first, plain, out)
         reserve(self.fd, unit_offset(first), length)
         pwrite_all(self.fd, out, unit_offset(first))
 
@@ -147,7 +198,7 @@ class EncryptedFile:
         if end <= offset:
             return b""
         run = pages_for(offset, end, size)
-        return bytes(self._decrypt_run(run)[run.plaintext_slice(offset, end)])
+        return bytes(self._decrypt_run(run)[run.plaintext_slice(offset, end)])  # one copy
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` at ``offset``, extending the file (with a hole) if needed."""

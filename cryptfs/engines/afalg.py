@@ -303,6 +303,9 @@ class AfalgEngine:
     """Factory of AF_ALG sessions.  Construct through ``probe()``."""
 
     name = "afalg"
+    # The kernel ciphers with the GIL released, so worker threads run in
+    # parallel: only requests smaller than a worker hop stay inline.
+    inline_max = 2 * PAGE_SIZE
 
     def __init__(self, zero_copy: bool) -> None:
         self.zero_copy = zero_copy

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -67,23 +68,58 @@ def aligned_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, max(size, 1))
 
 
+_ZEROS = bytes(PAGE_SIZE + PAGE_SIZE)  # covers a whole unit, the largest we check
+
+
 def is_zero(data: Buffer) -> bool:
-    """True if every byte is zero (a memcmp against a zero buffer)."""
+    """True if every byte is zero (a memcmp against a zero buffer, no copy)."""
+    if len(data) <= len(_ZEROS):
+        return _ZEROS.startswith(data)
     return bytes(data) == bytes(len(data))
+
+
+def fill_zeros(dst: memoryview) -> None:
+    """Zero ``dst`` in place (without allocating for the common sizes)."""
+    size = len(dst)
+    dst[:] = memoryview(_ZEROS)[:size] if size <= len(_ZEROS) else bytes(size)
+
+
+class Scratch:
+    """A page-aligned buffer per thread, grown on demand and reused: a fresh
+    buffer per request would cost a page fault per 4 KiB.  Valid until the
+    same thread asks this ``Scratch`` again."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, size: int) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.buf = aligned_buffer(max(size, 64 * PAGE_SIZE))
+        return memoryview(buf)[:size]
+
+
+def pread_into(fd: int, dst: memoryview, offset: int) -> None:
+    """Fill ``dst`` from ``fd`` at ``offset`` or raise ``BackingSizeError``."""
+    done = 0
+    while done < len(dst):
+        n = os.preadv(fd, [dst[done:]], offset + done)
+        if not n:
+            raise BackingSizeError(
+                f"backing file ended at {offset + done} while reading {len(dst)} "
+                f"bytes at {offset} (changed behind the mount?)"
+            )
+        done += n
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
     """Read exactly ``size`` bytes or raise ``BackingSizeError`` (the backing
     file was truncated behind our back)."""
     data = os.pread(fd, size, offset)
-    while len(data) < size:
-        more = os.pread(fd, size - len(data), offset + len(data))
-        if not more:
-            raise BackingSizeError(
-                f"backing file ended at {offset + len(data)} while reading {size} "
-                f"bytes at {offset} (changed behind the mount?)"
-            )
-        data += more
+    if len(data) < size:
+        rest = bytearray(size - len(data))
+        pread_into(fd, memoryview(rest), offset + len(data))
+        data += rest
     return data
 
 
@@ -109,6 +145,9 @@ class XtsEngine(Protocol):
     """A factory of per-file sessions."""
 
     name: str
+    # Largest request worth running on the event loop's thread instead of a
+    # worker (see ``MountOptions.inline_max``).
+    inline_max: int
 
     def open_session(self, key: bytes) -> XtsSession: ...
 

@@ -6,15 +6,17 @@ reference the kernel engine is checked against, byte for byte.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from cryptfs.engines.base import (
-    PAGE_SIZE,
     XTS_KEY_LEN,
     Buffer,
-    group_units,
+    Scratch,
     is_zero,
-    pread_exact,
+    pread_into,
     tweak,
     units,
 )
@@ -27,25 +29,57 @@ except Exception:  # pragma: no cover - informational only
     _OPENSSL = "OpenSSL"
 
 
+_ciphertext = Scratch()  # per-thread buffer for ciphertext read from backing files
+
+ContextFactory = Callable[[algorithms.AES, modes.XTS], Any]
+
+
+def _public_factories() -> tuple[ContextFactory, ContextFactory]:
+    return (lambda aes, mode: Cipher(aes, mode).encryptor(),
+            lambda aes, mode: Cipher(aes, mode).decryptor())
+
+
+def _direct_factories() -> tuple[ContextFactory, ContextFactory] | None:
+    """The functions ``Cipher.encryptor``/``decryptor`` end in, called
+    directly.  XTS needs a new context per 4 KiB unit (the tweak cannot be
+    reset), and ``Cipher()``'s argument checks cost as much as the AES work
+    itself; the checks are done once per session instead (see
+    ``OpenSSLSession``).  Absent from some ``cryptography`` versions: then
+    the public API is used, with the same bytes."""
+    try:
+        from cryptography.hazmat.bindings._rust import openssl as rust_openssl
+
+        ciphers = rust_openssl.ciphers
+        return ciphers.create_encryption_ctx, ciphers.create_decryption_ctx
+    except (ImportError, AttributeError):  # pragma: no cover - older cryptography
+        return None
+
+
+FACTORIES = {"public": _public_factories(), "direct": _direct_factories()}
+
+
 class OpenSSLSession:
     """One file's key.  ``cryptography`` contexts are per call, so this is
-    thread-safe; the per-unit context creation is the main cost."""
+    thread-safe; creating one context per unit is the main cost."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, factories: str = "direct") -> None:
         if len(key) != XTS_KEY_LEN:
             raise ValueError("AES-256-XTS needs a 64-byte key")
-        self._aes: algorithms.AES | None = algorithms.AES(key)
+        aes = algorithms.AES(key)
+        Cipher(aes, modes.XTS(tweak(0)))  # the public API's checks, once
+        self._aes: algorithms.AES | None = aes
+        self._encryptor, self._decryptor = FACTORIES[factories] or FACTORIES["public"]
 
     def _crypt(self, encrypt: bool, first: int, src: Buffer, dst: memoryview) -> None:
         aes = self._aes
         if aes is None:
             raise ValueError("session is closed")
+        make, xts = self._encryptor if encrypt else self._decryptor, modes.XTS
         view = memoryview(src)
         for k, start, size in units(len(view)):
-            cipher = Cipher(aes, modes.XTS(tweak(first + k)))
-            ctx = cipher.encryptor() if encrypt else cipher.decryptor()
-            dst[start:start + size] = ctx.update(view[start:start + size])
-            ctx.finalize()
+            end = start + size
+            make(aes, xts(tweak(first + k))).update_into(
+                view[start:end], dst[start:end])
 
     def encrypt(self, first: int, src: Buffer, dst: memoryview) -> None:
         self._crypt(True, first, src, dst)
@@ -55,13 +89,18 @@ class OpenSSLSession:
 
     def decrypt_file(self, first: int, fd: int, offset: int, length: int,
                      dst: memoryview) -> None:
-        data = memoryview(pread_exact(fd, length, offset))
-        spans = group_units(length, lambda k, start, size: is_zero(data[start:start + size]))
-        for hole, start, end in spans:
-            if hole:
-                dst[start:end] = bytes(end - start)
+        aes = self._aes
+        if aes is None:
+            raise ValueError("session is closed")
+        data = _ciphertext.get(length)
+        pread_into(fd, data, offset)
+        make, xts = self._decryptor, modes.XTS
+        for k, start, size in units(length):
+            end = start + size
+            if is_zero(data[start:end]):  # a hole
+                dst[start:end] = data[start:end]
             else:
-                self.decrypt(first + start // PAGE_SIZE, data[start:end], dst[start:end])
+                make(aes, xts(tweak(first + k))).update_into(data[start:end], dst[start:end])
 
     def close(self) -> None:
         self._aes = None
@@ -69,9 +108,16 @@ class OpenSSLSession:
 
 class OpenSSLEngine:
     name = "openssl"
+    # The cipher holds the GIL, so a worker thread only overlaps the backing
+    # file's syscalls, which is worth less than the hop to it (measured with
+    # scripts/bench).
+    inline_max = 128 * 1024
+
+    def __init__(self, factories: str = "direct") -> None:
+        self._factories = factories
 
     def open_session(self, key: bytes) -> OpenSSLSession:
-        return OpenSSLSession(key)
+        return OpenSSLSession(key, self._factories)
 
     def describe(self) -> str:
         return f"openssl (userspace AES-256-XTS via cryptography, {_OPENSSL})"

@@ -34,7 +34,7 @@ from cryptfs.errors import (
 from cryptfs.fs.handles import HandleTable, OpenFile
 from cryptfs.fs.inodes import ROOT_INODE, InodeTable
 from cryptfs.fs.tree import BackingTree
-from cryptfs.metadata import MetadataCipher
+from cryptfs.metadata import XATTR_PREFIX, MetadataCipher
 from cryptfs.names import DIRIV_NAME, BackingName
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class MountOptions:
     attr_timeout: float = 1.0
     writeback_cache: bool = True
     worker_threads: int = 4
+    # Reads and writes up to this size whose backing pages are in memory run
+    # on the event loop's thread: a hop to a worker thread costs more than
+    # they do.  None: the engine's ``inline_max``.
+    inline_max: int | None = None
 
 
 def _renameat2(old: bytes, new: bytes, flags: int) -> None:
@@ -103,6 +107,8 @@ class Operations(pyfuse3.Operations):
         self.options = options
         self.enable_writeback_cache = options.writeback_cache
         self._limiter = trio.CapacityLimiter(options.worker_threads)
+        self._inline_max = (codec.sessions.engine.inline_max if options.inline_max is None
+                            else options.inline_max)
         self._dirs: dict[int, list] = {}  # directory handle -> listing snapshot
         self._dir_ino: dict[int, int] = {}
         self._next_dir_fh = 1
@@ -448,24 +454,32 @@ class Operations(pyfuse3.Operations):
             log.warning("inode %d, backing file %s: %s", ino, where, exc)
         return pyfuse3.FUSEError(errno.EIO)
 
-    async def _file_io(self, opened: OpenFile, fn, *args):
-        """Run a codec call on a worker thread under the file's lock."""
+    async def _file_io(self, opened: OpenFile, fn, *args, inline: bool = False):
+        """Run a codec call under the file's lock: on a worker thread, or
+        right here if ``inline`` (small and not waiting for a disk)."""
         try:
             async with opened.lock:
+                if inline:
+                    return fn(*args)
                 return await self._in_thread(fn, *args)
         except ContentError as exc:
             raise self._content_error(opened.ino, exc) from exc
 
+    def _inline(self, opened: OpenFile, off: int, size: int) -> bool:
+        return size <= self._inline_max and opened.file.cached(off, size)
+
     @fuse_op
     async def read(self, fh, off, size):
         opened = self.handles.get(fh)
-        return await self._file_io(opened, opened.file.read, off, size)
+        return await self._file_io(opened, opened.file.read, off, size,
+                                   inline=self._inline(opened, off, size))
 
     @fuse_op
     async def write(self, fh, off, buf):
         self._check_writable()
         opened = self.handles.get(fh)
-        return await self._file_io(opened, opened.file.write, off, buf)
+        return await self._file_io(opened, opened.file.write, off, buf,
+                                   inline=self._inline(opened, off, len(buf)))
 
     @fuse_op
     async def flush(self, fh):
@@ -540,6 +554,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def getxattr(self, inode, name, ctx):
+        if not name.startswith(XATTR_PREFIX):
+            # The kernel asks for security.capability before every write(2)
+            # (pyfuse3 cannot negotiate HANDLE_KILLPRIV_V2): answer at once.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         sealed_name = self._xattr_name(name)
         sealed = os.getxattr(self.inodes.path(inode), sealed_name, follow_symlinks=False)
         return self.metadata.decrypt_xattr_value(sealed_name, sealed)
