@@ -411,7 +411,7 @@ class Operations(pyfuse3.Operations):
                 inode = self.inodes.remember(parent_inode, entry.name.encode(), os.fstat(fd),
                                              fresh=True)
                 opened = self.handles.adopt(inode.ino, fd)
-                await self._in_thread(opened.file.ensure_header)
+                opened.file.ensure_header()  # one page into the page cache: not worth a hop
             except BaseException:
                 if opened is not None:
                     self.handles.discard(opened)
@@ -458,6 +458,10 @@ class Operations(pyfuse3.Operations):
         """Run a codec call under the file's lock: on a worker thread, or
         right here if ``inline`` (small and not waiting for a disk)."""
         try:
+            if inline and not opened.lock.locked():
+                # Runs to completion without yielding: exclusive already,
+                # and skipping the lock's checkpoint saves a scheduler pass.
+                return fn(*args)
             async with opened.lock:
                 if inline:
                     return fn(*args)
