@@ -9,6 +9,7 @@ for ``mount -t fuse.cryptfs`` and fstab type ``fuse.cryptfs``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from cryptfs import __version__
+from cryptfs import __version__, speed
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.daemonize import detach
@@ -38,7 +39,8 @@ from cryptfs.password import get_password
 from cryptfs.recovery import decode_recovery_code, encode_recovery_code
 
 log = logging.getLogger("cryptfs")
-SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-helpers", "fsck"}
+SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-helpers", "fsck",
+               "speed"}
 
 
 class UsageError(CryptfsError):
@@ -179,6 +181,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"engine here:      {choice.engine.describe()}; {choice.reason}")
 
 
+def cmd_speed(args: argparse.Namespace) -> None:
+    results = speed.run(args.seconds, args.dir)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    else:
+        print(speed.report(results))
+
+
 class ProblemsFound(CryptfsError):
     exit_code = ExitCode.FSCK_PROBLEMS
 
@@ -315,6 +325,12 @@ def parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="format, key slots and engine (never key material)")
     info.add_argument("cipherdir")
     info.set_defaults(func=cmd_info)
+
+    speed_cmd = sub.add_parser("speed", help="measure each crypto engine on this machine")
+    speed_cmd.add_argument("--seconds", type=float, default=0.5, help="per figure (default 0.5)")
+    speed_cmd.add_argument("--dir", help="where the test backing file goes (default: $TMPDIR)")
+    speed_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    speed_cmd.set_defaults(func=cmd_speed)
     return top
 
 

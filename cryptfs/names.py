@@ -18,6 +18,7 @@ all start with ``cryptfs.``.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import re
@@ -103,25 +104,34 @@ class BackingName:
         return sidecar_name(self.name) if self.sidecar is not None else None
 
 
+NAME_CACHE_SIZE = 16384  # names per direction: ~2 MiB at most
+
+
 class NameCipher:
-    """Encrypts and decrypts names under the filename key."""
+    """Encrypts and decrypts names under the filename key.
+
+    AES-SIV is deterministic, so results are cached (bounded LRU, each
+    direction): a lookup after a listing, or ``rm -rf`` listing a directory
+    several times, costs no cipher work.  Errors are not cached."""
 
     def __init__(self, keys: KeyRing) -> None:
         self._siv = AESSIV(keys.name_key)
+        self.to_backing = functools.lru_cache(NAME_CACHE_SIZE)(self._to_backing)
+        self.decode = functools.lru_cache(NAME_CACHE_SIZE)(self._decode)
 
     def encode(self, dir_iv: bytes, name: bytes) -> str:
         """The full encoded (possibly > 255 bytes) form of ``name``."""
         check_name(name)
         return b64url(self._siv.encrypt(pad16(name), [NAME_AD, dir_iv]))
 
-    def to_backing(self, dir_iv: bytes, name: bytes) -> BackingName:
+    def _to_backing(self, dir_iv: bytes, name: bytes) -> BackingName:
         encoded = self.encode(dir_iv, name)
         if len(encoded) <= NAME_MAX:
             return BackingName(encoded)
         digest = b64url(hashlib.sha256(encoded.encode("ascii")).digest())
         return BackingName(LONGNAME_PREFIX + digest, encoded)
 
-    def decode(self, dir_iv: bytes, encoded: str) -> bytes:
+    def _decode(self, dir_iv: bytes, encoded: str) -> bytes:
         """Plaintext of an encoded name, or ``NameDecodeError``."""
         try:
             sealed = unb64url(encoded)

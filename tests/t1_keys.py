@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -73,6 +74,10 @@ def test_content_key_known_answer():
     assert ring.content_key(file_id) == expected
     key = ring.content_key(file_id)
     assert key[:32] != key[32:]  # XTS key halves must differ
+    for _ in range(20):  # the Extract-once shortcut is the full HKDF, for any ID
+        master, file_id = secrets.token_bytes(32), secrets.token_bytes(16)
+        assert KeyRing(master).content_key(file_id) == hkdf_sha512(
+            master, INFO_CONTENT + file_id, 64)
 
 
 def test_keyring_hides_keys_and_wipes():

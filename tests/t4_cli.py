@@ -4,6 +4,7 @@ and fstab, exit codes and messages, password changes and key slots."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from cryptfs.errors import ExitCode
-from tests.conftest import MOUNT_TIMEOUT, PASSWORD, Mount, cryptfs_cmd, fuse_usable
+from tests.conftest import (
+    MOUNT_TIMEOUT,
+    PASSWORD,
+    Mount,
+    afalg_engine,
+    cryptfs_cmd,
+    fuse_usable,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -268,9 +276,30 @@ def test_info_shows_no_key_material(setup):
     assert code not in text and code.replace("-", "") not in text
 
 
+def test_speed_measures_every_engine_here(tmp_path):
+    """`cryptfs speed` times each engine, or says why one is unavailable."""
+    proc = cryptfs("speed", "--seconds", "0.02", "--dir", str(tmp_path), "--json")
+    results = {r["label"]: r for r in json.loads(proc.stdout)}
+    openssl = results["openssl"]["mb_per_s"]
+    assert set(openssl) == {"encrypt 4 KiB", "decrypt 4 KiB", "encrypt 64 KiB", "decrypt 64 KiB"}
+    assert all(v > 0 for v in openssl.values())
+    assert any(label.startswith("afalg") for label in results)  # a figure or a reason
+    text = cryptfs("speed", "--seconds", "0.02", "--dir", str(tmp_path)).stdout
+    assert "openssl" in text and "MB/s" in text and "Fastest here" in text
+    assert not list(tmp_path.iterdir())  # the test backing file is gone
+
+
+@pytest.mark.afalg
+def test_speed_times_the_kernel_engine(tmp_path):
+    afalg_engine()  # skip here, fail in the VM, if AF_ALG is missing
+    proc = cryptfs("speed", "--seconds", "0.02", "--dir", str(tmp_path), "--json")
+    kernel = [r for r in json.loads(proc.stdout) if r["label"].startswith("afalg (")]
+    assert any(r["unavailable"] is None and len(r["mb_per_s"]) == 4 for r in kernel), kernel
+
+
 def test_help_everywhere():
     for args in ([], ["init"], ["mount"], ["passwd"], ["key"], ["key", "add"], ["info"],
-                 ["unmount"], ["install-helpers"], ["fsck"]):
+                 ["unmount"], ["install-helpers"], ["fsck"], ["speed"]):
         proc = cryptfs(*args, "--help")
         assert "usage:" in proc.stdout
 

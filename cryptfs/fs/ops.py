@@ -210,31 +210,24 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             await self._truncate(inode, attr.st_size)
         opened = self.handles.by_ino(inode)
-        try:
-            path = self.inodes.path(inode)
-        except FileNotFoundError:  # open but unlinked: work on the descriptor
-            if opened is None:
-                raise
-            path = None
-        target = path if path is not None else opened.fd
-        st = os.lstat(path) if path is not None else os.fstat(opened.fd)
+        # An open file is changed through its descriptor: no path walk, and
+        # it works after the last name is gone.  Otherwise by path, never
+        # following a symlink.
+        target: int | bytes = opened.fd if opened is not None else self.inodes.path(inode)
+        nofollow = {} if opened is not None else {"follow_symlinks": False}
+        st = os.stat(target, **nofollow)
         if fields.update_mode and not stat.S_ISLNK(st.st_mode):
             os.chmod(target, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            if path is not None:
-                os.chown(path, uid, gid, follow_symlinks=False)
-            else:
-                os.chown(target, uid, gid)
+            os.chown(target, uid, gid, **nofollow)
         if fields.update_atime or fields.update_mtime:
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            if path is not None:
-                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
-            else:
-                os.utime(target, ns=(atime, mtime))
-        return await self.getattr(inode, ctx)
+            os.utime(target, ns=(atime, mtime), **nofollow)
+        st = os.stat(target, **nofollow)
+        return self._attrs(inode, st, None if opened is not None else target)
 
     async def _truncate(self, ino: int, size: int) -> None:
         opened = self.handles.by_ino(ino)
