@@ -102,10 +102,11 @@ def cmd_mount(args: argparse.Namespace) -> None:
     if os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is already a mount point")
     _, keys = _unlock(cipherdir, args)
-    options = MountOptions(read_only=args.ro, inline_max=args.inline_max)
+    options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
+                           inline_max=args.inline_max)
     stack = build_stack(cipherdir, keys, args.engine, options)
     fsname = args.fsname or os.path.abspath(cipherdir)
-    opts = fuse_options(options, fsname, args.allow_other) | set(args.fuse_flags)
+    opts = fuse_options(options, fsname) | set(args.fuse_flags)
     with mounted(stack, mountpoint, opts):
         log.info("mounted %s on %s", cipherdir, mountpoint)
         if not args.foreground:

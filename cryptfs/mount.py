@@ -69,12 +69,16 @@ def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
     return Stack(ops, sessions, handles)
 
 
-def fuse_options(options: MountOptions, fsname: str, allow_other: bool) -> set[str]:
-    opts = {f"fsname={fsname}", "subtype=cryptfs", "default_permissions"}
+def fuse_options(options: MountOptions, fsname: str) -> set[str]:
+    opts = {f"fsname={fsname}", "subtype=cryptfs"}
     if options.read_only:
         opts.add("ro")
-    if allow_other:
-        opts.add("allow_other")
+    if options.allow_other:
+        # Other users: the kernel checks modes and owners.  Without it only
+        # the daemon's own user reaches the mount, and the backing files'
+        # permissions (which the daemon is subject to) decide, as in
+        # gocryptfs; that spares a GETATTR of the directory per create/unlink.
+        opts |= {"allow_other", "default_permissions"}
     return opts
 
 

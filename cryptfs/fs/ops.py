@@ -47,6 +47,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 @dataclass(frozen=True)
 class MountOptions:
     read_only: bool = False
+    allow_other: bool = False  # other users may enter; the kernel checks permissions
     entry_timeout: float = 1.0  # seconds the kernel may cache names and attributes
     attr_timeout: float = 1.0
     writeback_cache: bool = True
@@ -586,7 +587,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def access(self, inode, mode, ctx):
-        # With default_permissions the kernel checks modes; here we only
-        # confirm the entry still exists.
-        self._stat(inode)
-        return True
+        if self.options.allow_other:
+            # default_permissions: the kernel has checked the modes already;
+            # only confirm that the entry still exists.
+            self._stat(inode)
+            return True
+        # Only the daemon's user gets here: ask the backing file for it.
+        opened = self.handles.by_ino(inode)
+        if opened is not None:  # also open files whose last name is gone
+            return os.access(f"/proc/self/fd/{opened.fd}", mode)
+        return os.access(self.inodes.path(inode), mode, follow_symlinks=False)
