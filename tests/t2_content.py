@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cryptfs.content.codec import in_memory_filesystem, page_cached
 from cryptfs.content.format import (
     HEADER_SIZE,
     FileHeader,
@@ -234,3 +235,44 @@ def test_random_operations_match_a_model(codec, tmp_path, ops, seed):
     finally:
         os.close(fd)
         path.unlink()
+
+
+def test_page_cached_tells_memory_from_disk(tmp_path):
+    """The probe that decides whether a request may run on the event loop:
+    a page evicted from the page cache would wait for the disk; tmpfs never does."""
+    path = tmp_path / "f"
+    path.write_bytes(secrets.token_bytes(8 * PAGE_SIZE))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        memory = in_memory_filesystem(fd)
+        state = page_cached(fd, 4 * PAGE_SIZE)
+        if memory:  # tmpfs here: RWF_NOWAIT unsupported or always cached
+            assert state in (None, True)
+            return
+        assert state is True  # just written: in the page cache
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert page_cached(fd, 4 * PAGE_SIZE) is False
+        os.pread(fd, PAGE_SIZE, 4 * PAGE_SIZE)
+        assert page_cached(fd, 4 * PAGE_SIZE) is True
+        assert page_cached(fd, 100 * PAGE_SIZE) is True  # past the end: nothing to wait for
+    finally:
+        os.close(fd)
+
+
+def test_tmpfs_counts_as_memory(tmp_path):
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        fd = os.open(mnt / "f", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            assert in_memory_filesystem(fd)
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -39,6 +39,7 @@ class ContentCodec:
     def __init__(self, keys: KeyRing, sessions: SessionCache) -> None:
         self._header_key = keys.header_key
         self.sessions = sessions
+        self._memory_devs: dict[int, bool] = {}
 
     def new_header(self) -> FileHeader:
         return FileHeader(secrets.token_bytes(FILE_ID_LEN))
@@ -48,6 +49,13 @@ class ContentCodec:
 
     def decode_header(self, data: bytes) -> FileHeader:
         return FileHeader.decode(data, self._header_key)
+
+    def in_memory(self, dev: int, fd: int) -> bool:
+        """Whether backing device ``dev`` (of ``fd``) is tmpfs or ramfs (cached)."""
+        known = self._memory_devs.get(dev)
+        if known is None:
+            known = self._memory_devs[dev] = in_memory_filesystem(fd)
+        return known
 
     def open(self, fd: int) -> EncryptedFile:
         """Wrap ``fd``; its header is read (and authenticated) now if present."""
@@ -114,8 +122,8 @@ class EncryptedFile:
         self._codec = codec
         self.fd = fd
         self.header: FileHeader | None = None
-        self._memory_fs: bool | None = None  # backing on tmpfs/ramfs (checked on first use)
-        stored = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        self._dev, stored = st.st_dev, st.st_size
         plaintext_size(stored)  # an impossible size is refused at open, not read as empty
         if stored:
             data = os.pread(fd, HEADER_SIZE, 0)
@@ -129,9 +137,7 @@ class EncryptedFile:
         """True if the backing pages that an I/O of ``length`` plaintext
         bytes at ``offset`` may read (its first and last page) are in memory,
         so the call will not wait for a disk."""
-        if self._memory_fs is None:
-            self._memory_fs = in_memory_filesystem(self.fd)
-        if self._memory_fs:
+        if self._codec.in_memory(self._dev, self.fd):
             return True
         last = offset + max(length, 1) - 1
         return all(page_cached(self.fd, unit_offset(page)) is True
