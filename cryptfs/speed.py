@@ -124,8 +124,8 @@ def report(results: list[EngineSpeed]) -> str:
     lines += [
         "",
         f"Fastest here on one thread: {best.label} (mount with --engine {engine}).",
-        "The kernel engine runs with Python's GIL released, so under parallel load it",
-        f"also scales with cores ({os.cpu_count()} here).  --engine auto uses it whenever",
-        "it passes its self-test.",
+        "The kernel engine runs with Python's GIL released, so under parallel load",
+        f"it also scales with cores ({os.cpu_count()} here).",
+        "--engine auto uses it whenever it passes its self-test.",
     ]
     return "\n".join(lines)

@@ -99,7 +99,7 @@ def page_cached(fd: int, offset: int) -> bool | None:
     except BlockingIOError:
         return False
     except OSError as exc:
-        if exc.errno == errno.EOPNOTSUPP:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no RWF_NOWAIT here
             return None
         raise
     return True
