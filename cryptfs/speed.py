@@ -124,6 +124,9 @@ def report(results: list[EngineSpeed]) -> str:
     lines += [
         "",
         f"Fastest here on one thread: {best.label} (mount with --engine {engine}).",
+        *(["(The afalg engine uses vmsplice for runs of 2+ pages where allowed; on a",
+           "machine where copies win, that cut-off should move: please report it.)"]
+          if best.label.startswith("afalg (sendmsg") else []),
         "The kernel engine runs with Python's GIL released, so under parallel load",
         f"it also scales with cores ({os.cpu_count()} here).",
         "--engine auto uses it whenever it passes its self-test.",
