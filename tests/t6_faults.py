@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ENGINE_PARAMS, Mount, afalg_engine, fuse_usable, init_cipherdir
+
 P = 4096
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # The soak loop runs for this long (and at least 4 rounds).
@@ -145,3 +147,52 @@ def test_soak_untar_check_delete(cryptfs_mount, mnt, tmp_path):
     # after warming up, neither memory nor descriptors keep growing
     assert max(r["fds"] for r in settled) <= rounds[0]["fds"] + 8
     assert settled[-1]["rss_kb"] <= settled[0]["rss_kb"] * 1.2 + 8 * 1024
+
+
+RANDOM_IO = """
+import os, random, sys
+path, seed, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rnd = random.Random(seed)
+model = bytearray(size)
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+os.ftruncate(fd, size)
+direct = os.open(path, os.O_RDONLY | os.O_DIRECT)  # reads reach the daemon, not the page cache
+for _ in range(300):
+    off = rnd.randrange(size)
+    n = rnd.choice([1, 100, 4095, 4096, 4097, 40000, 200000])
+    if rnd.random() < 0.6:
+        data = rnd.randbytes(n)
+        os.pwrite(fd, data, off)
+        model[off:off + n] = data
+    else:
+        got = os.pread(direct, n, off)
+        assert got == bytes(model[off:off + n]), (off, n)
+os.fsync(fd)
+os.close(fd)
+os.close(direct)
+with open(path, "rb") as f:
+    assert f.read() == bytes(model)
+"""
+
+
+@pytest.mark.parametrize("engine_name", ENGINE_PARAMS)
+@pytest.mark.parametrize("inline_max", ["0", str(1 << 21)], ids=["workers", "inline"])
+def test_inline_and_worker_paths_agree(engine_name, inline_max, tmp_path):
+    """Every codec call on worker threads, or every one on the event loop:
+    concurrent random reads and writes of unaligned sizes read back exactly."""
+    if not fuse_usable():
+        pytest.skip("/dev/fuse is not usable here")
+    if engine_name == "afalg":
+        afalg_engine()
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, engine_name,
+                  extra=("--inline-max", inline_max)).start()
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", RANDOM_IO,
+                                   str(mount.mountpoint / f"f{i % 2}-{i}"), str(i), "300000"])
+                 for i in range(4)]
+        assert [p.wait(600) for p in procs] == [0] * 4
+    finally:
+        mount.stop()
+    mount.check_log()
