@@ -18,11 +18,12 @@ all start with ``cryptfs.``.
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import os
 import re
 import secrets
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -92,7 +93,7 @@ def sidecar_name(longname: str) -> str:
     return longname + SIDECAR_SUFFIX
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackingName:
     """Where a plaintext name lives in the backing directory."""
 
@@ -104,20 +105,61 @@ class BackingName:
         return sidecar_name(self.name) if self.sidecar is not None else None
 
 
-NAME_CACHE_SIZE = 16384  # names per direction: ~2 MiB at most
+NAME_CACHE_SIZE = 16384  # names per direction: a few MiB at most
+
+
+class _LRU:
+    """A bounded least-recently-used map, safe to share between threads."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
 
 
 class NameCipher:
     """Encrypts and decrypts names under the filename key.
 
     AES-SIV is deterministic, so results are cached (bounded LRU, each
-    direction): a lookup after a listing, or ``rm -rf`` listing a directory
-    several times, costs no cipher work.  Errors are not cached."""
+    direction, errors not cached), and encrypting a name also records its
+    decryption: listing what was just created, a lookup after a listing, or
+    ``rm -rf`` listing a directory three times cost no cipher work."""
 
     def __init__(self, keys: KeyRing) -> None:
         self._siv = AESSIV(keys.name_key)
-        self.to_backing = functools.lru_cache(NAME_CACHE_SIZE)(self._to_backing)
-        self.decode = functools.lru_cache(NAME_CACHE_SIZE)(self._decode)
+        self._backing = _LRU(NAME_CACHE_SIZE)  # (dir IV, name) -> BackingName
+        self._plain = _LRU(NAME_CACHE_SIZE)  # (dir IV, full encoded name) -> name
+
+    def to_backing(self, dir_iv: bytes, name: bytes) -> BackingName:
+        entry = self._backing.get((dir_iv, name))
+        if entry is None:
+            entry = self._to_backing(dir_iv, name)
+            self._backing.put((dir_iv, name), entry)
+            encoded = entry.sidecar if entry.sidecar is not None else entry.name
+            self._plain.put((dir_iv, encoded), name)
+        return entry
+
+    def decode(self, dir_iv: bytes, encoded: str) -> bytes:
+        """Plaintext of an encoded name, or ``NameDecodeError``."""
+        name = self._plain.get((dir_iv, encoded))
+        if name is None:
+            name = self._decode(dir_iv, encoded)
+            self._plain.put((dir_iv, encoded), name)
+        return name
 
     def encode(self, dir_iv: bytes, name: bytes) -> str:
         """The full encoded (possibly > 255 bytes) form of ``name``."""
@@ -132,7 +174,6 @@ class NameCipher:
         return BackingName(LONGNAME_PREFIX + digest, encoded)
 
     def _decode(self, dir_iv: bytes, encoded: str) -> bytes:
-        """Plaintext of an encoded name, or ``NameDecodeError``."""
         try:
             sealed = unb64url(encoded)
         except ValueError as exc:

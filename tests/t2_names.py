@@ -160,3 +160,24 @@ def test_name_key_separation():
     other = NameCipher(KeyRing(secrets.token_bytes(32)))
     with pytest.raises(NameDecodeError):
         other.decode(IV, NAMES.to_backing(IV, b"file").name)
+
+
+def test_name_caches_agree_with_the_cipher():
+    """Encrypting a name also records its decryption; a fresh cipher (empty
+    caches) decodes every cached result to the same name, and a damaged
+    name is still refused after its neighbours were cached."""
+    cached, fresh = NameCipher(KEYS), NameCipher(KEYS)
+    names = [b"a", b"x" * 159, b"y" * 200, "ünïcode".encode()]
+    for name in names:
+        entry = cached.to_backing(IV, name)
+        encoded = entry.sidecar if entry.sidecar is not None else entry.name
+        assert cached.to_backing(IV, name) is entry  # served from the cache
+        assert cached.decode(IV, encoded) == name == fresh.decode(IV, encoded)
+        assert fresh.to_backing(IV, name) == entry
+        damaged = encoded[:-2] + ("A" if encoded[-2] != "A" else "B") + encoded[-1]
+        with pytest.raises(NameDecodeError):
+            cached.decode(IV, damaged)
+    other_iv = secrets.token_bytes(16)
+    entry = cached.to_backing(IV, b"moved")
+    with pytest.raises(NameDecodeError):  # same name, another directory: no cache hit
+        cached.decode(other_iv, entry.name)

@@ -22,7 +22,7 @@ ROOT_INODE = pyfuse3.ROOT_INODE
 Link = tuple[int, bytes]  # (parent inode, backing name)
 
 
-@dataclass
+@dataclass(slots=True)
 class Inode:
     ino: int
     dev_ino: tuple[int, int]

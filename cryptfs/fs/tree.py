@@ -29,7 +29,7 @@ _DIRIV = DIRIV_NAME.encode()
 MAX_REPORTED = 10000  # undecryptable names remembered so each is logged once
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Listed:
     name: bytes  # plaintext
     backing: bytes  # backing entry name
