@@ -26,6 +26,7 @@ from cryptfs.fs.handles import HandleTable
 from cryptfs.fs.inodes import InodeTable
 from cryptfs.fs.ops import MountOptions, Operations
 from cryptfs.fs.tree import BackingTree
+from cryptfs.fs.workers import WorkerPool
 from cryptfs.keys import KeyRing
 from cryptfs.metadata import MetadataCipher
 from cryptfs.names import NameCipher
@@ -44,8 +45,10 @@ class Stack:
     operations: Operations
     sessions: SessionCache
     handles: HandleTable
+    workers: WorkerPool
 
     def close(self) -> None:
+        self.workers.close()
         self.handles.close_all()
         self.sessions.close()
 
@@ -65,8 +68,9 @@ def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
     except NameDecodeError as exc:
         sessions.close()
         raise CipherDirError(f"{cipherdir}: {exc} (damaged cipher directory?)") from exc
-    ops = Operations(inodes, tree, handles, codec, MetadataCipher(keys), options)
-    return Stack(ops, sessions, handles)
+    workers = WorkerPool(options.worker_threads)
+    ops = Operations(inodes, tree, handles, codec, MetadataCipher(keys), workers, options)
+    return Stack(ops, sessions, handles, workers)
 
 
 def fuse_options(options: MountOptions, fsname: str) -> set[str]:

@@ -102,10 +102,16 @@ def test_init_mount_write_unmount_remount_read(setup):
     cipher, plain, passfile, _ = setup
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
     (plain / "hello").write_text("written right after mount returned")  # ready at once
+    # Large writes and fsync run on worker threads, which must exist in the
+    # detached daemon (threads do not survive its fork).
+    subprocess.run(["dd", "if=/dev/urandom", f"of={plain}/big", "bs=1M", "count=3",
+                    "conv=fsync"], check=True, capture_output=True, timeout=120)
+    big = (plain / "big").read_bytes()
     unmount(plain)
     assert not (plain / "hello").exists()
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
     assert (plain / "hello").read_text() == "written right after mount returned"
+    assert (plain / "big").read_bytes() == big and len(big) == 3 << 20
     cryptfs("unmount", str(plain))
     wait_unmounted(plain)
 

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 
 import pyfuse3
-import trio
 
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.format import plaintext_size
@@ -34,6 +33,7 @@ from cryptfs.errors import (
 from cryptfs.fs.handles import HandleTable, OpenFile
 from cryptfs.fs.inodes import ROOT_INODE, InodeTable
 from cryptfs.fs.tree import BackingTree
+from cryptfs.fs.workers import WorkerPool
 from cryptfs.metadata import XATTR_PREFIX, MetadataCipher
 from cryptfs.names import DIRIV_NAME, BackingName
 
@@ -98,7 +98,8 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, inodes: InodeTable, tree: BackingTree, handles: HandleTable,
-                 codec: ContentCodec, metadata: MetadataCipher, options: MountOptions) -> None:
+                 codec: ContentCodec, metadata: MetadataCipher, workers: WorkerPool,
+                 options: MountOptions) -> None:
         super().__init__()
         self.inodes = inodes
         self.tree = tree
@@ -107,7 +108,7 @@ class Operations(pyfuse3.Operations):
         self.metadata = metadata
         self.options = options
         self.enable_writeback_cache = options.writeback_cache
-        self._limiter = trio.CapacityLimiter(options.worker_threads)
+        self.workers = workers
         self._inline_max = (codec.sessions.engine.inline_max if options.inline_max is None
                             else options.inline_max)
         self._dirs: dict[int, list] = {}  # directory handle -> listing snapshot
@@ -120,7 +121,7 @@ class Operations(pyfuse3.Operations):
     # -- helpers --
 
     async def _in_thread(self, fn, *args):
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await self.workers.run(fn, *args)
 
     def _attrs(self, ino: int, st: os.stat_result, path: bytes | None = None):
         attr = pyfuse3.EntryAttributes()

@@ -1,0 +1,83 @@
+"""The worker pool: results, exceptions, its thread limit, and no abandoned calls."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+
+from cryptfs.fs.workers import WorkerPool
+
+
+@pytest.fixture
+def pool():
+    workers = WorkerPool(3)
+    yield workers
+    workers.close()
+
+
+async def test_results_and_exceptions_come_back(pool):
+    assert await pool.run(lambda a, b: a + b, 2, 3) == 5
+    assert await pool.run(threading.get_ident) != threading.get_ident()
+    with pytest.raises(ZeroDivisionError):
+        await pool.run(lambda: 1 / 0)
+
+
+async def test_at_most_its_threads_at_once(pool):
+    lock, running, peak = threading.Lock(), [0], [0]
+    gate = threading.Event()
+
+    def job():
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        gate.wait(10)
+        with lock:
+            running[0] -= 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(pool.run, job)
+        while True:  # wait until the pool is full, then open the gate
+            with lock:
+                if running[0] == 3:
+                    break
+            await trio.sleep(0.01)
+        gate.set()
+    assert peak[0] == 3
+
+
+async def test_a_cancelled_caller_waits_for_its_call(pool):
+    started, release, done, seen = threading.Event(), threading.Event(), [], []
+
+    def job():
+        started.set()
+        release.wait(10)
+        done.append(True)
+
+    async def caller():
+        with trio.move_on_after(0.01):
+            await pool.run(job)
+        seen.append(len(done))  # control returns only once the call has finished
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller)
+        await trio.to_thread.run_sync(started.wait, 10)
+        await trio.sleep(0.05)  # the caller's deadline has passed
+        assert seen == []
+        release.set()
+    assert seen == [1]
+
+
+def test_close_after_the_loop_is_gone():
+    pool = WorkerPool(2)
+    results = []
+
+    async def main():
+        results.append(await pool.run(sum, [1, 2]))
+
+    trio.run(main)
+    pool.close()
+    pool.close()  # idempotent
+    assert results == [3]
