@@ -6,12 +6,14 @@ never a skip."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,21 @@ def fuse_usable() -> bool:
 
 def cryptfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "cryptfs.cli", *args]
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (created) for the block;
+    skips the test where mounting needs root we lack."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def init_cipherdir(cipherdir: Path, passfile: Path) -> None:

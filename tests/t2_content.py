@@ -26,6 +26,7 @@ from cryptfs.errors import (
     TrailerError,
 )
 from cryptfs.keys import KeyRing
+from tests.conftest import small_tmpfs
 
 P = PAGE_SIZE
 EDGE_SIZES = [0, 1, 15, 16, 17, P - 17, P - 16, P - 1, P, P + 1, P + 15, P + 16,
@@ -261,18 +262,9 @@ def test_page_cached_tells_memory_from_disk(tmp_path):
 
 
 def test_tmpfs_counts_as_memory(tmp_path):
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "1m") as mnt:
         fd = os.open(mnt / "f", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             assert in_memory_filesystem(fd)
         finally:
             os.close(fd)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)

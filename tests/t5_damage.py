@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ENGINE_PARAMS, Mount, fuse_usable, init_cipherdir, mount_engine_param
+from tests.conftest import (
+    ENGINE_PARAMS,
+    Mount,
+    fuse_usable,
+    init_cipherdir,
+    mount_engine_param,
+    small_tmpfs,
+)
 
 MARKER = "ZEBRA-MARKER-7731"
 
@@ -136,12 +143,7 @@ def test_foreign_files_do_not_break_listings(fresh):
 
 
 def test_backing_disk_full(fresh, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "3m") as small:
         passfile = tmp_path / "password"
         init_cipherdir(small / "cipher", passfile)
         mount = Mount(small / "cipher", tmp_path / "plain-small", passfile, fresh.engine)
@@ -166,8 +168,6 @@ def test_backing_disk_full(fresh, tmp_path):
             assert (mount.mountpoint / "keep").read_bytes() == keep
         finally:
             mount.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_files_shuffled_between_directories(fresh):

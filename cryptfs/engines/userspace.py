@@ -70,7 +70,10 @@ class OpenSSLSession:
         self._aes: algorithms.AES | None = aes
         self._encryptor, self._decryptor = FACTORIES[factories] or FACTORIES["public"]
 
-    def _crypt(self, encrypt: bool, first: int, src: Buffer, dst: memoryview) -> None:
+    def _crypt(self, encrypt: bool, first: int, src: Buffer, dst: memoryview,
+               holes: bool = False) -> None:
+        """Cipher each unit of ``src`` into ``dst``; with ``holes``, units
+        stored as all zeros are copied as zeros (the hole rule)."""
         aes = self._aes
         if aes is None:
             raise ValueError("session is closed")
@@ -78,8 +81,10 @@ class OpenSSLSession:
         view = memoryview(src)
         for k, start, size in units(len(view)):
             end = start + size
-            make(aes, xts(tweak(first + k))).update_into(
-                view[start:end], dst[start:end])
+            if holes and is_zero(view[start:end]):
+                dst[start:end] = view[start:end]
+            else:
+                make(aes, xts(tweak(first + k))).update_into(view[start:end], dst[start:end])
 
     def encrypt(self, first: int, src: Buffer, dst: memoryview) -> None:
         self._crypt(True, first, src, dst)
@@ -89,18 +94,11 @@ class OpenSSLSession:
 
     def decrypt_file(self, first: int, fd: int, offset: int, length: int,
                      dst: memoryview) -> None:
-        aes = self._aes
-        if aes is None:
+        if self._aes is None:
             raise ValueError("session is closed")
         data = _ciphertext.get(length)
         pread_into(fd, data, offset)
-        make, xts = self._decryptor, modes.XTS
-        for k, start, size in units(length):
-            end = start + size
-            if is_zero(data[start:end]):  # a hole
-                dst[start:end] = data[start:end]
-            else:
-                make(aes, xts(tweak(first + k))).update_into(data[start:end], dst[start:end])
+        self._crypt(False, first, data, dst, holes=True)
 
     def close(self) -> None:
         self._aes = None
