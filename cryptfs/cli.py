@@ -128,10 +128,26 @@ def cmd_passwd(args: argparse.Namespace) -> None:
     new = get_password(args.new_passfile, None, prompt="New password: ", confirm=True)
     slot = keyfile.unlocked_slot if keyfile.unlocked_slot is not None else keyfile.slots[0].slot_id
     keyfile.change_password(keys, slot, new)
-    keyfile.save(cipherdir, backup=True)
+    _save_keyfile(keyfile, cipherdir)
     keys.wipe()
-    print(f"cryptfs: password of key slot {slot} changed "
-          f"(previous key file kept as {KEYFILE_NAME}.bak)")
+    print(f"cryptfs: password of key slot {slot} changed")
+    print(OLD_COPIES_WARNING)
+
+
+# Printed after a password stops working: the master key is unchanged, so
+# only the key file changed, and old copies of it still open everything.
+OLD_COPIES_WARNING = (
+    "cryptfs: copies of the key file made before this change (backups, snapshots, sync\n"
+    "history) still open this cipher directory with the old password, because the\n"
+    "master key does not change. Delete such copies; re-encrypting under a new master\n"
+    "key (rekey) is not offered yet."
+)
+
+
+def _save_keyfile(keyfile: KeyFile, cipherdir: Path) -> None:
+    for name in keyfile.save(cipherdir):
+        print(f"cryptfs: deleted {name} (an old copy of the key file that still opened "
+              "with passwords changed or removed since)")
 
 
 def cmd_key(args: argparse.Namespace) -> None:
@@ -144,6 +160,7 @@ def cmd_key(args: argparse.Namespace) -> None:
     if args.key_command == "add":
         new = get_password(args.new_passfile, None, prompt="New password: ", confirm=True)
         slot = keyfile.add_password(keys, new, _kdf(args), label=args.label)
+        _save_keyfile(keyfile, cipherdir)
         print(f"cryptfs: added key slot {slot.slot_id}")
     else:
         if args.slot not in {s.slot_id for s in keyfile.slots}:
@@ -152,8 +169,9 @@ def cmd_key(args: argparse.Namespace) -> None:
             keyfile.remove_slot(keys, args.slot)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+        _save_keyfile(keyfile, cipherdir)
         print(f"cryptfs: removed key slot {args.slot}")
-    keyfile.save(cipherdir, backup=True)
+        print(OLD_COPIES_WARNING)
     keys.wipe()
 
 

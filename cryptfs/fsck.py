@@ -28,7 +28,7 @@ from cryptfs.errors import (
     HeaderVersionError,
     TrailerError,
 )
-from cryptfs.keyfile import KEYFILE_NAME
+from cryptfs.keyfile import KEYFILE_NAME, is_stale_copy
 from cryptfs.metadata import MetadataCipher
 from cryptfs.names import (
     DIRIV_NAME,
@@ -43,13 +43,12 @@ CONTENT_KINDS = {HeaderAuthError: "header-mac", HeaderCorruptError: "header",
                  HeaderVersionError: "version", TrailerError: "final-page",
                  BackingSizeError: "size"}
 CHUNK = 256 * PAGE_SIZE  # 1 MiB per read while checking contents
-OWN_FILES = {KEYFILE_NAME, KEYFILE_NAME + ".bak"}
 
 
 @dataclass(frozen=True)
 class Problem:
     kind: str  # diriv, name, sidecar, symlink, xattr, size, header, header-mac,
-    #            version, final-page, io (stable: scripts read --json)
+    #            version, final-page, io, stale-keyfile (stable: scripts read --json)
     backing: str
     plaintext: str | None
     message: str
@@ -122,7 +121,12 @@ class Checker:
         present = set(entries)
         for name in entries:
             full = os.path.join(path, name)
-            if name == DIRIV_NAME or (path == self.root and name in OWN_FILES):
+            if name == DIRIV_NAME or (path == self.root and name == KEYFILE_NAME):
+                continue
+            if path == self.root and is_stale_copy(name):
+                self.report("stale-keyfile", full, None, "an old copy of the key file: it "
+                            "opens with passwords changed or removed since (mounting "
+                            "read-write or any key command deletes it)")
                 continue
             if name.endswith(SIDECAR_SUFFIX) and is_longname(name[:-len(SIDECAR_SUFFIX)]):
                 if name[:-len(SIDECAR_SUFFIX)] not in present:

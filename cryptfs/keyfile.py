@@ -375,13 +375,48 @@ class KeyFile:
             raise KeyFileMissingError(f"cannot read {path}: {exc.strerror}") from exc
         return cls.from_bytes(data)
 
-    def save(self, cipherdir: Path, backup: bool = False) -> None:
-        """Write atomically; with ``backup``, first keep the current file as
-        ``cryptfs.conf.bak`` (0600), so a mistake can be undone by hand."""
+    def save(self, cipherdir: Path) -> list[str]:
+        """Write atomically, then delete every other copy of the key file in
+        the cipher directory; returns the names deleted.
+
+        No backup is kept: the atomic write already leaves either the old or
+        the new file after a crash, and a copy beside it would keep opening
+        with a removed or changed password (and travel wherever the cipher
+        directory is synced).  The recovery code is the way back."""
         path = Path(cipherdir) / KEYFILE_NAME
-        if backup and path.exists():
-            write_atomic(path.with_name(KEYFILE_NAME + ".bak"), path.read_bytes())
         write_atomic(path, self.to_bytes())
+        return remove_stale_copies(Path(cipherdir))
+
+
+STALE_BACKUP = KEYFILE_NAME + ".bak"  # written by cryptfs before issue 12
+_TMP_PREFIX = KEYFILE_NAME + ".tmp-"
+
+
+def is_stale_copy(name: str) -> bool:
+    return name == STALE_BACKUP or name.startswith(_TMP_PREFIX)
+
+
+def remove_stale_copies(cipherdir: Path) -> list[str]:
+    """Delete ``cryptfs.conf.bak`` (older versions kept the previous key file
+    there, old slots and all) and temporary files an interrupted write left
+    (they may hold slots removed since).  Returns the names deleted."""
+    removed = []
+    for entry in os.scandir(cipherdir):
+        if is_stale_copy(entry.name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    if removed:
+        fsync_dir(cipherdir)
+    return sorted(removed)
+
+
+def fsync_dir(path: Path) -> None:
+    dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -402,9 +437,5 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    fsync_dir(path.parent)
 

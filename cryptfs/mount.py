@@ -27,6 +27,7 @@ from cryptfs.fs.inodes import InodeTable
 from cryptfs.fs.ops import MountOptions, Operations
 from cryptfs.fs.tree import BackingTree
 from cryptfs.fs.workers import WorkerPool
+from cryptfs.keyfile import remove_stale_copies
 from cryptfs.keys import KeyRing
 from cryptfs.metadata import MetadataCipher
 from cryptfs.names import NameCipher
@@ -68,9 +69,24 @@ def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
     except NameDecodeError as exc:
         sessions.close()
         raise CipherDirError(f"{cipherdir}: {exc} (damaged cipher directory?)") from exc
+    if not options.read_only:
+        _remove_stale_keyfiles(cipherdir)
     workers = WorkerPool(options.worker_threads)
     ops = Operations(inodes, tree, handles, codec, MetadataCipher(keys), workers, options)
     return Stack(ops, sessions, handles, workers)
+
+
+def _remove_stale_keyfiles(cipherdir: Path) -> None:
+    """Old key file copies in the cipher directory open with passwords that
+    were changed or removed since: delete them (a notice, not a failure)."""
+    try:
+        removed = remove_stale_copies(Path(cipherdir))
+    except OSError as exc:
+        log.warning("could not delete old key file copies in %s: %s", cipherdir, exc)
+        return
+    for name in removed:
+        log.warning("deleted %s: an old copy of the key file that still opened with "
+                    "passwords changed or removed since", name)
 
 
 def fuse_options(options: MountOptions, fsname: str) -> set[str]:

@@ -9,6 +9,7 @@ import stat
 import pytest
 
 from cryptfs.errors import (
+    CryptfsError,
     ExitCode,
     KeyFileCorruptError,
     KeyFileMissingError,
@@ -18,7 +19,7 @@ from cryptfs.errors import (
     UnsupportedVersionError,
     WrongPasswordError,
 )
-from cryptfs.keyfile import KEYFILE_NAME, KdfParams, KeyFile, canonical_json
+from cryptfs.keyfile import KEYFILE_NAME, KdfParams, KeyFile, canonical_json, write_atomic
 
 
 def fast() -> KdfParams:
@@ -191,3 +192,45 @@ def test_default_kdf_cost():
     """The default must stay expensive for an attacker (documented in README)."""
     params = KdfParams.argon2id()
     assert (params.name, params.memory_kib, params.iterations) == ("argon2id", 262144, 3)
+
+
+def files_opening_with(cipherdir, password: bytes) -> list:
+    """Every file anywhere under ``cipherdir`` that unlocks as a key file
+    with ``password``, whatever its name."""
+    found = []
+    for path in sorted(cipherdir.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            KeyFile.from_bytes(path.read_bytes()).unlock(password)
+        except CryptfsError:
+            continue
+        found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("change", ["passwd", "remove"])
+def test_no_key_file_left_opens_with_an_old_password(created, change):
+    """Neither a backup of an older cryptfs nor the temporary file of an
+    interrupted write survives a key change: no file in the cipher directory
+    opens with the changed or removed password afterwards."""
+    cipherdir, keys = created
+    keyfile = KeyFile.load(cipherdir)
+    keyfile.add_password(keys, b"second", fast())
+    assert keyfile.save(cipherdir) == []
+    old = (cipherdir / KEYFILE_NAME).read_bytes()
+    (cipherdir / "cryptfs.conf.bak").write_bytes(old)  # as cryptfs before issue 12 left it
+    write_atomic(cipherdir / "cryptfs.conf.tmp-0badf00d", old)  # a crash before the rename
+    (cipherdir / "sub").mkdir()
+    (cipherdir / "sub" / "unrelated").write_bytes(b"not a key file")
+    assert len(files_opening_with(cipherdir, b"correct horse")) == 3
+    keyfile = KeyFile.load(cipherdir)
+    if change == "passwd":
+        keyfile.change_password(keys, 0, b"new password", fast())
+    else:
+        keyfile.remove_slot(keys, 0)
+    removed = keyfile.save(cipherdir)
+    assert removed == ["cryptfs.conf.bak", "cryptfs.conf.tmp-0badf00d"]
+    assert files_opening_with(cipherdir, b"correct horse") == []
+    assert sorted(p.name for p in cipherdir.iterdir()) == [KEYFILE_NAME, "sub"]
+    assert KeyFile.load(cipherdir).unlock(b"second").master_key == keys.master_key

@@ -25,6 +25,7 @@ from tests.conftest import (
     cryptfs_cmd,
     fuse_usable,
 )
+from tests.t1_keyfile import files_opening_with
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -204,8 +205,15 @@ def test_passwd_key_slots_and_recovery(setup, tmp_path):
     new = tmp_path / "new"
     new.write_text("brand new password\n")
     new.chmod(0o600)
-    cryptfs("passwd", str(cipher), "--passfile", str(passfile), "--new-passfile", str(new))
-    assert (cipher / "cryptfs.conf.bak").stat().st_mode & 0o777 == 0o600
+    (cipher / "cryptfs.conf.bak").write_bytes((cipher / "cryptfs.conf").read_bytes())  # old cryptfs
+    out = cryptfs("passwd", str(cipher), "--passfile", str(passfile), "--new-passfile",
+                  str(new)).stdout
+    assert "deleted cryptfs.conf.bak" in out
+    assert "still open this cipher directory with the old password" in out
+    assert "rekey) is not offered yet" in out
+    assert files_opening_with(cipher, PASSWORD.encode()) == []
+    assert sorted(p.name for p in cipher.iterdir() if p.name.startswith("cryptfs.conf")) == \
+        ["cryptfs.conf"]
     proc = cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile), check=False)
     assert proc.returncode == ExitCode.PASSWORD
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(new))
@@ -222,7 +230,9 @@ def test_passwd_key_slots_and_recovery(setup, tmp_path):
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(second))
     assert (plain / "data").read_text() == "survives key changes"
     unmount(plain)
-    cryptfs("key", "remove", str(cipher), "0", "--passfile", str(second))
+    out = cryptfs("key", "remove", str(cipher), "0", "--passfile", str(second)).stdout
+    assert "still open this cipher directory with the old password" in out
+    assert files_opening_with(cipher, b"brand new password") == []
     assert cryptfs("mount", str(cipher), str(plain), "--passfile", str(new),
                    check=False).returncode == ExitCode.PASSWORD
     assert cryptfs("key", "remove", str(cipher), "1", "--passfile", str(second),
@@ -240,6 +250,22 @@ def test_passwd_key_slots_and_recovery(setup, tmp_path):
         proc = cryptfs("mount", str(cipher), str(plain), "--recovery", "--passfile",
                        str(recovery), check=False)
         assert proc.returncode == ExitCode.PASSWORD and "mistyped" in proc.stderr
+
+
+def test_mount_deletes_an_old_key_file_backup(setup):
+    """A backup left by cryptfs before issue 12 still opens with old
+    passwords: a read-write mount deletes it (and says so), --ro leaves it."""
+    cipher, plain, passfile, _ = setup
+    backup = cipher / "cryptfs.conf.bak"
+    backup.write_bytes((cipher / "cryptfs.conf").read_bytes())
+    mount = Mount(cipher, plain, passfile, "openssl", extra=("--ro",)).start()
+    mount.stop()
+    assert backup.exists()
+    mount = Mount(cipher, plain, passfile, "openssl").start()
+    mount.stop()
+    assert not backup.exists()
+    mount.check_log(allowed=("deleted cryptfs.conf.bak",))
+    assert "deleted cryptfs.conf.bak" in mount.log()
 
 
 def test_extpass_and_passfile_warning(setup):
