@@ -101,10 +101,10 @@ def cmd_mount(args: argparse.Namespace) -> None:
         raise UsageError(f"mount point {mountpoint} does not exist or is not a directory")
     if os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is already a mount point")
-    _, keys = _unlock(cipherdir, args)
+    keyfile, keys = _unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
                            inline_max=args.inline_max)
-    stack = build_stack(cipherdir, keys, args.engine, options)
+    stack = build_stack(cipherdir, keys, args.engine, options, keyfile.features)
     fsname = args.fsname or os.path.abspath(cipherdir)
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
     with mounted(stack, mountpoint, opts):
@@ -214,11 +214,12 @@ class ProblemsFound(CryptfsError):
 
 def cmd_fsck(args: argparse.Namespace) -> None:
     cipherdir = _cipherdir(args.cipherdir)
-    _, keys = _unlock(cipherdir, args)
+    keyfile, keys = _unlock(cipherdir, args)
     sessions = SessionCache(select_engine(args.engine).engine, keys)
     try:
         checker = Checker(str(cipherdir), ContentCodec(keys, sessions), NameCipher(keys),
-                          MetadataCipher(keys), progress=not args.json and sys.stderr.isatty())
+                          MetadataCipher.for_features(keys, keyfile.features),
+                          progress=not args.json and sys.stderr.isatty())
         problems = checker.run()
     finally:
         sessions.close()

@@ -28,8 +28,9 @@ from cryptfs.errors import (
     HeaderVersionError,
     TrailerError,
 )
+from cryptfs.fs.tree import SYMLINK_TMP_PREFIX, xattr_owner
 from cryptfs.keyfile import KEYFILE_NAME, is_stale_copy
-from cryptfs.metadata import MetadataCipher
+from cryptfs.metadata import MetadataCipher, SymlinkPlace, XattrOwner
 from cryptfs.names import (
     DIRIV_NAME,
     SIDECAR_SUFFIX,
@@ -48,7 +49,7 @@ CHUNK = 256 * PAGE_SIZE  # 1 MiB per read while checking contents
 @dataclass(frozen=True)
 class Problem:
     kind: str  # diriv, name, sidecar, symlink, xattr, size, header, header-mac,
-    #            version, final-page, io, stale-keyfile (stable: scripts read --json)
+    #            version, final-page, io, stale-keyfile, leftover (stable: --json)
     backing: str
     plaintext: str | None
     message: str
@@ -123,6 +124,10 @@ class Checker:
             full = os.path.join(path, name)
             if name == DIRIV_NAME or (path == self.root and name == KEYFILE_NAME):
                 continue
+            if name.startswith(SYMLINK_TMP_PREFIX):
+                self.report("leftover", full, None, "temporary symlink of an interrupted "
+                            "rename (the symlink is still at its old or new name): delete it")
+                continue
             if path == self.root and is_stale_copy(name):
                 self.report("stale-keyfile", full, None, "an old copy of the key file: it "
                             "opens with passwords changed or removed since (mounting "
@@ -136,7 +141,7 @@ class Checker:
             plain_name = self._decode(path, name, dir_iv, present)
             child_plain = None if plain_name is None else \
                 os.path.join(plain, os.fsdecode(plain_name))
-            self._check_entry(full, child_plain)
+            self._check_entry(full, child_plain, SymlinkPlace(dir_iv, os.fsencode(name)))
 
     def _decode(self, path: str, name: str, dir_iv: bytes, present: set[str]) -> bytes | None:
         full = os.path.join(path, name)
@@ -152,35 +157,41 @@ class Checker:
             self.report("name", full, None, f"name does not decrypt: {exc}")
             return None
 
-    def _check_entry(self, full: str, plain: str | None) -> None:
+    def _check_entry(self, full: str, plain: str | None, place: SymlinkPlace) -> None:
         st = os.lstat(full)
         if stat.S_ISDIR(st.st_mode):
-            self._check_xattrs(full, plain)
+            self._check_xattrs(full, plain, st)
             self._check_dir(full, plain or "?")
             return
         self.progress.add(files=1)
         if stat.S_ISLNK(st.st_mode):
             try:
-                self.metadata.decrypt_target(os.fsencode(os.readlink(full)))
+                self.metadata.decrypt_target(os.fsencode(os.readlink(full)), place)
             except FileNameError as exc:
                 self.report("symlink", full, plain, str(exc))
             return
-        self._check_xattrs(full, plain)
+        self._check_xattrs(full, plain, st)
         if stat.S_ISREG(st.st_mode):
             self._check_file(full, plain, st.st_size)
 
-    def _check_xattrs(self, full: str, plain: str | None) -> None:
+    def _check_xattrs(self, full: str, plain: str | None, st: os.stat_result) -> None:
         try:
-            stored_names = os.listxattr(full, follow_symlinks=False)
+            stored_names = [n for n in os.listxattr(full, follow_symlinks=False)
+                            if n.startswith("user.")]
         except OSError:
             return
-        for stored in stored_names:
-            if not stored.startswith("user."):
-                continue
+        owner: XattrOwner | None = None
+        if stored_names and self.metadata.bound:
             try:
-                self.metadata.decrypt_xattr_name(os.fsencode(stored))
+                owner = xattr_owner(os.fsencode(full), st, self.codec)
+            except (CryptfsError, OSError) as exc:
+                self.report("xattr", full, plain, f"attributes cannot be checked: {exc}")
+                return
+        for stored in stored_names:
+            try:
+                self.metadata.decrypt_xattr_name(os.fsencode(stored), owner)
                 value = os.getxattr(full, stored, follow_symlinks=False)
-                self.metadata.decrypt_xattr_value(os.fsencode(stored), value)
+                self.metadata.decrypt_xattr_value(os.fsencode(stored), value, owner)
             except (FileNameError, OSError) as exc:
                 self.report("xattr", full, plain, f"{stored}: {exc}")
 

@@ -23,6 +23,7 @@ import hmac
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,16 @@ from cryptfs.errors import (
     WrongPasswordError,
 )
 from cryptfs.keys import MASTER_KEY_LEN, KeyRing
+from cryptfs.metadata import FEATURE_BOUND_METADATA
 
 KEYFILE_NAME = "cryptfs.conf"
 FORMAT_NAME = "cryptfs-keyfile"
 FORMAT_VERSION = 1
 # Feature flags this release understands.  A key file may require only these.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_BOUND_METADATA})
+# What ``cryptfs init`` writes (a key file without them is an older format,
+# still read and written in its own encoding).
+NEW_FEATURES: tuple[str, ...] = (FEATURE_BOUND_METADATA,)
 MAX_KEYFILE_BYTES = 1 << 20
 
 # The fixed content and name parameters of format version 1 (bound into
@@ -226,10 +231,12 @@ class KeyFile:
     # -- creating and changing --
 
     @classmethod
-    def create(cls, password: bytes, kdf: KdfParams | None = None) -> tuple[KeyFile, KeyRing]:
-        """A new key file with a fresh random master key and one password slot."""
+    def create(cls, password: bytes, kdf: KdfParams | None = None,
+               features: Sequence[str] = NEW_FEATURES) -> tuple[KeyFile, KeyRing]:
+        """A new key file with a fresh random master key and one password slot
+        (``features=()`` makes a version-1 directory, as older cryptfs did)."""
         keys = KeyRing(secrets.token_bytes(MASTER_KEY_LEN))
-        keyfile = cls(slots=[])
+        keyfile = cls(slots=[], features=list(features))
         keyfile.add_password(keys, password, kdf)
         return keyfile, keys
 

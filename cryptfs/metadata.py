@@ -2,28 +2,44 @@
 
 All use AES-256-SIV under the metadata key (separate from the filename key),
 with a purpose label in the associated data so a value of one kind can never
-be accepted as another:
+be accepted as another.  Two encodings exist (docs/format.md §6):
 
-* symlink target: random 16-byte nonce N; backing target is
-  ``base64url(N || SIV(target, ["cryptfs v1 symlink", N]))``.
-* xattr name: deterministic (getxattr must find it):
-  ``"user." + base64url(SIV(name, ["cryptfs v1 xattr name"]))``.  Only the
-  ``user.`` namespace is exposed; the plaintext name is encrypted whole.
-* xattr value: ``N || SIV(value, ["cryptfs v1 xattr value", N, backing name])``,
-  raw bytes, so a value cannot be moved to another attribute name unnoticed.
+**Bound** (key file feature ``bound-metadata``, every new cipher directory):
+each item is bound to the entry it belongs to, so it cannot be swapped or
+copied between entries unnoticed, and plaintexts are PKCS#7 padded to 16
+bytes so their exact lengths do not show.
+
+* symlink target: random 16-byte nonce R; the backing target is
+  ``base64url(R || SIV(pad(target), ["cryptfs v2 symlink", D, E, R]))`` with
+  D the parent directory's IV and E the symlink's backing entry name.  A
+  renamed symlink is re-sealed (``fs/tree.py``).
+* xattrs (only regular files and directories carry user.* attributes on
+  Linux) are bound to an *owner* that survives rename and hard links: the
+  file ID of a regular file's header, or a directory's own IV.  The name is
+  ``"user." + base64url(SIV(pad(name), ["cryptfs v2 xattr name", kind, id]))``,
+  so equal names differ between files; the value is
+  ``R || SIV(pad(value), ["cryptfs v2 xattr value", kind, id, stored name, R])``.
+
+**Version 1** (no flag): the same shapes without the owner, the entry or the
+padding: a target is ``["cryptfs v1 symlink", R]``, a name
+``["cryptfs v1 xattr name"]`` (identical on every file), a value
+``["cryptfs v1 xattr value", R, stored name]``.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from cryptfs.errors import InvalidNameError, NameDecodeError, NameTooLongError
 from cryptfs.keys import KeyRing
-from cryptfs.names import b64url, unb64url
+from cryptfs.names import b64url, pad16, unb64url, unpad16
 
+FEATURE_BOUND_METADATA = "bound-metadata"  # key file feature flag (docs/format.md §2)
 NONCE_LEN = 16
 SIV_TAG_LEN = 16
 PATH_MAX = 4096  # including the terminating NUL
@@ -33,24 +49,73 @@ XATTR_PREFIX = b"user."
 SYMLINK_AD = b"cryptfs v1 symlink"
 XATTR_NAME_AD = b"cryptfs v1 xattr name"
 XATTR_VALUE_AD = b"cryptfs v1 xattr value"
+BOUND_SYMLINK_AD = b"cryptfs v2 symlink"
+BOUND_XATTR_NAME_AD = b"cryptfs v2 xattr name"
+BOUND_XATTR_VALUE_AD = b"cryptfs v2 xattr value"
+OWNER_FILE = b"file"
+OWNER_DIRECTORY = b"directory"
+
+
+@dataclass(frozen=True, slots=True)
+class XattrOwner:
+    """What a bound attribute is sealed to: ``kind`` (file or directory)
+    and its identity (a file ID or a directory IV; empty for a regular file
+    that has no header yet and so can have no attributes)."""
+
+    kind: bytes
+    identity: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SymlinkPlace:
+    """Where a bound symlink lives: its parent's IV and its backing entry name."""
+
+    dir_iv: bytes
+    entry: bytes
 
 
 class MetadataCipher:
-    def __init__(self, keys: KeyRing) -> None:
+    """Seals and opens symlink targets and xattrs in either encoding.
+
+    Version 1 ignores ``place`` and ``owner`` (an owner may be None there)."""
+
+    def __init__(self, keys: KeyRing, bound: bool) -> None:
         self._siv = AESSIV(keys.metadata_key)
+        self.bound = bound
+
+    @classmethod
+    def for_features(cls, keys: KeyRing, features: Collection[str]) -> MetadataCipher:
+        return cls(keys, FEATURE_BOUND_METADATA in features)
+
+    def _pad(self, data: bytes) -> bytes:
+        return pad16(data) if self.bound else data
+
+    def _unpad(self, data: bytes) -> bytes:
+        if not self.bound:
+            return data
+        try:
+            return unpad16(data)
+        except ValueError as exc:
+            raise NameDecodeError("bad padding inside an authenticated value") from exc
 
     # -- symlinks --
 
-    def encrypt_target(self, target: bytes) -> bytes:
+    def _target_ad(self, nonce: bytes, place: SymlinkPlace) -> list[bytes]:
+        if self.bound:
+            return [BOUND_SYMLINK_AD, place.dir_iv, place.entry, nonce]
+        return [SYMLINK_AD, nonce]
+
+    def encrypt_target(self, target: bytes, place: SymlinkPlace) -> bytes:
         if not target or b"\x00" in target:
             raise InvalidNameError("symlink target is empty or contains NUL")
         nonce = secrets.token_bytes(NONCE_LEN)
-        sealed = b64url(nonce + self._siv.encrypt(target, [SYMLINK_AD, nonce])).encode()
-        if len(sealed) >= PATH_MAX:
+        sealed = self._siv.encrypt(self._pad(target), self._target_ad(nonce, place))
+        stored = b64url(nonce + sealed).encode()
+        if len(stored) >= PATH_MAX:
             raise NameTooLongError(f"symlink target of {len(target)} bytes is too long to encrypt")
-        return sealed
+        return stored
 
-    def decrypt_target(self, stored: bytes) -> bytes:
+    def decrypt_target(self, stored: bytes, place: SymlinkPlace) -> bytes:
         try:
             raw = unb64url(stored.decode("ascii"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -59,42 +124,69 @@ class MetadataCipher:
             raise NameDecodeError("encrypted symlink target is too short")
         nonce = raw[:NONCE_LEN]
         try:
-            return self._siv.decrypt(raw[NONCE_LEN:], [SYMLINK_AD, nonce])
+            target = self._siv.decrypt(raw[NONCE_LEN:], self._target_ad(nonce, place))
         except InvalidTag as exc:
-            raise NameDecodeError("symlink target does not decrypt (damaged or foreign)") from exc
+            raise NameDecodeError("symlink target does not decrypt (damaged, foreign, or "
+                                  "moved from another entry)") from exc
+        target = self._unpad(target)
+        if not target or b"\x00" in target:
+            raise NameDecodeError("symlink target decrypts to an invalid target")
+        return target
 
     # -- extended attributes --
 
-    def encrypt_xattr_name(self, name: bytes) -> bytes:
+    def _name_ad(self, owner: XattrOwner | None) -> list[bytes]:
+        if self.bound:
+            assert owner is not None, "bound xattrs need their owner"
+            return [BOUND_XATTR_NAME_AD, owner.kind, owner.identity]
+        return [XATTR_NAME_AD]
+
+    def _value_ad(self, stored_name: bytes, nonce: bytes,
+                  owner: XattrOwner | None) -> list[bytes]:
+        if self.bound:
+            assert owner is not None, "bound xattrs need their owner"
+            return [BOUND_XATTR_VALUE_AD, owner.kind, owner.identity, stored_name, nonce]
+        return [XATTR_VALUE_AD, nonce, stored_name]
+
+    def encrypt_xattr_name(self, name: bytes, owner: XattrOwner | None) -> bytes:
         if not name.startswith(XATTR_PREFIX) or len(name) == len(XATTR_PREFIX):
             raise InvalidNameError("only user.* extended attributes are supported")
         if b"\x00" in name:
             raise InvalidNameError("xattr name contains NUL")
-        stored = XATTR_PREFIX + b64url(self._siv.encrypt(name, [XATTR_NAME_AD])).encode()
+        sealed = self._siv.encrypt(self._pad(name), self._name_ad(owner))
+        stored = XATTR_PREFIX + b64url(sealed).encode()
         if len(stored) > XATTR_NAME_MAX:
             raise NameTooLongError(f"xattr name of {len(name)} bytes is too long to encrypt")
         return stored
 
-    def decrypt_xattr_name(self, stored: bytes) -> bytes:
+    def decrypt_xattr_name(self, stored: bytes, owner: XattrOwner | None) -> bytes:
         if not stored.startswith(XATTR_PREFIX):
             raise NameDecodeError("xattr is not in the user namespace")
         try:
             sealed = unb64url(stored[len(XATTR_PREFIX):].decode("ascii"))
-            return self._siv.decrypt(sealed, [XATTR_NAME_AD])
+            name = self._siv.decrypt(sealed, self._name_ad(owner))
         except (UnicodeDecodeError, ValueError, InvalidTag) as exc:
-            raise NameDecodeError("xattr name does not decrypt (foreign attribute)") from exc
+            raise NameDecodeError("xattr name does not decrypt (foreign attribute, or "
+                                  "copied from another entry)") from exc
+        return self._unpad(name)
 
-    def encrypt_xattr_value(self, stored_name: bytes, value: bytes) -> bytes:
-        if len(value) + NONCE_LEN + SIV_TAG_LEN > XATTR_SIZE_MAX:
+    def encrypt_xattr_value(self, stored_name: bytes, value: bytes,
+                            owner: XattrOwner | None) -> bytes:
+        padded = self._pad(value)
+        if len(padded) + NONCE_LEN + SIV_TAG_LEN > XATTR_SIZE_MAX:
             raise NameTooLongError("xattr value too large to encrypt")
         nonce = secrets.token_bytes(NONCE_LEN)
-        return nonce + self._siv.encrypt(value, [XATTR_VALUE_AD, nonce, stored_name])
+        return nonce + self._siv.encrypt(padded, self._value_ad(stored_name, nonce, owner))
 
-    def decrypt_xattr_value(self, stored_name: bytes, stored: bytes) -> bytes:
+    def decrypt_xattr_value(self, stored_name: bytes, stored: bytes,
+                            owner: XattrOwner | None) -> bytes:
         if len(stored) < NONCE_LEN + SIV_TAG_LEN:
             raise NameDecodeError("encrypted xattr value is too short")
         nonce = stored[:NONCE_LEN]
         try:
-            return self._siv.decrypt(stored[NONCE_LEN:], [XATTR_VALUE_AD, nonce, stored_name])
+            value = self._siv.decrypt(stored[NONCE_LEN:],
+                                      self._value_ad(stored_name, nonce, owner))
         except InvalidTag as exc:
-            raise NameDecodeError("xattr value does not decrypt (damaged or moved)") from exc
+            raise NameDecodeError("xattr value does not decrypt (damaged, or moved from "
+                                  "another attribute or entry)") from exc
+        return self._unpad(value)

@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +55,8 @@ class Stack:
 
 
 def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
-                options: MountOptions) -> Stack:
+                options: MountOptions, features: Collection[str]) -> Stack:
+    """``features``: the key file's feature flags (they select encodings)."""
     choice = select_engine(engine_name)
     root = os.fsencode(os.path.abspath(cipherdir))
     st = os.stat(root)
@@ -63,7 +64,8 @@ def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
     sessions = SessionCache(choice.engine, keys)
     codec = ContentCodec(keys, sessions)
     handles = HandleTable(codec, read_only=options.read_only)
-    tree = BackingTree(inodes, NameCipher(keys))
+    metadata = MetadataCipher.for_features(keys, features)
+    tree = BackingTree(inodes, NameCipher(keys), metadata, codec)
     try:
         tree.diriv(pyfuse3.ROOT_INODE)
     except NameDecodeError as exc:
@@ -72,7 +74,7 @@ def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
     if not options.read_only:
         _remove_stale_keyfiles(cipherdir)
     workers = WorkerPool(options.worker_threads)
-    ops = Operations(inodes, tree, handles, codec, MetadataCipher(keys), workers, options)
+    ops = Operations(inodes, tree, handles, codec, metadata, workers, options)
     return Stack(ops, sessions, handles, workers)
 
 

@@ -14,13 +14,15 @@ from cryptfs.content.format import FileHeader, plaintext_size
 from cryptfs.errors import CryptfsError
 from cryptfs.keyfile import KdfParams, KeyFile
 from cryptfs.keys import KeyRing
-from cryptfs.metadata import MetadataCipher
+from cryptfs.metadata import OWNER_FILE, MetadataCipher, SymlinkPlace, XattrOwner
 from cryptfs.names import NameCipher
 from cryptfs.recovery import decode_recovery_code
 
 KEYS = KeyRing(bytes(range(32)))
 NAMES = NameCipher(KEYS)
-META = MetadataCipher(KEYS)
+PLACE = SymlinkPlace(bytes(16), b"entry")
+OWNER = XattrOwner(OWNER_FILE, bytes(16))
+METAS = [MetadataCipher(KEYS, bound=False), MetadataCipher(KEYS, bound=True)]
 KEYFILE = KeyFile.create(b"pw", KdfParams.argon2id(memory_kib=64, iterations=1, lanes=1))[0]
 VALID_KEYFILE = KEYFILE.to_bytes()
 VALID_HEADER = FileHeader(bytes(16)).encode(KEYS.header_key)
@@ -87,18 +89,27 @@ def test_long_name_sidecars(sidecar):
     defined(NAMES.decode_longname, bytes(16), LONG.name, sidecar)
 
 
-@EXAMPLES
-@given(st.one_of(st.binary(max_size=400), mutated(META.encrypt_target(b"some/target"))))
-def test_symlink_targets(stored):
-    defined(META.decrypt_target, stored)
+@pytest.mark.parametrize("meta", METAS, ids=["v1", "bound"])
+def test_symlink_targets(meta):
+    @EXAMPLES
+    @given(st.one_of(st.binary(max_size=400),
+                     mutated(meta.encrypt_target(b"some/target", PLACE))))
+    def check(stored):
+        defined(meta.decrypt_target, stored, PLACE)
+
+    check()
 
 
-@EXAMPLES
-@given(st.binary(max_size=300), st.one_of(
-    st.binary(max_size=300), mutated(META.encrypt_xattr_value(b"user.x", b"value"))))
-def test_xattr_names_and_values(name, value):
-    defined(META.decrypt_xattr_name, name)
-    defined(META.decrypt_xattr_value, b"user.x", value)
+@pytest.mark.parametrize("meta", METAS, ids=["v1", "bound"])
+def test_xattr_names_and_values(meta):
+    @EXAMPLES
+    @given(st.binary(max_size=300), st.one_of(
+        st.binary(max_size=300), mutated(meta.encrypt_xattr_value(b"user.x", b"value", OWNER))))
+    def check(name, value):
+        defined(meta.decrypt_xattr_name, name, OWNER)
+        defined(meta.decrypt_xattr_value, b"user.x", value, OWNER)
+
+    check()
 
 
 @EXAMPLES

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from cryptfs.errors import InvalidNameError, NameDecodeError, NameTooLongError
 from cryptfs.keys import KeyRing
-from cryptfs.metadata import MetadataCipher
+from cryptfs.metadata import (
+    OWNER_DIRECTORY,
+    OWNER_FILE,
+    MetadataCipher,
+    SymlinkPlace,
+    XattrOwner,
+)
 from cryptfs.names import (
     DIRIV_NAME,
     NAME_MAX,
@@ -26,7 +32,8 @@ from cryptfs.names import (
 
 KEYS = KeyRing(bytes(range(32)))
 NAMES = NameCipher(KEYS)
-META = MetadataCipher(KEYS)
+V1 = MetadataCipher(KEYS, bound=False)
+BOUND = MetadataCipher(KEYS, bound=True)
 IV = bytes(16)
 
 names = st.binary(min_size=1, max_size=NAME_MAX).filter(
@@ -121,37 +128,84 @@ def test_diriv_files(tmp_path):
         os.close(dir_fd)
 
 
-def test_symlink_targets():
+PLACE = SymlinkPlace(IV, b"entry")
+FILE = XattrOwner(OWNER_FILE, bytes(range(16)))
+
+
+@pytest.mark.parametrize("meta", [V1, BOUND], ids=["v1", "bound"])
+def test_symlink_targets(meta):
     target = b"../some/where/file"
-    sealed = META.encrypt_target(target)
-    assert sealed != META.encrypt_target(target)  # randomised
-    assert b"some" not in sealed and META.decrypt_target(sealed) == target
-    assert META.decrypt_target(META.encrypt_target(b"x" * 3000)) == b"x" * 3000
+    sealed = meta.encrypt_target(target, PLACE)
+    assert sealed != meta.encrypt_target(target, PLACE)  # randomised
+    assert b"some" not in sealed and meta.decrypt_target(sealed, PLACE) == target
+    assert meta.decrypt_target(meta.encrypt_target(b"x" * 3000, PLACE), PLACE) == b"x" * 3000
     with pytest.raises(NameTooLongError):
-        META.encrypt_target(b"x" * 4000)
+        meta.encrypt_target(b"x" * 4000, PLACE)
     for bad in [b"/etc/passwd", b"", sealed[:-2], b"A" * 60]:
         with pytest.raises(NameDecodeError):
-            META.decrypt_target(bad)
+            meta.decrypt_target(bad, PLACE)
 
 
-def test_xattrs():
-    name = META.encrypt_xattr_name(b"user.comment")
+@pytest.mark.parametrize("meta", [V1, BOUND], ids=["v1", "bound"])
+def test_xattrs(meta):
+    name = meta.encrypt_xattr_name(b"user.comment", FILE)
     assert name.startswith(b"user.") and b"comment" not in name
-    assert name == META.encrypt_xattr_name(b"user.comment")  # deterministic
-    assert META.decrypt_xattr_name(name) == b"user.comment"
-    value = META.encrypt_xattr_value(name, b"hello")
-    assert META.decrypt_xattr_value(name, value) == b"hello"
-    other = META.encrypt_xattr_name(b"user.other")
+    assert name == meta.encrypt_xattr_name(b"user.comment", FILE)  # deterministic
+    assert meta.decrypt_xattr_name(name, FILE) == b"user.comment"
+    value = meta.encrypt_xattr_value(name, b"hello", FILE)
+    assert meta.decrypt_xattr_value(name, value, FILE) == b"hello"
+    assert meta.decrypt_xattr_value(name, meta.encrypt_xattr_value(name, b"", FILE), FILE) == b""
+    other = meta.encrypt_xattr_name(b"user.other", FILE)
     with pytest.raises(NameDecodeError, match="moved"):
-        META.decrypt_xattr_value(other, value)
+        meta.decrypt_xattr_value(other, value, FILE)
     for bad in [b"security.selinux", b"user.", b"trusted.x"]:
         with pytest.raises(InvalidNameError):
-            META.encrypt_xattr_name(bad)
+            meta.encrypt_xattr_name(bad, FILE)
     for bad in [b"user.plain", b"security.x", b"user.!!"]:
         with pytest.raises(NameDecodeError):
-            META.decrypt_xattr_name(bad)
+            meta.decrypt_xattr_name(bad, FILE)
     with pytest.raises(NameTooLongError):
-        META.encrypt_xattr_name(b"user." + b"x" * 250)
+        meta.encrypt_xattr_name(b"user." + b"x" * 250, FILE)
+
+
+def test_bound_symlink_targets_belong_to_their_entry():
+    """A bound target opens only at the entry (directory IV and backing
+    name) it was sealed for; version 1 opens anywhere."""
+    sealed = BOUND.encrypt_target(b"t", PLACE)
+    for elsewhere in (SymlinkPlace(IV, b"other"), SymlinkPlace(bytes([1] * 16), b"entry")):
+        with pytest.raises(NameDecodeError, match="moved"):
+            BOUND.decrypt_target(sealed, elsewhere)
+        assert V1.decrypt_target(V1.encrypt_target(b"t", PLACE), elsewhere) == b"t"
+
+
+def test_bound_xattrs_belong_to_their_owner():
+    """Bound names differ between owners (no equal names across the tree)
+    and neither a name nor a value opens on another owner, nor on a
+    directory whose IV equals a file ID."""
+    others = [XattrOwner(OWNER_FILE, bytes(16)), XattrOwner(OWNER_DIRECTORY, FILE.identity)]
+    name = BOUND.encrypt_xattr_name(b"user.comment", FILE)
+    value = BOUND.encrypt_xattr_value(name, b"hello", FILE)
+    for other in others:
+        assert BOUND.encrypt_xattr_name(b"user.comment", other) != name
+        with pytest.raises(NameDecodeError, match="copied"):
+            BOUND.decrypt_xattr_name(name, other)
+        with pytest.raises(NameDecodeError, match="moved"):
+            BOUND.decrypt_xattr_value(name, value, other)
+    assert V1.encrypt_xattr_name(b"user.comment", others[0]) == \
+        V1.encrypt_xattr_name(b"user.comment", FILE)  # the leak the bound encoding fixes
+
+
+def test_bound_encoding_pads_to_16_bytes():
+    """Lengths show only rounded up: targets, names and values of 1 and 15
+    bytes store alike, 16 bytes take the next step."""
+    def lengths(meta, n):
+        target = len(unb64url(meta.encrypt_target(b"t" * n, PLACE).decode()))
+        name = meta.encrypt_xattr_name(b"user." + b"n" * n, FILE)
+        return target, len(name), len(meta.encrypt_xattr_value(name, b"v" * n, FILE))
+
+    assert lengths(BOUND, 1) == lengths(BOUND, 10) == (48, 48, 48)
+    assert lengths(BOUND, 16) == (64, 69, 64)  # "user." + 16 bytes pads to 32: 48 raw
+    assert lengths(V1, 1) != lengths(V1, 10)
 
 
 def test_name_key_separation():

@@ -57,13 +57,17 @@ class InodeTable:
         links were unlinked while it stayed open)."""
         parts: list[bytes] = []
         while ino != ROOT_INODE:
-            inode = self._by_ino.get(ino)
-            if inode is None or not inode.links:
-                raise FileNotFoundError(2, "inode has no name left")
-            ino, name = min(inode.links)  # deterministic choice among hard links
+            ino, name = self.link_of(ino)
             parts.append(name)
         parts.append(self._root)
         return b"/".join(reversed(parts))
+
+    def link_of(self, ino: int) -> Link:
+        """The entry ``path`` uses: a deterministic choice among hard links."""
+        inode = self._by_ino.get(ino)
+        if inode is None or not inode.links:
+            raise FileNotFoundError(2, "inode has no name left")
+        return min(inode.links)
 
     def child_path(self, parent: int, backing_name: bytes) -> bytes:
         return self.path(parent) + b"/" + backing_name
@@ -113,6 +117,17 @@ class InodeTable:
             inode.links.discard(old)
             inode.links.add(new)
             self._by_link[new] = inode
+
+    def rebacked(self, link: Link, st: os.stat_result) -> None:
+        """The entry at ``link`` is now another backing inode standing for the
+        same file (a symlink re-sealed for its new name): keep our inode."""
+        inode = self._by_link.get(link)
+        if inode is None:
+            return
+        if self._by_dev_ino.get(inode.dev_ino) is inode:
+            del self._by_dev_ino[inode.dev_ino]
+        inode.dev_ino = (st.st_dev, st.st_ino)
+        self._by_dev_ino[inode.dev_ino] = inode
 
     def exchange(self, a: Link, b: Link) -> None:
         first, second = self._by_link.pop(a, None), self._by_link.pop(b, None)

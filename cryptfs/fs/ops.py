@@ -10,7 +10,6 @@ metadata operations are single syscalls and run inline.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
@@ -32,16 +31,12 @@ from cryptfs.errors import (
 )
 from cryptfs.fs.handles import HandleTable, OpenFile
 from cryptfs.fs.inodes import ROOT_INODE, InodeTable
-from cryptfs.fs.tree import BackingTree
+from cryptfs.fs.tree import RENAME_EXCHANGE, RENAME_NOREPLACE, BackingTree, renameat2
 from cryptfs.fs.workers import WorkerPool
-from cryptfs.metadata import XATTR_PREFIX, MetadataCipher
+from cryptfs.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, XattrOwner
 from cryptfs.names import DIRIV_NAME, BackingName
 
 log = logging.getLogger(__name__)
-
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -56,13 +51,6 @@ class MountOptions:
     # on the event loop's thread: a hop to a worker thread costs more than
     # they do.  None: the engine's ``inline_max``.
     inline_max: int | None = None
-
-
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    at_fdcwd = -100
-    if _libc.renameat2(at_fdcwd, old, at_fdcwd, new, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def fuse_op(method):
@@ -134,7 +122,7 @@ class Operations(pyfuse3.Operations):
         attr.st_uid = st.st_uid
         attr.st_gid = st.st_gid
         attr.st_rdev = st.st_rdev
-        attr.st_size = self._plain_size(st, path)
+        attr.st_size = self._plain_size(ino, st, path)
         attr.st_blksize = 4096
         attr.st_blocks = st.st_blocks
         attr.st_atime_ns = st.st_atime_ns
@@ -142,7 +130,7 @@ class Operations(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
-    def _plain_size(self, st: os.stat_result, path: bytes | None) -> int:
+    def _plain_size(self, ino: int, st: os.stat_result, path: bytes | None) -> int:
         if stat.S_ISREG(st.st_mode):
             try:
                 return plaintext_size(st.st_size)
@@ -150,7 +138,7 @@ class Operations(pyfuse3.Operations):
                 return 0  # reading it gives EIO (and the log line names it)
         if stat.S_ISLNK(st.st_mode) and path is not None:
             try:
-                return len(self.metadata.decrypt_target(os.readlink(path)))
+                return len(self.tree.readlink(ino))
             except (OSError, NameDecodeError):
                 return st.st_size
         return st.st_size
@@ -247,7 +235,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def readlink(self, inode, ctx):
-        return self.metadata.decrypt_target(os.readlink(self.inodes.path(inode)))
+        return self.tree.readlink(inode)
 
     # -- creating and removing --
 
@@ -282,9 +270,8 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def symlink(self, parent_inode, name, target, ctx):
         self._check_writable()
-        sealed = self.metadata.encrypt_target(target)
         with self.tree.creating(parent_inode, name) as (entry, path):
-            os.symlink(sealed, path)
+            os.symlink(self.tree.seal_target(parent_inode, entry, target), path)
         self._chown_new(path, ctx)
         return self._new_entry(parent_inode, entry, path)
 
@@ -292,8 +279,8 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._check_writable()
         with self.tree.creating(new_parent_inode, new_name) as (entry, path):
-            os.link(self.inodes.path(inode), path, follow_symlinks=False)
-        return self._new_entry(new_parent_inode, entry, path, fresh=False)
+            fresh = self.tree.link(inode, new_parent_inode, entry, path)
+        return self._new_entry(new_parent_inode, entry, path, fresh=fresh)
 
     @fuse_op
     async def unlink(self, parent_inode, name, ctx):
@@ -355,7 +342,9 @@ class Operations(pyfuse3.Operations):
         if flags & RENAME_EXCHANGE:
             if new_st is None:
                 raise OSError(errno.ENOENT, "exchange target missing")
-            _renameat2(old_path, new_path, RENAME_EXCHANGE)
+            if self.tree.reseals(old_st) or self.tree.reseals(new_st):
+                raise OSError(errno.EINVAL, "cannot exchange a symlink (docs/format.md §6)")
+            renameat2(old_path, new_path, RENAME_EXCHANGE)
             self.inodes.exchange(old_link, new_link)
             return
         if new_st is not None:
@@ -375,10 +364,10 @@ class Operations(pyfuse3.Operations):
                 with open(diriv, "rb") as f:
                     saved_diriv = f.read()
                 os.unlink(diriv)
-            if flags & RENAME_NOREPLACE:
-                _renameat2(old_path, new_path, RENAME_NOREPLACE)
+            if self.tree.reseals(old_st):
+                self.tree.move_symlink(old_link, parent_inode_new, new, flags & RENAME_NOREPLACE)
             else:
-                os.rename(old_path, new_path)
+                renameat2(old_path, new_path, flags & RENAME_NOREPLACE)
         except BaseException:
             if saved_diriv is not None:
                 self._restore_diriv(new_path + b"/" + DIRIV_NAME.encode(), saved_diriv)
@@ -547,8 +536,9 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def setxattr(self, inode, name, value, ctx):
         self._check_writable()
-        sealed_name = self._xattr_name(name)
-        sealed = self.metadata.encrypt_xattr_value(sealed_name, value)
+        owner = await self._xattr_owner(inode, create=True)
+        sealed_name = self._xattr_name(name, owner)
+        sealed = self.metadata.encrypt_xattr_value(sealed_name, value, owner)
         os.setxattr(self.inodes.path(inode), sealed_name, sealed, follow_symlinks=False)
 
     @fuse_op
@@ -557,18 +547,20 @@ class Operations(pyfuse3.Operations):
             # The kernel asks for security.capability before every write(2)
             # (pyfuse3 cannot negotiate HANDLE_KILLPRIV_V2): answer at once.
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        sealed_name = self._xattr_name(name)
+        owner = await self._xattr_owner(inode)
+        sealed_name = self._xattr_name(name, owner)
         sealed = os.getxattr(self.inodes.path(inode), sealed_name, follow_symlinks=False)
-        return self.metadata.decrypt_xattr_value(sealed_name, sealed)
+        return self.metadata.decrypt_xattr_value(sealed_name, sealed, owner)
 
     @fuse_op
     async def listxattr(self, inode, ctx):
         names = []
-        for stored in os.listxattr(self.inodes.path(inode), follow_symlinks=False):
-            if not stored.startswith("user."):
-                continue
+        stored_names = [n for n in os.listxattr(self.inodes.path(inode), follow_symlinks=False)
+                        if n.startswith("user.")]
+        owner = await self._xattr_owner(inode) if stored_names else None
+        for stored in stored_names:
             try:
-                names.append(self.metadata.decrypt_xattr_name(os.fsencode(stored)))
+                names.append(self.metadata.decrypt_xattr_name(os.fsencode(stored), owner))
             except NameDecodeError:
                 continue  # a foreign attribute: not ours to show
         return names
@@ -576,11 +568,27 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def removexattr(self, inode, name, ctx):
         self._check_writable()
-        os.removexattr(self.inodes.path(inode), self._xattr_name(name), follow_symlinks=False)
+        owner = await self._xattr_owner(inode)
+        os.removexattr(self.inodes.path(inode), self._xattr_name(name, owner),
+                       follow_symlinks=False)
 
-    def _xattr_name(self, name: bytes) -> bytes:
+    async def _xattr_owner(self, inode: int, create: bool = False) -> XattrOwner | None:
+        """What the inode's xattrs are sealed to (None: not bound, version 1).
+        An open file's header is in memory; a new header is made under its lock."""
+        if not self.metadata.bound:
+            return None
+        opened = self.handles.by_ino(inode)
+        if opened is None:
+            return self.tree.xattr_owner(inode, create)
+        if create and opened.file.header is None:
+            async with opened.lock:
+                opened.file.ensure_header()
+        header = opened.file.header
+        return XattrOwner(OWNER_FILE, header.file_id if header is not None else b"")
+
+    def _xattr_name(self, name: bytes, owner: XattrOwner | None) -> bytes:
         try:
-            return self.metadata.encrypt_xattr_name(name)
+            return self.metadata.encrypt_xattr_name(name, owner)
         except InvalidNameError as exc:  # not user.*: not supported here
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from exc
         except NameTooLongError as exc:

@@ -1,16 +1,42 @@
 """The backing tree, directory by directory: plaintext names to backing
-entries (with directory IVs and long-name sidecars) and listings back."""
+entries (with directory IVs and long-name sidecars) and listings back, and
+the symlink targets and xattrs sealed to those entries.
+
+In a cipher directory with bound metadata (docs/format.md §6) a symlink's
+target is sealed to its parent's IV and its backing name, so renaming a
+symlink re-seals it: the new symlink is made under a temporary reserved
+name in the destination directory, renamed over the destination, and only
+then is the old one unlinked.  A crash leaves the symlink at its old name,
+or at both names (both valid), never lost; a stray temporary
+(``cryptfs.symlink-tmp-*``) is skipped and reported by fsck.  A hard link
+to a symlink is stored as such a re-sealed copy (the target is the same;
+the copy's link count is 1).  Xattrs are sealed to their owner: a regular
+file's ID (from its header) or a directory's IV.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
+import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from cryptfs.content.codec import ContentCodec
+from cryptfs.content.format import HEADER_SIZE
 from cryptfs.errors import NameDecodeError
-from cryptfs.fs.inodes import InodeTable
+from cryptfs.fs.inodes import InodeTable, Link
+from cryptfs.metadata import (
+    OWNER_DIRECTORY,
+    OWNER_FILE,
+    MetadataCipher,
+    SymlinkPlace,
+    XattrOwner,
+)
 from cryptfs.names import (
     DIRIV_NAME,
     RESERVED_PREFIX,
@@ -27,6 +53,21 @@ log = logging.getLogger(__name__)
 _RESERVED = RESERVED_PREFIX.encode()
 _DIRIV = DIRIV_NAME.encode()
 MAX_REPORTED = 10000  # undecryptable names remembered so each is logged once
+SYMLINK_TMP_PREFIX = RESERVED_PREFIX + "symlink-tmp-"  # + 16 hex digits
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: bytes, new: bytes, flags: int) -> None:
+    """rename(2) with ``flags`` (RENAME_NOREPLACE, RENAME_EXCHANGE); 0 is a plain rename."""
+    if not flags:
+        os.rename(old, new)
+        return
+    at_fdcwd = -100
+    if _libc.renameat2(at_fdcwd, old, at_fdcwd, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +77,34 @@ class Listed:
     stat: os.stat_result
 
 
+def xattr_owner(path: bytes, st: os.stat_result, codec: ContentCodec) -> XattrOwner:
+    """The owner a bound xattr of ``path`` is sealed to, read from the backing
+    entry: a directory's IV or a regular file's ID (empty if the file has no
+    header).  Linux allows user.* attributes on nothing else (EPERM)."""
+    if stat.S_ISDIR(st.st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return XattrOwner(OWNER_DIRECTORY, read_diriv(fd))
+        finally:
+            os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EPERM, "user.* attributes exist only on files and directories")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, HEADER_SIZE, 0)
+    finally:
+        os.close(fd)
+    identity = codec.decode_header(data).file_id if data else b""
+    return XattrOwner(OWNER_FILE, identity)
+
+
 class BackingTree:
-    def __init__(self, inodes: InodeTable, names: NameCipher) -> None:
+    def __init__(self, inodes: InodeTable, names: NameCipher, metadata: MetadataCipher,
+                 codec: ContentCodec) -> None:
         self._inodes = inodes
         self._names = names
+        self.metadata = metadata
+        self._codec = codec
         self._dirivs: dict[int, bytes] = {}
         self._reported: set[tuple[bytes, bytes]] = set()
 
@@ -107,6 +172,91 @@ class BackingTree:
         if entry.sidecar is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._inodes.child_path(parent, sidecar_name(entry.name).encode()))
+
+    # -- symlink targets --
+
+    def place(self, parent: int, backing_name: bytes) -> SymlinkPlace:
+        return SymlinkPlace(self.diriv(parent), backing_name)
+
+    def seal_target(self, parent: int, entry: BackingName, target: bytes) -> bytes:
+        return self.metadata.encrypt_target(target, self.place(parent, entry.name.encode()))
+
+    def read_target(self, link: Link) -> bytes:
+        """The plaintext target of the symlink at ``link`` (parent, backing name)."""
+        stored = os.readlink(self._inodes.child_path(*link))
+        return self.metadata.decrypt_target(stored, self.place(*link))
+
+    def readlink(self, ino: int) -> bytes:
+        return self.read_target(self._inodes.link_of(ino))
+
+    def reseals(self, st: os.stat_result) -> bool:
+        """Whether this entry's stored form depends on its name (a bound symlink)."""
+        return self.metadata.bound and stat.S_ISLNK(st.st_mode)
+
+    def link(self, ino: int, parent: int, entry: BackingName, path: bytes) -> bool:
+        """Make ``path`` another name of ``ino``: a hard link, or, for a bound
+        symlink, a copy re-sealed for its name.  True if ``path`` is a new
+        backing inode."""
+        source = self._inodes.path(ino)
+        st = os.lstat(source)
+        if not self.reseals(st):
+            os.link(source, path, follow_symlinks=False)
+            return False
+        target = self.readlink(ino)
+        self._new_symlink(path, self.seal_target(parent, entry, target), st)
+        return True
+
+    def move_symlink(self, old: Link, new_parent: int, new: BackingName, flags: int) -> None:
+        """Rename a bound symlink to ``new`` (replacing what is there unless
+        ``flags`` has RENAME_NOREPLACE), re-sealed for its new place: made
+        under a temporary name, renamed over the destination, then the old
+        entry is unlinked (see the module docstring for crashes)."""
+        old_path = self._inodes.child_path(*old)
+        st = os.lstat(old_path)
+        sealed = self.seal_target(new_parent, new, self.read_target(old))
+        tmp = self._inodes.child_path(new_parent, (SYMLINK_TMP_PREFIX +
+                                                   secrets.token_hex(8)).encode())
+        self._new_symlink(tmp, sealed, st)
+        try:
+            renameat2(tmp, self.path(new_parent, new), flags)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.unlink(old_path)
+        self._inodes.rebacked(old, os.lstat(self.path(new_parent, new)))
+
+    @staticmethod
+    def _new_symlink(path: bytes, sealed: bytes, like: os.stat_result) -> None:
+        """A symlink at ``path`` with the owner and times of ``like``."""
+        os.symlink(sealed, path)
+        try:
+            if os.lstat(path).st_uid != like.st_uid or os.lstat(path).st_gid != like.st_gid:
+                with contextlib.suppress(PermissionError):  # only root may give it away
+                    os.chown(path, like.st_uid, like.st_gid, follow_symlinks=False)
+            os.utime(path, ns=(like.st_atime_ns, like.st_mtime_ns), follow_symlinks=False)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+
+    # -- extended attributes --
+
+    def xattr_owner(self, ino: int, create: bool = False) -> XattrOwner:
+        """The owner ``ino``'s bound xattrs are sealed to; with ``create``, a
+        regular file without a header gets one (its ID is the owner)."""
+        path = self._inodes.path(ino)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return XattrOwner(OWNER_DIRECTORY, self.diriv(ino))
+        owner = xattr_owner(path, st, self._codec)
+        if create and not owner.identity:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                owner = XattrOwner(OWNER_FILE, self._codec.open(fd).ensure_header().file_id)
+            finally:
+                os.close(fd)
+        return owner
 
     def listdir(self, dir_ino: int) -> list[Listed]:
         """Decrypted entries of a directory.  Entries that do not decrypt
