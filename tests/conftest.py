@@ -24,7 +24,9 @@ from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import XtsEngine
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
+from cryptfs.keyfile import KdfParams, KeyFile
 from cryptfs.keys import KeyRing
+from cryptfs.names import create_diriv
 
 REQUIRE_AFALG = os.environ.get("CRYPTFS_REQUIRE_AFALG") == "1"
 
@@ -108,6 +110,22 @@ def init_cipherdir(cipherdir: Path, passfile: Path) -> None:
     subprocess.run(cryptfs_cmd("init", str(cipherdir), "--passfile", str(passfile),
                                "--argon2-memory", "8", "--argon2-passes", "1"),
                    check=True, capture_output=True)
+
+
+def init_v1_cipherdir(cipherdir: Path, passfile: Path) -> None:
+    """A cipher directory as cryptfs wrote it before bound metadata: a key
+    file without feature flags (``init`` itself always writes the new one)."""
+    cipherdir.mkdir(parents=True, exist_ok=True)
+    passfile.write_text(PASSWORD + "\n")
+    kdf = KdfParams.argon2id(memory_kib=8 * 1024, iterations=1)
+    keyfile, keys = KeyFile.create(PASSWORD.encode(), kdf, features=())
+    fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        create_diriv(fd)
+    finally:
+        os.close(fd)
+    keyfile.save(cipherdir)
+    keys.wipe()
 
 
 class Mount:

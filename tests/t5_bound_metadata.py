@@ -1,0 +1,304 @@
+"""Symlink targets and xattrs bound to their entry (key file feature
+``bound-metadata``): swapping or copying them between entries is detected
+on a real mount (EIO) and by fsck; renames, hard links and crashes keep
+them readable; version-1 directories keep working read-write in their own
+encoding.  Only AES-SIV from ``cryptography`` is involved: one engine."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cryptfs.fs.tree import RENAME_EXCHANGE, RENAME_NOREPLACE, SYMLINK_TMP_PREFIX, renameat2
+from cryptfs.keyfile import KeyFile
+from cryptfs.metadata import FEATURE_BOUND_METADATA
+from tests.conftest import (
+    MOUNT_TIMEOUT,
+    Mount,
+    cryptfs_cmd,
+    fuse_usable,
+    init_cipherdir,
+    init_v1_cipherdir,
+)
+
+pytestmark = pytest.mark.skipif(not fuse_usable(), reason="/dev/fuse is not usable here")
+
+
+@pytest.fixture(params=["bound", "v1"])
+def fmt(request, tmp_path):
+    """An unmounted cipher directory of either format (tests damage the
+    backing files between mounts)."""
+    passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
+    if request.param == "bound":
+        init_cipherdir(cipher, passfile)
+    else:
+        init_v1_cipherdir(cipher, passfile)
+    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl")
+    try:
+        yield mount
+    finally:
+        mount.stop()
+
+
+@pytest.fixture
+def bound(tmp_path):
+    passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
+    init_cipherdir(cipher, passfile)
+    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl")
+    try:
+        yield mount
+    finally:
+        mount.stop()
+
+
+def fsck(mount: Mount) -> list[tuple[str, str | None]]:
+    proc = subprocess.run(cryptfs_cmd("fsck", str(mount.cipherdir), "--passfile",
+                                      str(mount.passfile), "--json"),
+                          capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    problems = json.loads(proc.stdout)["problems"]
+    assert proc.returncode == (20 if problems else 0), proc.stderr
+    return sorted((p["kind"], p["plaintext"]) for p in problems)
+
+
+def make(mount: Mount, action) -> Path:
+    """Run ``action`` on the mount; return the one backing entry it created."""
+    before = set(mount.cipherdir.rglob("*"))
+    action()
+    (entry,) = [p for p in set(mount.cipherdir.rglob("*")) - before
+                if p.name != "cryptfs.diriv" and not p.name.endswith(".name")]
+    return entry
+
+
+def user_xattrs(path: Path) -> list[str]:
+    return [n for n in os.listxattr(path, follow_symlinks=False) if n.startswith("user.")]
+
+
+def raises_errno(code: int, fn, *args) -> None:
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno == code, info.value
+
+
+def test_init_writes_the_flag_and_old_cryptfs_refuses_it(fmt, request):
+    features = KeyFile.load(fmt.cipherdir).features
+    assert features == ([FEATURE_BOUND_METADATA] if "bound" in request.node.name else [])
+
+
+def test_swapped_symlink_targets(fmt):
+    """Bound: both symlinks read EIO and fsck reports both.  Version 1: the
+    swap goes unnoticed (the documented weakness)."""
+    fmt.start()
+    plain = fmt.mountpoint
+    a = make(fmt, lambda: os.symlink("target-a", plain / "a"))
+    b = make(fmt, lambda: os.symlink("target-b", plain / "b"))
+    fmt.stop()
+    stored_a, stored_b = os.readlink(a), os.readlink(b)
+    os.unlink(a)
+    os.unlink(b)
+    os.symlink(stored_b, a)
+    os.symlink(stored_a, b)
+    fmt.start()
+    if KeyFile.load(fmt.cipherdir).features:
+        raises_errno(errno.EIO, os.readlink, plain / "a")
+        raises_errno(errno.EIO, os.readlink, plain / "b")
+        fmt.stop()
+        fmt.check_log(allowed=("symlink target does not decrypt",))
+        assert fsck(fmt) == [("symlink", "/a"), ("symlink", "/b")]
+    else:
+        assert os.readlink(plain / "a") == "target-b"
+        fmt.stop()
+        assert fsck(fmt) == []
+
+
+def test_xattr_value_copied_to_another_file(fmt):
+    fmt.start()
+    plain = fmt.mountpoint
+    one = make(fmt, lambda: (plain / "one").write_text("1"))
+    two = make(fmt, lambda: (plain / "two").write_text("2"))
+    os.setxattr(plain / "one", "user.note", b"secret of one")
+    os.setxattr(plain / "two", "user.note", b"two")
+    fmt.stop()
+    (name_one,), (name_two,) = user_xattrs(one), user_xattrs(two)
+    os.setxattr(two, name_two, os.getxattr(one, name_one))
+    fmt.start()
+    if KeyFile.load(fmt.cipherdir).features:
+        assert name_one != name_two  # equal names no longer show across files
+        raises_errno(errno.EIO, os.getxattr, plain / "two", "user.note")
+        assert os.getxattr(plain / "one", "user.note") == b"secret of one"
+        fmt.stop()
+        fmt.check_log(allowed=("xattr value does not decrypt",))
+        assert fsck(fmt) == [("xattr", "/two")]
+    else:
+        assert name_one == name_two  # the version-1 leak
+        assert os.getxattr(plain / "two", "user.note") == b"secret of one"
+        fmt.stop()
+        assert fsck(fmt) == []
+
+
+def test_xattr_copied_whole_to_another_entry(bound):
+    """Name and value copied together from a file onto a directory: the name
+    does not decrypt there, so the mount does not show it (as for foreign
+    attributes such as rsync --fake-super's) and fsck reports it."""
+    bound.start()
+    plain = bound.mountpoint
+    one = make(bound, lambda: (plain / "one").write_text("1"))
+    sub = make(bound, lambda: (plain / "sub").mkdir())
+    os.setxattr(plain / "one", "user.note", b"secret of one")
+    bound.stop()
+    (name,) = user_xattrs(one)
+    os.setxattr(sub, name, os.getxattr(one, name))
+    bound.start()
+    assert os.listxattr(plain / "sub") == []
+    raises_errno(errno.ENODATA, os.getxattr, plain / "sub", "user.note")
+    bound.stop()
+    assert fsck(bound) == [("xattr", "/sub")]
+
+
+def test_renamed_symlinks_are_resealed(bound):
+    """Rename within and across directories, over a file, with
+    RENAME_NOREPLACE, with a long name; a directory's rename needs no
+    re-sealing.  Nothing is left behind and fsck is clean."""
+    bound.start()
+    plain = bound.mountpoint
+    (plain / "d").mkdir()
+    os.symlink("somewhere/else", plain / "s")
+    os.lchown(plain / "s", os.getuid(), os.getgid())
+    os.utime(plain / "s", ns=(1_000_000_000, 2_000_000_000), follow_symlinks=False)
+    ino = os.lstat(plain / "s").st_ino
+    os.rename(plain / "s", plain / "s2")
+    os.rename(plain / "s2", plain / "d" / "s3")
+    st = os.lstat(plain / "d" / "s3")
+    assert (st.st_ino, st.st_mtime_ns) == (ino, 2_000_000_000)  # same file to the user
+    (plain / "file").write_text("replaced")
+    os.rename(plain / "d" / "s3", plain / "file")
+    os.symlink("x", plain / "taken")
+    raises_errno(errno.EEXIST, renameat2, os.fsencode(plain / "file"),
+                 os.fsencode(plain / "taken"), RENAME_NOREPLACE)
+    renameat2(os.fsencode(plain / "file"), os.fsencode(plain / "free"), RENAME_NOREPLACE)
+    os.rename(plain / "free", plain / ("L" * 200))
+    os.rename(plain / "d", plain / "e")
+    os.symlink("in e", plain / "e" / "inner")
+    os.rename(plain / "e", plain / "f")
+    assert os.readlink(plain / ("L" * 200)) == "somewhere/else"
+    assert os.readlink(plain / "f" / "inner") == "in e"
+    assert sorted(os.listdir(plain)) == ["L" * 200, "f", "taken"]
+    raises_errno(errno.EINVAL, renameat2, os.fsencode(plain / "taken"),
+                 os.fsencode(plain / "f"), RENAME_EXCHANGE)
+    bound.stop()
+    assert not [p for p in bound.cipherdir.rglob(SYMLINK_TMP_PREFIX + "*")]
+    bound.start()  # a fresh mount (no caches) reads them all
+    assert os.readlink(plain / ("L" * 200)) == "somewhere/else"
+    assert os.lstat(plain / ("L" * 200)).st_size == len("somewhere/else")
+    bound.stop()
+    bound.check_log()
+    assert fsck(bound) == []
+
+
+def test_hard_link_to_a_symlink_is_a_resealed_copy(fmt):
+    fmt.start()
+    plain = fmt.mountpoint
+    (plain / "d").mkdir()
+    os.symlink("the target", plain / "s")
+    os.link(plain / "s", plain / "d" / "h", follow_symlinks=False)
+    assert os.readlink(plain / "d" / "h") == os.readlink(plain / "s") == "the target"
+    same = os.lstat(plain / "s").st_ino == os.lstat(plain / "d" / "h").st_ino
+    assert same == (not KeyFile.load(fmt.cipherdir).features)  # v1: a real hard link
+    os.unlink(plain / "s")
+    assert os.readlink(plain / "d" / "h") == "the target"
+    fmt.stop()
+    fmt.check_log()
+    assert fsck(fmt) == []
+
+
+def test_xattrs_follow_files_through_rename_and_hard_links(fmt):
+    fmt.start()
+    plain = fmt.mountpoint
+    (plain / "f").write_text("data")
+    (plain / "d").mkdir()
+    os.setxattr(plain / "f", "user.a", b"file attribute")
+    os.setxattr(plain / "d", "user.a", b"dir attribute")
+    os.link(plain / "f", plain / "d" / "link")
+    os.rename(plain / "f", plain / "d" / "moved")
+    os.rename(plain / "d", plain / "e")
+    assert os.getxattr(plain / "e" / "link", "user.a") == b"file attribute"
+    assert os.getxattr(plain / "e" / "moved", "user.a") == b"file attribute"
+    assert os.getxattr(plain / "e", "user.a") == b"dir attribute"
+    with open(plain / "e" / "moved", "r+b") as f:  # an open file: its header is in memory
+        os.setxattr(plain / "e" / "moved", "user.b", b"set while open")
+        f.write(b"more")
+        assert sorted(os.listxattr(plain / "e" / "link")) == ["user.a", "user.b"]
+    os.removexattr(plain / "e" / "link", "user.a")
+    assert os.listxattr(plain / "e" / "moved") == ["user.b"]
+    raises_errno(errno.ENODATA, os.getxattr, plain / "e" / "moved", "user.a")
+    fmt.stop()
+    fmt.check_log()
+    assert fsck(fmt) == []
+
+
+def test_xattr_on_a_file_without_header(bound):
+    """A regular file that was never written has no header and so no ID:
+    setting an attribute gives it a header first."""
+    bound.start()
+    plain = bound.mountpoint
+    backing = make(bound, lambda: (plain / "empty").write_bytes(b""))
+    bound.stop()
+    os.truncate(backing, 0)  # as a crash right after creating it leaves it
+    bound.start()
+    assert os.listxattr(plain / "empty") == []
+    raises_errno(errno.ENODATA, os.getxattr, plain / "empty", "user.x")
+    os.setxattr(plain / "empty", "user.x", b"now it has an ID")
+    assert os.getxattr(plain / "empty", "user.x") == b"now it has an ID"
+    assert (plain / "empty").read_bytes() == b""
+    bound.stop()
+    assert backing.stat().st_size == 4096
+    bound.check_log()
+    assert fsck(bound) == []
+
+
+def test_interrupted_symlink_rename_leaves_a_reported_temporary(bound):
+    """A crash after the re-sealed symlink was made but before it was
+    renamed leaves a reserved temporary: listings skip it, fsck reports it."""
+    bound.start()
+    plain = bound.mountpoint
+    os.symlink("t", plain / "s")
+    bound.stop()
+    stray = bound.cipherdir / (SYMLINK_TMP_PREFIX + "0123456789abcdef")
+    os.symlink("AAAA", stray)
+    bound.start()
+    assert os.listdir(plain) == ["s"]
+    bound.stop()
+    bound.check_log()
+    assert fsck(bound) == [("leftover", None)]
+
+
+def test_version_1_directory_reads_and_writes(tmp_path):
+    """A directory without the flag keeps the version-1 encoding for what
+    it already holds and for everything written to it now."""
+    passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
+    init_v1_cipherdir(cipher, passfile)
+    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl").start()
+    plain = mount.mountpoint
+    try:
+        os.symlink("old target", plain / "s")
+        (plain / "f").write_text("x")
+        (plain / "g").write_text("y")
+        os.setxattr(plain / "f", "user.same", b"v")
+        os.setxattr(plain / "g", "user.same", b"w")
+        os.rename(plain / "s", plain / "s2")
+    finally:
+        mount.stop()
+    names = {n for p in cipher.iterdir() for n in user_xattrs(p)}
+    assert len(names) == 1  # the version-1 name encoding: equal on every file
+    mount.start()
+    try:
+        assert os.readlink(plain / "s2") == "old target"
+        assert os.getxattr(plain / "g", "user.same") == b"w"
+    finally:
+        mount.stop()
+    mount.check_log()
+    assert KeyFile.load(cipher).features == []
