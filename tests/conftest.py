@@ -7,6 +7,7 @@ never a skip."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -194,6 +195,26 @@ class Mount:
         for line in text.splitlines():
             if "WARNING" in line or "skipping" in line or "backing file" in line:
                 assert any(a in line for a in allowed), f"unexpected log line: {line}"
+
+
+def backing_entry_of(mount: Mount, action) -> Path:
+    """Run ``action`` on the mount; return the one backing entry it created."""
+    before = set(mount.cipherdir.rglob("*"))
+    action()
+    (entry,) = [p for p in set(mount.cipherdir.rglob("*")) - before
+                if p.name != "cryptfs.diriv" and not p.name.endswith(".name")]
+    return entry
+
+
+def fsck_problems(mount: Mount) -> list[tuple[str, str | None]]:
+    """(kind, plaintext path) of every problem ``cryptfs fsck`` reports,
+    sorted; its exit code must agree (20 with problems, else 0)."""
+    proc = subprocess.run(cryptfs_cmd("fsck", str(mount.cipherdir), "--passfile",
+                                      str(mount.passfile), "--json"),
+                          capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    problems = json.loads(proc.stdout)["problems"]
+    assert proc.returncode == (20 if problems else 0), proc.stderr
+    return sorted((p["kind"], p["plaintext"]) for p in problems)
 
 
 def mount_engine_param(request) -> str:

@@ -124,6 +124,22 @@ def test_unknown_feature_flag(created):
         KeyFile.load(created[0])
 
 
+def test_new_key_files_require_bound_metadata(created, monkeypatch):
+    """New directories carry the flag; a cryptfs that does not know it
+    refuses them, and stripping it (a downgrade to the unbound version-1
+    metadata encoding) breaks every slot."""
+    cipherdir, _ = created
+    path = cipherdir / KEYFILE_NAME
+    assert json.loads(path.read_bytes())["features"] == ["bound-metadata"]
+    monkeypatch.setattr("cryptfs.keyfile.KNOWN_FEATURES", frozenset())
+    with pytest.raises(UnsupportedFeatureError, match="bound-metadata"):
+        KeyFile.load(cipherdir)
+    monkeypatch.undo()
+    path.write_bytes(reseal(path.read_bytes(), lambda o: o.update(features=[])))
+    with pytest.raises(WrongPasswordError):
+        KeyFile.load(cipherdir).unlock(b"correct horse")
+
+
 def test_lowered_kdf_cost_breaks_the_slot(created):
     """Slot parameters are AEAD associated data: weakening them cannot unlock."""
     path = created[0] / KEYFILE_NAME

@@ -7,9 +7,7 @@ encoding.  Only AES-SIV from ``cryptography`` is involved: one engine."""
 from __future__ import annotations
 
 import errno
-import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,9 +16,9 @@ from cryptfs.fs.tree import RENAME_EXCHANGE, RENAME_NOREPLACE, SYMLINK_TMP_PREFI
 from cryptfs.keyfile import KeyFile
 from cryptfs.metadata import FEATURE_BOUND_METADATA
 from tests.conftest import (
-    MOUNT_TIMEOUT,
     Mount,
-    cryptfs_cmd,
+    backing_entry_of,
+    fsck_problems,
     fuse_usable,
     init_cipherdir,
     init_v1_cipherdir,
@@ -56,24 +54,6 @@ def bound(tmp_path):
         mount.stop()
 
 
-def fsck(mount: Mount) -> list[tuple[str, str | None]]:
-    proc = subprocess.run(cryptfs_cmd("fsck", str(mount.cipherdir), "--passfile",
-                                      str(mount.passfile), "--json"),
-                          capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
-    problems = json.loads(proc.stdout)["problems"]
-    assert proc.returncode == (20 if problems else 0), proc.stderr
-    return sorted((p["kind"], p["plaintext"]) for p in problems)
-
-
-def make(mount: Mount, action) -> Path:
-    """Run ``action`` on the mount; return the one backing entry it created."""
-    before = set(mount.cipherdir.rglob("*"))
-    action()
-    (entry,) = [p for p in set(mount.cipherdir.rglob("*")) - before
-                if p.name != "cryptfs.diriv" and not p.name.endswith(".name")]
-    return entry
-
-
 def user_xattrs(path: Path) -> list[str]:
     return [n for n in os.listxattr(path, follow_symlinks=False) if n.startswith("user.")]
 
@@ -84,7 +64,7 @@ def raises_errno(code: int, fn, *args) -> None:
     assert info.value.errno == code, info.value
 
 
-def test_init_writes_the_flag_and_old_cryptfs_refuses_it(fmt, request):
+def test_init_writes_the_flag(fmt, request):
     features = KeyFile.load(fmt.cipherdir).features
     assert features == ([FEATURE_BOUND_METADATA] if "bound" in request.node.name else [])
 
@@ -94,8 +74,8 @@ def test_swapped_symlink_targets(fmt):
     swap goes unnoticed (the documented weakness)."""
     fmt.start()
     plain = fmt.mountpoint
-    a = make(fmt, lambda: os.symlink("target-a", plain / "a"))
-    b = make(fmt, lambda: os.symlink("target-b", plain / "b"))
+    a = backing_entry_of(fmt, lambda: os.symlink("target-a", plain / "a"))
+    b = backing_entry_of(fmt, lambda: os.symlink("target-b", plain / "b"))
     fmt.stop()
     stored_a, stored_b = os.readlink(a), os.readlink(b)
     os.unlink(a)
@@ -108,18 +88,18 @@ def test_swapped_symlink_targets(fmt):
         raises_errno(errno.EIO, os.readlink, plain / "b")
         fmt.stop()
         fmt.check_log(allowed=("symlink target does not decrypt",))
-        assert fsck(fmt) == [("symlink", "/a"), ("symlink", "/b")]
+        assert fsck_problems(fmt) == [("symlink", "/a"), ("symlink", "/b")]
     else:
         assert os.readlink(plain / "a") == "target-b"
         fmt.stop()
-        assert fsck(fmt) == []
+        assert fsck_problems(fmt) == []
 
 
 def test_xattr_value_copied_to_another_file(fmt):
     fmt.start()
     plain = fmt.mountpoint
-    one = make(fmt, lambda: (plain / "one").write_text("1"))
-    two = make(fmt, lambda: (plain / "two").write_text("2"))
+    one = backing_entry_of(fmt, lambda: (plain / "one").write_text("1"))
+    two = backing_entry_of(fmt, lambda: (plain / "two").write_text("2"))
     os.setxattr(plain / "one", "user.note", b"secret of one")
     os.setxattr(plain / "two", "user.note", b"two")
     fmt.stop()
@@ -132,12 +112,12 @@ def test_xattr_value_copied_to_another_file(fmt):
         assert os.getxattr(plain / "one", "user.note") == b"secret of one"
         fmt.stop()
         fmt.check_log(allowed=("xattr value does not decrypt",))
-        assert fsck(fmt) == [("xattr", "/two")]
+        assert fsck_problems(fmt) == [("xattr", "/two")]
     else:
         assert name_one == name_two  # the version-1 leak
         assert os.getxattr(plain / "two", "user.note") == b"secret of one"
         fmt.stop()
-        assert fsck(fmt) == []
+        assert fsck_problems(fmt) == []
 
 
 def test_xattr_copied_whole_to_another_entry(bound):
@@ -146,8 +126,8 @@ def test_xattr_copied_whole_to_another_entry(bound):
     attributes such as rsync --fake-super's) and fsck reports it."""
     bound.start()
     plain = bound.mountpoint
-    one = make(bound, lambda: (plain / "one").write_text("1"))
-    sub = make(bound, lambda: (plain / "sub").mkdir())
+    one = backing_entry_of(bound, lambda: (plain / "one").write_text("1"))
+    sub = backing_entry_of(bound, lambda: (plain / "sub").mkdir())
     os.setxattr(plain / "one", "user.note", b"secret of one")
     bound.stop()
     (name,) = user_xattrs(one)
@@ -156,7 +136,7 @@ def test_xattr_copied_whole_to_another_entry(bound):
     assert os.listxattr(plain / "sub") == []
     raises_errno(errno.ENODATA, os.getxattr, plain / "sub", "user.note")
     bound.stop()
-    assert fsck(bound) == [("xattr", "/sub")]
+    assert fsck_problems(bound) == [("xattr", "/sub")]
 
 
 def test_renamed_symlinks_are_resealed(bound):
@@ -196,7 +176,7 @@ def test_renamed_symlinks_are_resealed(bound):
     assert os.lstat(plain / ("L" * 200)).st_size == len("somewhere/else")
     bound.stop()
     bound.check_log()
-    assert fsck(bound) == []
+    assert fsck_problems(bound) == []
 
 
 def test_hard_link_to_a_symlink_is_a_resealed_copy(fmt):
@@ -212,7 +192,7 @@ def test_hard_link_to_a_symlink_is_a_resealed_copy(fmt):
     assert os.readlink(plain / "d" / "h") == "the target"
     fmt.stop()
     fmt.check_log()
-    assert fsck(fmt) == []
+    assert fsck_problems(fmt) == []
 
 
 def test_xattrs_follow_files_through_rename_and_hard_links(fmt):
@@ -237,7 +217,7 @@ def test_xattrs_follow_files_through_rename_and_hard_links(fmt):
     raises_errno(errno.ENODATA, os.getxattr, plain / "e" / "moved", "user.a")
     fmt.stop()
     fmt.check_log()
-    assert fsck(fmt) == []
+    assert fsck_problems(fmt) == []
 
 
 def test_xattr_on_a_file_without_header(bound):
@@ -245,7 +225,7 @@ def test_xattr_on_a_file_without_header(bound):
     setting an attribute gives it a header first."""
     bound.start()
     plain = bound.mountpoint
-    backing = make(bound, lambda: (plain / "empty").write_bytes(b""))
+    backing = backing_entry_of(bound, lambda: (plain / "empty").write_bytes(b""))
     bound.stop()
     os.truncate(backing, 0)  # as a crash right after creating it leaves it
     bound.start()
@@ -257,7 +237,7 @@ def test_xattr_on_a_file_without_header(bound):
     bound.stop()
     assert backing.stat().st_size == 4096
     bound.check_log()
-    assert fsck(bound) == []
+    assert fsck_problems(bound) == []
 
 
 def test_interrupted_symlink_rename_leaves_a_reported_temporary(bound):
@@ -273,7 +253,7 @@ def test_interrupted_symlink_rename_leaves_a_reported_temporary(bound):
     assert os.listdir(plain) == ["s"]
     bound.stop()
     bound.check_log()
-    assert fsck(bound) == [("leftover", None)]
+    assert fsck_problems(bound) == [("leftover", None)]
 
 
 def test_version_1_directory_reads_and_writes(tmp_path):

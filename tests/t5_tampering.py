@@ -1,0 +1,163 @@
+"""What the default (AES-XTS) content mode does with each kind of tampering
+of a backing file, exactly as docs/format.md §4.4 and §7 say: none of these
+is detected (no EIO, no fsck report); the plaintext they read back is pinned
+here so the documentation cannot drift from the code.  (Symlink targets and
+xattrs, which are authenticated, are in t5_bound_metadata.py.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    ENGINE_PARAMS,
+    Mount,
+    backing_entry_of,
+    fsck_problems,
+    fuse_usable,
+    init_cipherdir,
+    mount_engine_param,
+)
+
+PAGE = 4096
+
+
+@pytest.fixture(params=ENGINE_PARAMS)
+def fresh(request, tmp_path):
+    if not fuse_usable():
+        pytest.skip("/dev/fuse is not usable here")
+    engine = mount_engine_param(request)
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, engine)
+    try:
+        yield mount
+    finally:
+        mount.stop()
+
+
+def write_files(mount: Mount, files: dict[str, bytes]) -> dict[str, Path]:
+    """Write ``files`` through a mount; return their backing paths."""
+    mount.start()
+    try:
+        backing = {name: backing_entry_of(mount, lambda n=name, d=data:
+                                          (mount.mountpoint / n).write_bytes(d))
+                   for name, data in files.items()}
+    finally:
+        mount.stop()
+    return backing
+
+
+def read_back(mount: Mount, name: str) -> bytes:
+    """Read a file through a fresh mount: no error, nothing logged, and
+    fsck finds nothing either."""
+    mount.start()
+    try:
+        data = (mount.mountpoint / name).read_bytes()
+    finally:
+        mount.stop()
+    mount.check_log()
+    assert fsck_problems(mount) == []
+    return data
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_appended_zeros_grow_the_file(fresh):
+    """4 KiB of zeros appended to a 5,000-byte file: it reads as 9,096 bytes.
+    The old final page decrypts as a full page: right up to its last two AES
+    blocks (4096 + 896 bytes), garbage to the page end, then the new pages
+    are a hole (zeros)."""
+    data = os.urandom(5000)
+    backing = write_files(fresh, {"f": data})["f"]
+    with open(backing, "ab") as f:
+        f.write(bytes(PAGE))
+    out = read_back(fresh, "f")
+    assert len(out) == 9096 == 5000 + PAGE
+    assert out[:PAGE + 896] == data[:PAGE + 896]
+    assert out[PAGE + 896:5000] != data[PAGE + 896:] and any(out[5000:2 * PAGE])
+    assert out[2 * PAGE:] == bytes(9096 - 2 * PAGE)
+
+
+def test_truncation_into_a_hole(fresh):
+    """A sparse file cut inside a hole: the cut lands in zeros, and a final
+    unit of zeros is a hole, so the shorter file reads as zeros past its
+    first byte."""
+    backing = write_files(fresh, {"f": b"a"})["f"]
+    fresh.start()
+    try:
+        with open(fresh.mountpoint / "f", "r+b") as f:
+            f.seek(5 * PAGE)
+            f.write(b"b")  # pages 1..4 are holes
+    finally:
+        fresh.stop()
+    os.truncate(backing, PAGE + 3 * PAGE + 100)
+    assert read_back(fresh, "f") == b"a" + bytes(3 * PAGE + 100 - 16 - 1)
+
+
+def test_truncation_at_a_16_byte_boundary_over_zero_plaintext(fresh):
+    """XTS decrypts a 16-byte-aligned prefix of a unit to the same blocks, so
+    a cut where 16 plaintext bytes are zero passes the trailer check."""
+    data = os.urandom(PAGE) + bytes(32) + os.urandom(4000)
+    backing = write_files(fresh, {"f": data})["f"]
+    os.truncate(backing, PAGE + PAGE + 32)
+    assert read_back(fresh, "f") == data[:PAGE + 16]
+
+
+def test_zeroed_final_unit_reads_as_zeros(fresh):
+    """The hole rule wins over the trailer check: a final unit overwritten
+    with zeros (as a crash can leave it) reads as zeros."""
+    data = os.urandom(5000)
+    backing = write_files(fresh, {"f": data})["f"]
+    patch(backing, 2 * PAGE, bytes(904 + 16))
+    assert read_back(fresh, "f") == data[:PAGE] + bytes(904)
+
+
+def test_zeroed_middle_page_reads_as_zeros(fresh):
+    data = os.urandom(3 * PAGE + 10)
+    backing = write_files(fresh, {"f": data})["f"]
+    patch(backing, 2 * PAGE, bytes(PAGE))  # plaintext page 1
+    assert read_back(fresh, "f") == data[:PAGE] + bytes(PAGE) + data[2 * PAGE:]
+
+
+def test_pages_swapped_within_a_file_read_as_garbage(fresh):
+    data = os.urandom(3 * PAGE + 10)
+    backing = write_files(fresh, {"f": data})["f"]
+    raw = backing.read_bytes()
+    patch(backing, PAGE, raw[2 * PAGE:3 * PAGE] + raw[PAGE:2 * PAGE])  # pages 0 and 1
+    out = read_back(fresh, "f")
+    assert len(out) == len(data) and out[2 * PAGE:] == data[2 * PAGE:]
+    for page in (0, 1):  # the tweak is the page index: neither page reads as the other
+        got = out[page * PAGE:(page + 1) * PAGE]
+        assert got not in (data[:PAGE], data[PAGE:2 * PAGE], bytes(PAGE))
+
+
+def test_pages_swapped_between_files_read_as_garbage(fresh):
+    one, two = os.urandom(2 * PAGE + 10), os.urandom(2 * PAGE + 10)
+    backing = write_files(fresh, {"one": one, "two": two})
+    page_one = backing["one"].read_bytes()[PAGE:2 * PAGE]
+    patch(backing["one"], PAGE, backing["two"].read_bytes()[PAGE:2 * PAGE])
+    patch(backing["two"], PAGE, page_one)
+    out = read_back(fresh, "one")
+    assert out[PAGE:] == one[PAGE:]
+    assert out[:PAGE] not in (one[:PAGE], two[:PAGE])  # each file has its own key
+
+
+def test_rolled_back_page_reads_as_the_old_version(fresh):
+    old = os.urandom(2 * PAGE + 10)
+    backing = write_files(fresh, {"f": old})["f"]
+    saved = backing.read_bytes()[PAGE:2 * PAGE]
+    new = os.urandom(len(old))
+    fresh.start()
+    try:
+        (fresh.mountpoint / "f").write_bytes(new)
+    finally:
+        fresh.stop()
+    patch(backing, PAGE, saved)
+    assert read_back(fresh, "f") == old[:PAGE] + new[PAGE:]
