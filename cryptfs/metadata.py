@@ -29,7 +29,7 @@ padding: a target is ``["cryptfs v1 symlink", R]``, a name
 from __future__ import annotations
 
 import secrets
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -79,9 +79,12 @@ class MetadataCipher:
 
     Version 1 ignores ``place`` and ``owner`` (an owner may be None there)."""
 
-    def __init__(self, keys: KeyRing, bound: bool) -> None:
+    def __init__(self, keys: KeyRing, bound: bool,
+                 random: Callable[[int], bytes] = secrets.token_bytes) -> None:
+        """``random`` supplies nonces (fixed only by scripts/metadata-example)."""
         self._siv = AESSIV(keys.metadata_key)
         self.bound = bound
+        self._random = random
 
     @classmethod
     def for_features(cls, keys: KeyRing, features: Collection[str]) -> MetadataCipher:
@@ -108,7 +111,7 @@ class MetadataCipher:
     def encrypt_target(self, target: bytes, place: SymlinkPlace) -> bytes:
         if not target or b"\x00" in target:
             raise InvalidNameError("symlink target is empty or contains NUL")
-        nonce = secrets.token_bytes(NONCE_LEN)
+        nonce = self._random(NONCE_LEN)
         sealed = self._siv.encrypt(self._pad(target), self._target_ad(nonce, place))
         stored = b64url(nonce + sealed).encode()
         if len(stored) >= PATH_MAX:
@@ -175,7 +178,7 @@ class MetadataCipher:
         padded = self._pad(value)
         if len(padded) + NONCE_LEN + SIV_TAG_LEN > XATTR_SIZE_MAX:
             raise NameTooLongError("xattr value too large to encrypt")
-        nonce = secrets.token_bytes(NONCE_LEN)
+        nonce = self._random(NONCE_LEN)
         return nonce + self._siv.encrypt(padded, self._value_ad(stored_name, nonce, owner))
 
     def decrypt_xattr_value(self, stored_name: bytes, stored: bytes,

@@ -56,3 +56,47 @@ def test_independent_decoder():
     sealed = base64.urlsafe_b64decode(GOLDEN["backing_name"] + "==")
     padded = AESSIV(name_key).decrypt(sealed, [b"cryptfs v1 name", bytes.fromhex(GOLDEN["dir_iv"])])
     assert padded[:-padded[-1]].decode() == GOLDEN["name"]
+
+
+METADATA = json.loads((ROOT / "tests/golden/metadata-bound.json").read_text())
+
+
+def test_bound_metadata_example_is_reproduced():
+    example = runpy.run_path(str(ROOT / "scripts/metadata-example"))["example"]
+    assert example() == METADATA
+
+
+def test_bound_metadata_independent_decoder():
+    """Decode the bound metadata example from docs/format.md §6 alone."""
+    import base64
+
+    def unb64url(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    def unpad(data: bytes) -> bytes:
+        assert 1 <= data[-1] <= 16 and data.endswith(bytes([data[-1]]) * data[-1])
+        return data[:-data[-1]]
+
+    ex = METADATA
+    master = bytes.fromhex(ex["master_key"])
+    siv = AESSIV(reference_hkdf("sha512", master, b"", b"cryptfs v1 metadata key", 64))
+    dir_iv, file_id = bytes.fromhex(ex["dir_iv"]), bytes.fromhex(ex["file_id"])
+    name_key = reference_hkdf("sha512", master, b"", b"cryptfs v1 filename key", 64)
+    padded = AESSIV(name_key).decrypt(unb64url(ex["symlink_entry"]), [b"cryptfs v1 name", dir_iv])
+    assert unpad(padded).decode() == ex["symlink_name"]
+    # symlink: base64url(R || SIV(pad(T), ["cryptfs v2 symlink", D, E, R]))
+    raw = unb64url(ex["stored_target"])
+    nonce, sealed = raw[:16], raw[16:]
+    assert nonce.hex() == ex["symlink_nonce"] and len(sealed) == 16 + 16  # 9 bytes pad to 16
+    ad = [b"cryptfs v2 symlink", dir_iv, ex["symlink_entry"].encode(), nonce]
+    assert unpad(siv.decrypt(sealed, ad)).decode() == ex["symlink_target"]
+    # xattr name: "user." || base64url(SIV(pad(N), ["cryptfs v2 xattr name", "file", ID]))
+    stored_name = ex["stored_xattr_name"]
+    assert stored_name.startswith("user.")
+    name = siv.decrypt(unb64url(stored_name[5:]), [b"cryptfs v2 xattr name", b"file", file_id])
+    assert unpad(name).decode() == ex["xattr_name"]
+    # xattr value: R || SIV(pad(V), ["cryptfs v2 xattr value", "file", ID, X, R])
+    value = bytes.fromhex(ex["stored_xattr_value"])
+    nonce = value[:16]
+    ad = [b"cryptfs v2 xattr value", b"file", file_id, stored_name.encode(), nonce]
+    assert unpad(siv.decrypt(value[16:], ad)).decode() == ex["xattr_value"]

@@ -195,6 +195,22 @@ def test_bound_xattrs_belong_to_their_owner():
         V1.encrypt_xattr_name(b"user.comment", FILE)  # the leak the bound encoding fixes
 
 
+@pytest.mark.parametrize(("meta", "target", "name", "value"),
+                         [(V1, 3039, 171, 65504), (BOUND, 3023, 159, 65503)], ids=["v1", "bound"])
+def test_documented_limits(meta, target, name, value):
+    """The largest target, xattr name and value each encoding stores
+    (docs/format.md §6); one byte more is refused."""
+    meta.encrypt_target(b"t" * target, PLACE)
+    stored = meta.encrypt_xattr_name(b"user." + b"n" * (name - 5), FILE)
+    meta.encrypt_xattr_value(stored, b"v" * value, FILE)
+    with pytest.raises(NameTooLongError):
+        meta.encrypt_target(b"t" * (target + 1), PLACE)
+    with pytest.raises(NameTooLongError):
+        meta.encrypt_xattr_name(b"user." + b"n" * (name - 4), FILE)
+    with pytest.raises(NameTooLongError):
+        meta.encrypt_xattr_value(stored, b"v" * (value + 1), FILE)
+
+
 def test_bound_encoding_pads_to_16_bytes():
     """Lengths show only rounded up: targets, names and values of 1 and 15
     bytes store alike, 16 bytes take the next step."""

@@ -6,6 +6,7 @@ xattrs, which are authenticated, are in t5_bound_metadata.py.)"""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -83,6 +84,22 @@ def test_appended_zeros_grow_the_file(fresh):
     assert out[:PAGE + 896] == data[:PAGE + 896]
     assert out[PAGE + 896:5000] != data[PAGE + 896:] and any(out[5000:2 * PAGE])
     assert out[2 * PAGE:] == bytes(9096 - 2 * PAGE)
+
+
+def test_few_appended_zeros_fail_the_trailer_check(fresh):
+    """Zeros that leave the final page where it was land in its unit: EIO."""
+    backing = write_files(fresh, {"f": os.urandom(5000)})["f"]
+    with open(backing, "ab") as f:
+        f.write(bytes(3192))
+    fresh.start()
+    try:
+        with pytest.raises(OSError) as info:
+            (fresh.mountpoint / "f").read_bytes()
+        assert info.value.errno == errno.EIO
+    finally:
+        fresh.stop()
+    fresh.check_log(allowed=("final page 1 failed its check",))
+    assert fsck_problems(fresh) == [("final-page", "/f")]
 
 
 def test_truncation_into_a_hole(fresh):
