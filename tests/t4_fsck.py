@@ -131,3 +131,15 @@ def test_progress_line(capsys):
     progress.done()
     err = capsys.readouterr().err
     assert "3/10 files" in err and "4/10 MiB" in err and "MB/s" in err and "ETA" in err
+
+
+def test_stale_key_file_copies_are_reported(populated):
+    """A key file backup an older cryptfs left, or the temporary file of an
+    interrupted write, still opens with old passwords: fsck names them."""
+    cipher, passfile, _ = populated
+    (cipher / "cryptfs.conf.bak").write_bytes((cipher / "cryptfs.conf").read_bytes())
+    (cipher / "cryptfs.conf.tmp-0badf00d").write_bytes(b"{}")
+    code, report = fsck(cipher, passfile)
+    assert code == ExitCode.FSCK_PROBLEMS
+    assert sorted((p["kind"], p["backing"]) for p in report["problems"]) == [
+        ("stale-keyfile", "cryptfs.conf.bak"), ("stale-keyfile", "cryptfs.conf.tmp-0badf00d")]
