@@ -25,9 +25,8 @@ from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import XtsEngine
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
-from cryptfs.keyfile import KdfParams, KeyFile
+from cryptfs.keyfile import KeyFile
 from cryptfs.keys import KeyRing
-from cryptfs.names import create_diriv
 
 REQUIRE_AFALG = os.environ.get("CRYPTFS_REQUIRE_AFALG") == "1"
 
@@ -114,17 +113,14 @@ def init_cipherdir(cipherdir: Path, passfile: Path) -> None:
 
 
 def init_v1_cipherdir(cipherdir: Path, passfile: Path) -> None:
-    """A cipher directory as cryptfs wrote it before bound metadata: a key
-    file without feature flags (``init`` itself always writes the new one)."""
-    cipherdir.mkdir(parents=True, exist_ok=True)
-    passfile.write_text(PASSWORD + "\n")
-    kdf = KdfParams.argon2id(memory_kib=8 * 1024, iterations=1)
-    keyfile, keys = KeyFile.create(PASSWORD.encode(), kdf, features=())
-    fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        create_diriv(fd)
-    finally:
-        os.close(fd)
+    """A cipher directory as cryptfs wrote it before bound metadata: ``init``,
+    then the key file without feature flags (its slot re-wrapped, since the
+    flags are part of every slot's associated data)."""
+    init_cipherdir(cipherdir, passfile)
+    keyfile = KeyFile.load(cipherdir)
+    keys = keyfile.unlock(PASSWORD.encode())
+    keyfile.features = []
+    keyfile.change_password(keys, keyfile.slots[0].slot_id, PASSWORD.encode())
     keyfile.save(cipherdir)
     keys.wipe()
 

@@ -135,6 +135,7 @@ def test_new_key_files_require_bound_metadata(created, monkeypatch):
     with pytest.raises(UnsupportedFeatureError, match="bound-metadata"):
         KeyFile.load(cipherdir)
     monkeypatch.undo()
+    assert KeyFile.create(b"pw", fast(), features=())[0].features == []  # version-1 metadata
     path.write_bytes(reseal(path.read_bytes(), lambda o: o.update(features=[])))
     with pytest.raises(WrongPasswordError):
         KeyFile.load(cipherdir).unlock(b"correct horse")

@@ -12,31 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    ENGINE_PARAMS,
-    Mount,
-    backing_entry_of,
-    fsck_problems,
-    fuse_usable,
-    init_cipherdir,
-    mount_engine_param,
-)
+from tests import t5_damage
+from tests.conftest import Mount, backing_entry_of, fsck_problems
 
 PAGE = 4096
-
-
-@pytest.fixture(params=ENGINE_PARAMS)
-def fresh(request, tmp_path):
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
-    engine = mount_engine_param(request)
-    passfile = tmp_path / "password"
-    init_cipherdir(tmp_path / "cipher", passfile)
-    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, engine)
-    try:
-        yield mount
-    finally:
-        mount.stop()
+fresh = t5_damage.fresh  # the fixture: a cipher directory and its (unmounted) Mount
 
 
 def write_files(mount: Mount, files: dict[str, bytes]) -> dict[str, Path]:
