@@ -231,7 +231,8 @@ class BackingTree:
         """A symlink at ``path`` with the owner and times of ``like``."""
         os.symlink(sealed, path)
         try:
-            if os.lstat(path).st_uid != like.st_uid or os.lstat(path).st_gid != like.st_gid:
+            made = os.lstat(path)
+            if (made.st_uid, made.st_gid) != (like.st_uid, like.st_gid):
                 with contextlib.suppress(PermissionError):  # only root may give it away
                     os.chown(path, like.st_uid, like.st_gid, follow_symlinks=False)
             os.utime(path, ns=(like.st_atime_ns, like.st_mtime_ns), follow_symlinks=False)
