@@ -52,18 +52,23 @@ def patch(path: Path, offset: int, data: bytes) -> None:
 
 def test_appended_zeros_grow_the_file(fresh):
     """4 KiB of zeros appended to a 5,000-byte file: it reads as 9,096 bytes.
-    The old final page decrypts as a full page: right up to its last two AES
-    blocks (4096 + 896 bytes), garbage to the page end, then the new pages
-    are a hole (zeros)."""
-    data = os.urandom(5000)
-    backing = write_files(fresh, {"f": data})["f"]
-    with open(backing, "ab") as f:
-        f.write(bytes(PAGE))
+    The old final page decrypts as a full page: right except the two AES
+    blocks ciphertext stealing joined (its last 8 bytes), garbage to the
+    page end, then the new pages are a hole (zeros).  An old final unit of
+    a multiple of 16 bytes (5,008 + 16) reads back whole, trailer and all."""
+    data, aligned = os.urandom(5000), os.urandom(5008)
+    backing = write_files(fresh, {"f": data, "g": aligned})
+    for path in backing.values():
+        with open(path, "ab") as f:
+            f.write(bytes(PAGE))
     out = read_back(fresh, "f")
     assert len(out) == 9096 == 5000 + PAGE
     assert out[:PAGE + 896] == data[:PAGE + 896]
     assert out[PAGE + 896:5000] != data[PAGE + 896:] and any(out[5000:2 * PAGE])
     assert out[2 * PAGE:] == bytes(9096 - 2 * PAGE)
+    out = read_back(fresh, "g")
+    assert out[:5008 + 16] == aligned + bytes(16) and any(out[5008 + 16:2 * PAGE])
+    assert out[2 * PAGE:] == bytes(len(out) - 2 * PAGE)
 
 
 def test_few_appended_zeros_fail_the_trailer_check(fresh):
