@@ -92,9 +92,11 @@ def library_tree(cipher: Path, keys: KeyRing, engine: XtsEngine) -> tuple[Tree, 
             if is_reserved(entry) and not is_longname(entry):
                 continue  # the key file, directory IVs, long-name sidecars
             path = backing / entry
-            name = names.decode_longname(dir_iv, entry, (backing / sidecar_name(entry))
-                                         .read_bytes()) if is_longname(entry) \
-                else names.decode(dir_iv, entry)
+            if is_longname(entry):
+                sidecar = (backing / sidecar_name(entry)).read_bytes()
+                name = names.decode_longname(dir_iv, entry, sidecar)
+            else:
+                name = names.decode(dir_iv, entry)
             child = f"{plain}/{os.fsdecode(name)}"
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
