@@ -57,7 +57,7 @@ def candidates() -> list[tuple[str, Callable[[], XtsEngine] | str]]:
     found.append((OpenSSLEngine("direct").label, lambda: OpenSSLEngine("direct")))
     try:
         kernel = AfalgEngine.probe()
-        cross_check(kernel, OpenSSLEngine())
+        cross_check(kernel, OpenSSLEngine("direct"))
     except (EngineUnavailableError, EngineError, OSError) as exc:
         return [*found, ("afalg", str(exc))]
     if kernel.zero_copy:

@@ -10,7 +10,7 @@ import secrets
 
 import pytest
 
-from cryptfs.engines import native
+from cryptfs.engines import native, select_engine
 from cryptfs.engines.base import PAGE_SIZE, aligned_buffer, units
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
@@ -187,3 +187,24 @@ def test_sessions_are_thread_safe_while_splitting():
         assert all(pool.map(work, range(len(data))))
     session.close()
     engine.close()
+
+
+def test_mounts_use_the_checked_helper(caplog):
+    """``select_engine`` uses the helper after checking it against the
+    ``cryptography`` path, and falls back if its bytes differ."""
+    if os.environ.get(native.NO_NATIVE_ENV) != "1":
+        choice = select_engine("openssl")
+        assert choice.engine.path == "native"
+        choice.engine.close()
+    real = native.NativeSession.encrypt
+
+    def broken(self, first, src, dst):
+        real(self, first, src, dst)
+        dst[0] ^= 1
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native.NativeSession, "encrypt", broken)
+        choice = select_engine("openssl")
+    assert choice.engine.path == "direct"
+    if os.environ.get(native.NO_NATIVE_ENV) != "1":
+        assert "native AES-XTS helper failed its self-test" in caplog.text
