@@ -39,6 +39,17 @@ def afalg_engine() -> AfalgEngine:
         pytest.skip(f"no AF_ALG on this kernel ({exc}); scripts/test runs this in the kernel VM")
 
 
+def native_engine(helpers: int | None = 0) -> OpenSSLEngine:
+    """The userspace engine on its native helper (serial unless ``helpers``),
+    or skip where CRYPTFS_NO_NATIVE=1 turns the helper off on purpose."""
+    try:
+        return OpenSSLEngine("native", helpers=helpers)
+    except EngineUnavailableError as exc:
+        if os.environ.get("CRYPTFS_NO_NATIVE") == "1":
+            pytest.skip(str(exc))
+        raise
+
+
 @pytest.fixture(params=["openssl", "openssl-cryptography",
                         pytest.param("afalg", marks=pytest.mark.afalg)])
 def engine(request) -> Iterator[XtsEngine]:

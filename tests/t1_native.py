@@ -14,6 +14,7 @@ from cryptfs.engines import native, select_engine
 from cryptfs.engines.base import PAGE_SIZE, aligned_buffer, units
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
+from tests.conftest import native_engine
 from tests.t1_engines import BOUNDARY_LENGTHS, PATTERN, V10_CT, V10_KEY, aligned
 
 TAILS = (16, 17, 31, 4095, 4096, 4097, 4111, 4112)
@@ -46,10 +47,6 @@ def test_no_native_env_forces_the_fallback(monkeypatch):
     assert "CRYPTFS_NO_NATIVE=1" in engine.describe()
     with pytest.raises(EngineUnavailableError, match="native helper"):
         OpenSSLEngine("native")
-
-
-def native_engine(helpers: int = 0) -> OpenSSLEngine:
-    return OpenSSLEngine("native", helpers=helpers)
 
 
 def unaligned(data: bytes) -> memoryview:
@@ -139,9 +136,9 @@ def test_tweak_carries_into_the_high_half():
     key, plain = secrets.token_bytes(64), secrets.token_bytes(4 * PAGE_SIZE)
     first = (1 << 64) - 2
     outs = []
-    for path in ("native", "direct"):
+    for engine in (native_engine(), OpenSSLEngine("direct")):
         out = bytearray(len(plain))
-        OpenSSLEngine(path).open_session(key).encrypt(first, plain, memoryview(out))
+        engine.open_session(key).encrypt(first, plain, memoryview(out))
         outs.append(out)
     assert outs[0] == outs[1]
 

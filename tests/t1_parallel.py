@@ -15,7 +15,7 @@ from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, XtsEngine, units
 from cryptfs.engines.parallel import SPLIT_MIN_UNITS, ParallelRuns, split
 from cryptfs.engines.userspace import OpenSSLEngine
-from tests.conftest import afalg_engine
+from tests.conftest import afalg_engine, native_engine
 from tests.t1_engines import aligned
 
 
@@ -86,7 +86,7 @@ def test_an_error_in_a_part_reaches_the_caller_after_every_part():
 def test_forked_child_starts_its_own_helpers():
     """The daemon forks after building the engine: the child must not wait
     for threads that only exist in the parent."""
-    engine = OpenSSLEngine(helpers=1)
+    engine = native_engine(helpers=1)
     key, plain = secrets.token_bytes(64), secrets.token_bytes(64 * PAGE_SIZE)
     expected = bytearray(len(plain))
     engine.open_session(key).encrypt(5, plain, memoryview(expected))  # starts helpers here
@@ -108,7 +108,7 @@ def test_forked_child_starts_its_own_helpers():
 def make_engine(kind: str, helpers: int) -> XtsEngine:
     if kind == "afalg":
         return AfalgEngine(afalg_engine().zero_copy, helpers=helpers)
-    return OpenSSLEngine(kind, helpers=helpers)
+    return native_engine(helpers)
 
 
 @pytest.mark.parametrize("kind", ["native", pytest.param("afalg", marks=pytest.mark.afalg)])
