@@ -4,8 +4,8 @@
 key and data are encrypted by both engines, through both of the kernel
 engine's input paths, and the bytes must match.  Otherwise it falls back to
 the userspace engine and says why.  The userspace engine's native helper is
-checked the same way against its ``cryptography`` path.  Both produce the same bytes, so the
-choice never affects what is on disk.
+checked the same way against its ``cryptography`` path.  Both produce the
+same bytes, so the choice never affects what is on disk.
 """
 
 from __future__ import annotations
