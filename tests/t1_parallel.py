@@ -13,8 +13,9 @@ import pytest
 
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, XtsEngine, units
-from cryptfs.engines.parallel import SPLIT_MIN_UNITS, ParallelRuns, split
+from cryptfs.engines.parallel import SPLIT_MIN_UNITS, THREADS_ENV, ParallelRuns, split
 from cryptfs.engines.userspace import OpenSSLEngine
+from cryptfs.errors import EngineUnavailableError
 from tests.conftest import afalg_engine, native_engine
 from tests.t1_engines import aligned
 
@@ -152,3 +153,14 @@ def test_split_runs_give_serial_bytes(kind, length, tmp_path):
     finally:
         os.close(fd)
     assert set(split_threads()) <= before
+
+
+def test_run_threads_from_the_environment(monkeypatch):
+    monkeypatch.setenv(THREADS_ENV, "1")
+    assert ParallelRuns().helpers == 0 and ParallelRuns().parts(256 * PAGE_SIZE) == 1
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert ParallelRuns().helpers == 2
+    for bad in ("0", "5", "two", ""):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(EngineUnavailableError, match=THREADS_ENV):
+            ParallelRuns()

@@ -12,7 +12,9 @@ and re-raises the first part's exception, if any.
 
 The helpers are started on first use in the process that uses them (the
 mount daemon forks after building its engine; see ``fs/workers.py``) and
-stopped by ``close()``.
+stopped by ``close()``.  ``CRYPTFS_RUN_THREADS`` sets how many threads a run
+may use (1 turns splitting off): where waking another CPU costs more than
+it saves (busy or virtual machines), ``scripts/bench`` decides.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import threading
 from collections.abc import Callable
 
 from cryptfs.engines.base import PAGE_SIZE, unit_count
+from cryptfs.errors import EngineUnavailableError
 
 SPLIT_MIN_UNITS = 32
 PART_MIN_UNITS = 16
 MAX_THREADS = 4  # the caller plus up to three helpers
+THREADS_ENV = "CRYPTFS_RUN_THREADS"
 
 # work(start, end) ciphers bytes [start, end) of the run; start is a multiple
 # of PAGE_SIZE, so unit start // PAGE_SIZE of the run is the part's first unit.
@@ -34,8 +38,15 @@ Work = Callable[[int, int], None]
 
 
 def default_helpers() -> int:
-    """One helper per further CPU this process may use, at most three."""
-    return min(len(os.sched_getaffinity(0)), MAX_THREADS) - 1
+    """One helper per further CPU this process may use, at most three, or
+    ``CRYPTFS_RUN_THREADS`` - 1."""
+    wanted = os.environ.get(THREADS_ENV)
+    if wanted is None:
+        return min(len(os.sched_getaffinity(0)), MAX_THREADS) - 1
+    if not wanted.isdigit() or not 1 <= int(wanted) <= MAX_THREADS:
+        raise EngineUnavailableError(
+            f"{THREADS_ENV} must be a whole number from 1 to {MAX_THREADS}, not {wanted!r}")
+    return int(wanted) - 1
 
 
 def split(length: int, parts: int) -> list[tuple[int, int]]:
