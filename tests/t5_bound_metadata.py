@@ -19,12 +19,11 @@ from tests.conftest import (
     Mount,
     backing_entry_of,
     fsck_problems,
-    fuse_usable,
     init_cipherdir,
     init_v1_cipherdir,
 )
 
-pytestmark = pytest.mark.skipif(not fuse_usable(), reason="/dev/fuse is not usable here")
+pytestmark = pytest.mark.fuse
 
 
 @pytest.fixture(params=["bound", "v1"])
