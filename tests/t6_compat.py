@@ -25,6 +25,7 @@ from cryptfs.content.format import plaintext_size
 from cryptfs.content.sessions import SessionCache
 from cryptfs.engines.base import XtsEngine
 from cryptfs.errors import ExitCode
+from cryptfs.fs.tree import xattr_owner
 from cryptfs.keyfile import KEYFILE_NAME, KeyFile
 from cryptfs.keys import KeyRing
 from cryptfs.metadata import MetadataCipher, SymlinkPlace
@@ -76,7 +77,8 @@ def file_entry(data: bytes) -> list:
 
 def library_tree(cipher: Path, keys: KeyRing, engine: XtsEngine) -> tuple[Tree, Xattrs]:
     """Decode the whole backing directory with the library alone (no mount)."""
-    names, meta = NameCipher(keys), MetadataCipher(keys, bound=False)  # no feature flags
+    names = NameCipher(keys)
+    meta = MetadataCipher.for_features(keys, KeyFile.load(cipher).features)
     sessions = SessionCache(engine, keys)
     codec = ContentCodec(keys, sessions)
     tree: Tree = {}
@@ -100,13 +102,15 @@ def library_tree(cipher: Path, keys: KeyRing, engine: XtsEngine) -> tuple[Tree, 
             child = f"{plain}/{os.fsdecode(name)}"
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
-                place = SymlinkPlace(dir_iv, os.fsencode(entry))  # unused by version 1
+                place = SymlinkPlace(dir_iv, os.fsencode(entry))
                 target = meta.decrypt_target(os.fsencode(os.readlink(path)), place)
                 tree[child] = ["symlink", os.fsdecode(target)]
                 continue
-            attrs = {os.fsdecode(meta.decrypt_xattr_name(os.fsencode(a), None)):
-                     meta.decrypt_xattr_value(os.fsencode(a), os.getxattr(path, a), None).hex()
-                     for a in os.listxattr(path) if a.startswith("user.")}
+            stored = [os.fsencode(a) for a in os.listxattr(path) if a.startswith("user.")]
+            owner = xattr_owner(os.fsencode(path), st, codec) if stored else None
+            attrs = {os.fsdecode(meta.decrypt_xattr_name(a, owner)):
+                     meta.decrypt_xattr_value(a, os.getxattr(path, a), owner).hex()
+                     for a in stored}
             if attrs:
                 xattrs[child] = attrs
             if stat.S_ISDIR(st.st_mode):
