@@ -30,6 +30,13 @@ def _bind(name: str, argtypes: list, restype=ctypes.c_int):
     return fn
 
 
+def proc_path(fd: int) -> str:
+    """A path that reaches exactly the file ``fd`` refers to, for calls that
+    take no descriptor: the kernel jumps to the file (an ``O_PATH`` symlink
+    included, never its target) without walking any directory."""
+    return f"/proc/self/fd/{fd}"
+
+
 # --- renameat2(2) ----------------------------------------------------------
 
 RENAME_NOREPLACE = 1

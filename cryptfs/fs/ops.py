@@ -35,8 +35,9 @@ from cryptfs.errors import (
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.handles import DirHandleTable, HandleTable, OpenFile
 from cryptfs.fs.inodes import InodeTable
-from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes, proc_path
+from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes
 from cryptfs.fs.workers import WorkerPool
+from cryptfs.linux import proc_path
 from cryptfs.metadata import XATTR_PREFIX, MetadataCipher
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from typing import TypeVar
 from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.inodes import ROOT_INODE, Inode, InodeTable
-from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2
 from cryptfs.names import (
     DIRIV_LEN,
     DIRIV_NAME,
@@ -63,11 +63,6 @@ class Listed:
     stat: os.stat_result
 
 
-def proc_path(fd: int) -> str:
-    """A path that reaches exactly the file ``fd`` refers to."""
-    return f"/proc/self/fd/{fd}"
-
-
 class BackingTree:
     def __init__(self, root_fd: int, inodes: InodeTable, names: NameCipher,
                  dirs: DirCache) -> None:
@@ -77,11 +72,11 @@ class BackingTree:
         self._root_fd = root_fd
         self._inodes = inodes
         self._names = names
-        self._dirs = dirs
+        self.dirs = dirs
         self._reported: set[tuple[bytes, bytes]] = set()
 
     def close(self) -> None:
-        self._dirs.close()
+        self.dirs.close()
         os.close(self._root_fd)
 
     # -- directory descriptors --
@@ -91,7 +86,7 @@ class BackingTree:
         evicted ancestors) relative to the nearest cached one."""
         if ino == ROOT_INODE:
             return self._root_fd
-        fd = self._dirs.fd(ino)
+        fd = self.dirs.fd(ino)
         if fd is not None:
             return fd
         chain = []  # (child, parent, name), deepest first
@@ -99,18 +94,18 @@ class BackingTree:
             parent, name = self._inodes.link(ino)
             chain.append((ino, parent, name))
             ino = parent
-            fd = self._root_fd if ino == ROOT_INODE else self._dirs.fd(ino)
+            fd = self._root_fd if ino == ROOT_INODE else self.dirs.fd(ino)
         for child, parent, name in reversed(chain):
-            self._dirs.pin(parent)
+            self.dirs.pin(parent)
             try:
                 child_fd = os.open(name, _DIR_PATH, dir_fd=fd)
             finally:
-                self._dirs.unpin(parent)
+                self.dirs.unpin(parent)
             st = os.fstat(child_fd)
             if (st.st_dev, st.st_ino) != self._inodes.get(child).dev_ino:
                 os.close(child_fd)
                 raise StaleInodeError(f"backing directory {name!r} was replaced")
-            self._dirs.put(child, child_fd)
+            self.dirs.put(child, child_fd)
             fd = child_fd
         return fd
 
@@ -121,11 +116,11 @@ class BackingTree:
         try:
             for ino in inos:
                 fds.append(self._dir_fd(ino))
-                self._dirs.pin(ino)
+                self.dirs.pin(ino)
             yield fds
         finally:
             for ino in inos[:len(fds)]:
-                self._dirs.unpin(ino)
+                self.dirs.unpin(ino)
 
     @contextlib.contextmanager
     def _at(self, ino: int) -> Iterator[tuple[int, str]]:
@@ -159,27 +154,35 @@ class BackingTree:
     # -- directory IVs and names --
 
     def diriv(self, dir_ino: int) -> bytes:
-        iv = self._dirs.iv(dir_ino)
+        iv = self.dirs.iv(dir_ino)
         if iv is None:
             with self._pinned(dir_ino) as (fd,):
                 iv = read_diriv(fd)
-            self._dirs.set_iv(dir_ino, iv)
+            self.dirs.set_iv(dir_ino, iv)
         return iv
 
     def entry(self, parent: int, name: bytes) -> BackingName:
         return self._names.to_backing(self.diriv(parent), name)
 
     @staticmethod
-    def _add_sidecar(dir_fd: int, entry: BackingName) -> None:
-        """Store a long name's full encoding (before creating the entry)."""
+    def _add_sidecar(dir_fd: int, entry: BackingName) -> bool:
+        """Store a long name's full encoding (before creating the entry).
+        True if the sidecar is new; False if it was there (it belongs to an
+        existing entry of that name, so a failed creation must not remove it)."""
         if entry.sidecar is None:
-            return
-        fd = os.open(entry.sidecar_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+            return False
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(entry.sidecar_name, flags | os.O_EXCL, 0o600, dir_fd=dir_fd)
+            created = True
+        except FileExistsError:  # the same name's: rewrite it (it may be damaged)
+            fd = os.open(entry.sidecar_name, flags | os.O_TRUNC, 0o600, dir_fd=dir_fd)
+            created = False
         try:
             os.write(fd, entry.sidecar.encode("ascii"))
         finally:
             os.close(fd)
+        return created
 
     @staticmethod
     def _remove_sidecar(dir_fd: int, entry: BackingName) -> None:
@@ -289,7 +292,7 @@ class BackingTree:
     def _make(self, parent: int, dir_fd: int, entry: BackingName,
               make: Callable[[int, str], T], owner: Owner,
               fresh: bool) -> tuple[T, Inode, os.stat_result]:
-        self._add_sidecar(dir_fd, entry)
+        new_sidecar = self._add_sidecar(dir_fd, entry)
         try:
             result = make(dir_fd, entry.name)
             try:
@@ -301,7 +304,8 @@ class BackingTree:
                     os.unlink(entry.name, dir_fd=dir_fd)
                 raise
         except BaseException:
-            self._remove_sidecar(dir_fd, entry)
+            if new_sidecar:
+                self._remove_sidecar(dir_fd, entry)
             raise
         return result, self._inodes.remember(parent, entry.name.encode(), st, fresh=fresh), st
 
@@ -338,7 +342,7 @@ class BackingTree:
                     with contextlib.suppress(OSError):
                         self._remove_dir(dir_fd, entry.name)
                 raise
-        self._dirs.set_iv(inode.ino, made[0])
+        self.dirs.set_iv(inode.ino, made[0])
         return inode, st
 
     # -- removing entries --
@@ -417,7 +421,7 @@ class BackingTree:
                     return  # two links of one file: rename(2) does nothing
             replaces_dir = new_st is not None and stat.S_ISDIR(new_st.st_mode) \
                 and stat.S_ISDIR(old_st.st_mode)
-            self._add_sidecar(new_fd, new)
+            new_sidecar = self._add_sidecar(new_fd, new)
             try:
                 if replaces_dir:
                     self._rename_over_dir(old_fd, old.name, new_fd, new.name)
@@ -427,7 +431,7 @@ class BackingTree:
                 else:
                     os.rename(old.name, new.name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
             except BaseException:
-                if new_st is None:
+                if new_sidecar:
                     self._remove_sidecar(new_fd, new)
                 raise
             if old.sidecar is not None and old_link != new_link:
