@@ -149,6 +149,12 @@ async def test_xattrs(fs):
     d = (await fs.mkdir(ROOT_INODE, b"d", 0o755, CTX)).st_ino
     await fs.setxattr(d, b"user.dir", b"on a directory", CTX)
     assert await fs.getxattr(d, b"user.dir", CTX) == b"on a directory"
+    # On a symlink itself, never its target: Linux refuses user.* there (EPERM).
+    link = (await fs.symlink(ROOT_INODE, b"s", b"f", CTX)).st_ino
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.setxattr(link, b"user.note", b"v", CTX)
+    assert fuse_errno(info) == errno.EPERM
+    assert await fs.listxattr(link, CTX) == [] and await fs.listxattr(ino, CTX) == []
 
 
 async def test_setattr_symlink_mknod(fs):
