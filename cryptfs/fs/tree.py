@@ -26,7 +26,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache
@@ -83,7 +83,10 @@ class BackingTree:
 
     def _dir_fd(self, ino: int) -> int:
         """The cached descriptor of directory ``ino``, reopening it (and any
-        evicted ancestors) relative to the nearest cached one."""
+        evicted ancestors) relative to the nearest cached one.  It stays
+        valid until the next ``_dir_fd`` call (which may evict it) or a
+        change to the inode table's links: an operation that needs two
+        descriptors holds them with ``_pinned``."""
         if ino == ROOT_INODE:
             return self._root_fd
         fd = self.dirs.fd(ino)
@@ -122,22 +125,19 @@ class BackingTree:
             for ino in inos[:len(fds)]:
                 self.dirs.unpin(ino)
 
-    @contextlib.contextmanager
-    def _at(self, ino: int) -> Iterator[tuple[int, str]]:
+    def _locate(self, ino: int) -> tuple[int, str]:
         """``(directory descriptor, name)`` of inode ``ino``'s entry."""
         if ino == ROOT_INODE:
-            yield self._root_fd, "."
-            return
+            return self._root_fd, "."
         parent, name = self._inodes.link(ino)
-        with self._pinned(parent) as (fd,):
-            yield fd, os.fsdecode(name)
+        return self._dir_fd(parent), os.fsdecode(name)
 
     @contextlib.contextmanager
     def _entry(self, ino: int) -> Iterator[str]:
         """A ``/proc/self/fd`` path of inode ``ino``'s own backing entry
         (never a symlink's target), checked to be the inode we know."""
-        with self._at(ino) as (dir_fd, name):
-            fd = os.open(name, _ENTRY_PATH, dir_fd=dir_fd)
+        dir_fd, name = self._locate(ino)
+        fd = os.open(name, _ENTRY_PATH, dir_fd=dir_fd)
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != self._inodes.get(ino).dev_ino:
@@ -148,16 +148,14 @@ class BackingTree:
 
     def open_dir(self, ino: int) -> int:
         """A new readable descriptor of directory ``ino`` (the caller closes it)."""
-        with self._pinned(ino) as (fd,):
-            return os.open(".", _DIR_READ, dir_fd=fd)
+        return os.open(".", _DIR_READ, dir_fd=self._dir_fd(ino))
 
     # -- directory IVs and names --
 
     def diriv(self, dir_ino: int) -> bytes:
         iv = self.dirs.iv(dir_ino)
         if iv is None:
-            with self._pinned(dir_ino) as (fd,):
-                iv = read_diriv(fd)
+            iv = read_diriv(self._dir_fd(dir_ino))
             self.dirs.set_iv(dir_ino, iv)
         return iv
 
@@ -196,26 +194,25 @@ class BackingTree:
         """The inode and attributes of ``name`` in ``parent``, None if absent
         (one more kernel lookup on the inode)."""
         entry = self.entry(parent, name)
-        with self._pinned(parent) as (fd,):
-            try:
-                st = os.stat(entry.name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return None
+        try:
+            st = os.stat(entry.name, dir_fd=self._dir_fd(parent), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
         return self._inodes.remember(parent, entry.name.encode(), st), st
 
     def stat(self, ino: int) -> os.stat_result:
-        with self._at(ino) as (fd, name):
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        fd, name = self._locate(ino)
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
     def readlink(self, ino: int) -> bytes:
         """The stored (encrypted) target of symlink ``ino``."""
-        with self._at(ino) as (fd, name):
-            return os.fsencode(os.readlink(name, dir_fd=fd))
+        fd, name = self._locate(ino)
+        return os.fsencode(os.readlink(name, dir_fd=fd))
 
     def open_file(self, ino: int, flags: int) -> int:
         """A descriptor of regular file ``ino`` (never through a symlink)."""
-        with self._at(ino) as (fd, name):
-            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        fd, name = self._locate(ino)
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
 
     def statvfs(self) -> os.statvfs_result:
         return os.fstatvfs(self._root_fd)
@@ -230,7 +227,11 @@ class BackingTree:
                        times: tuple[int | None, int | None]) -> os.stat_result:
         """Change mode (not on symlinks: Linux has none), owner (-1: keep) and
         times (None: keep) of ``ino``'s entry; its attributes afterwards."""
-        with self._entry(ino) as path:
+        if mode is None:  # the *at calls act on the entry itself, a symlink included
+            fd, name = self._locate(ino)
+            return apply_attributes(name, None, uid, gid, times, dir_fd=fd,
+                                    follow_symlinks=False)
+        with self._entry(ino) as path:  # chmod has no nofollow form that works on Linux
             return apply_attributes(path, mode, uid, gid, times)
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
@@ -257,8 +258,7 @@ class BackingTree:
         (mknod, symlink, open with O_CREAT), its long-name sidecar first;
         on failure neither is left behind."""
         entry = self.entry(parent, name)
-        with self._pinned(parent) as (fd,):
-            return self._make(parent, fd, entry, make, owner, fresh=True)
+        return self._make(parent, self._dir_fd(parent), entry, make, owner, fresh=True)
 
     def create_file(self, parent: int, name: bytes, mode: int,
                     owner: Owner = None) -> tuple[int, Inode, os.stat_result]:
@@ -334,14 +334,14 @@ class BackingTree:
                 raise
             made.append(iv)
 
-        with self._pinned(parent) as (dir_fd,):
-            try:
-                _, inode, st = self._make(parent, dir_fd, entry, make, owner, fresh=True)
-            except BaseException:
-                if made:  # chown or stat failed after it was made: _make unlinks no directory
-                    with contextlib.suppress(OSError):
-                        self._remove_dir(dir_fd, entry.name)
-                raise
+        dir_fd = self._dir_fd(parent)
+        try:
+            _, inode, st = self._make(parent, dir_fd, entry, make, owner, fresh=True)
+        except BaseException:
+            if made:  # chown or stat failed after it was made: _make unlinks no directory
+                with contextlib.suppress(OSError):
+                    self._remove_dir(dir_fd, entry.name)
+            raise
         self.dirs.set_iv(inode.ino, made[0])
         return inode, st
 
@@ -349,16 +349,16 @@ class BackingTree:
 
     def unlink(self, parent: int, name: bytes) -> None:
         entry = self.entry(parent, name)
-        with self._pinned(parent) as (fd,):
-            os.unlink(entry.name, dir_fd=fd)
-            self._remove_sidecar(fd, entry)
+        fd = self._dir_fd(parent)
+        os.unlink(entry.name, dir_fd=fd)
+        self._remove_sidecar(fd, entry)
         self._inodes.unlink(parent, entry.name.encode())
 
     def rmdir(self, parent: int, name: bytes) -> None:
         entry = self.entry(parent, name)
-        with self._pinned(parent) as (fd,):
-            self._remove_dir(fd, entry.name)
-            self._remove_sidecar(fd, entry)
+        fd = self._dir_fd(parent)
+        self._remove_dir(fd, entry.name)
+        self._remove_sidecar(fd, entry)
         self._inodes.unlink(parent, entry.name.encode())
 
     def _remove_dir(self, dir_fd: int, backing: str) -> None:
@@ -496,19 +496,23 @@ class BackingTree:
 
 
 def apply_attributes(target: int | str, mode: int | None, uid: int, gid: int,
-                     times: tuple[int | None, int | None]) -> os.stat_result:
-    """Set attributes on a descriptor or a ``/proc/self/fd`` path (both
-    name one inode, so checking for a symlink first is race-free)."""
-    st = os.stat(target)
-    if mode is not None and not stat.S_ISLNK(st.st_mode):
+                     times: tuple[int | None, int | None], **at: Any) -> os.stat_result:
+    """Set attributes on a descriptor, a ``/proc/self/fd`` path (both name
+    one inode, so checking for a symlink first is race-free) or, with ``at``
+    (``dir_fd``, ``follow_symlinks=False``) and no ``mode``, a name."""
+    atime, mtime = times
+    keep_time = (atime is None) != (mtime is None)
+    st = os.stat(target, **at) if mode is not None or keep_time else None
+    if mode is not None and st is not None and not stat.S_ISLNK(st.st_mode):
         os.chmod(target, mode)
     if uid != -1 or gid != -1:
-        os.chown(target, uid, gid)
-    atime, mtime = times
+        os.chown(target, uid, gid, **at)
     if atime is not None or mtime is not None:
-        os.utime(target, ns=(st.st_atime_ns if atime is None else atime,
-                             st.st_mtime_ns if mtime is None else mtime))
-    return os.stat(target)
+        if keep_time and st is not None:
+            atime = st.st_atime_ns if atime is None else atime
+            mtime = st.st_mtime_ns if mtime is None else mtime
+        os.utime(target, ns=(atime, mtime), **at)
+    return os.stat(target, **at)
 
 
 def _restore_diriv(dir_fd: int, saved: bytes) -> None:
