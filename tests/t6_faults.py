@@ -223,11 +223,10 @@ for i in range(top):
 """
 
 
+@pytest.mark.fuse
 def test_descriptor_bound_with_20000_directories(tmp_path):
     """The kernel holds all 20,000 directories (their dentries stay cached),
     yet the daemon keeps at most its bound of directory descriptors open."""
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
     from cryptfs.fs.dircache import DEFAULT_LIMIT
 
     base = scratch_dir(tmp_path)
@@ -249,14 +248,13 @@ def test_descriptor_bound_with_20000_directories(tmp_path):
     assert after <= before + DEFAULT_LIMIT + 8
 
 
+@pytest.mark.fuse
 def test_directory_replaced_by_a_symlink_is_not_followed(tmp_path):
     """Behind the mount's back, a backing directory is swapped for a symlink
     to a copy of another encrypted directory outside the cipher directory.
     No operation through the mount reads or changes that copy: each fails
     or acts on the directory the mount knew.  ``--dir-fds 1`` makes the
     daemon reopen the directory (relative to its parent) on every use."""
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
     passfile = tmp_path / "password"
     cipher = tmp_path / "cipher"
     init_cipherdir(cipher, passfile)
