@@ -56,6 +56,10 @@ class MountOptions:
     # on the event loop's thread: a hop to a worker thread costs more than
     # they do.  None: the engine's ``inline_max``.
     inline_max: int | None = None
+    # False (--no-xattr): every xattr request is answered ENOSYS, after which
+    # the kernel stops sending them, including the getxattr(security.capability)
+    # it asks before every write(2).
+    xattrs: bool = True
 
 
 def _renameat2(old: bytes, new: bytes, flags: int) -> None:
@@ -177,6 +181,10 @@ class Operations(pyfuse3.Operations):
     def _check_writable(self) -> None:
         if self.options.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+
+    def _check_xattrs(self) -> None:
+        if not self.options.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel then answers EOPNOTSUPP itself
 
     # -- names and attributes --
 
@@ -480,9 +488,13 @@ class Operations(pyfuse3.Operations):
         return await self._file_io(opened, opened.file.write, off, buf,
                                    inline=self._inline(opened, off, len(buf)))
 
-    @fuse_op
     async def flush(self, fh):
-        return None
+        # Nothing to do at close(2): before it would send FLUSH the kernel
+        # has already written the file's dirty pages to us (write_inode_now
+        # in fuse_flush; fuse_release does it again with the writeback
+        # cache), and FLUSH carries no data.  ENOSYS makes it stop sending
+        # FLUSH for the whole mount: one request less per close.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @fuse_op
     async def release(self, fh):
@@ -546,6 +558,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def setxattr(self, inode, name, value, ctx):
+        self._check_xattrs()
         self._check_writable()
         sealed_name = self._xattr_name(name)
         sealed = self.metadata.encrypt_xattr_value(sealed_name, value)
@@ -553,6 +566,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def getxattr(self, inode, name, ctx):
+        self._check_xattrs()
         if not name.startswith(XATTR_PREFIX):
             # The kernel asks for security.capability before every write(2)
             # (pyfuse3 cannot negotiate HANDLE_KILLPRIV_V2): answer at once.
@@ -563,6 +577,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def listxattr(self, inode, ctx):
+        self._check_xattrs()
         names = []
         for stored in os.listxattr(self.inodes.path(inode), follow_symlinks=False):
             if not stored.startswith("user."):
@@ -575,6 +590,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def removexattr(self, inode, name, ctx):
+        self._check_xattrs()
         self._check_writable()
         os.removexattr(self.inodes.path(inode), self._xattr_name(name), follow_symlinks=False)
 

@@ -1,0 +1,154 @@
+"""What close(2) guarantees now that cryptfs answers FLUSH with ENOSYS (the
+kernel stops sending it), and the ``--no-xattr`` mount option, on real
+mounts with real programs."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mount, fuse_usable, init_cipherdir
+
+P = 4096
+
+
+def raises_errno(code: int, fn, *args) -> None:
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno == code, f"expected {errno.errorcode[code]}, got {info.value}"
+
+
+def read_o_direct(path: Path, size: int) -> bytes:
+    """The file's first ``size`` bytes read with O_DIRECT (page-aligned buffer)."""
+    buf = mmap.mmap(-1, (size + P - 1) // P * P or P)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        got = os.preadv(fd, [buf], 0)
+    finally:
+        os.close(fd)
+    return bytes(buf[:got])
+
+
+def child_cat(path: Path) -> bytes:
+    return subprocess.run(["cat", str(path)], check=True, capture_output=True).stdout
+
+
+# -- flush: data written before close is where every reader looks --------------------
+
+
+def test_close_then_read_in_another_process(mnt):
+    for size in (1, P - 1, P + 17, 300_000):
+        data = os.urandom(size)
+        path = mnt / f"f{size}"
+        with open(path, "wb") as f:  # small writes the writeback cache keeps dirty
+            for at in range(0, size, 1000):
+                f.write(data[at:at + 1000])
+        assert child_cat(path) == data
+        assert read_o_direct(path, size) == data
+
+
+def test_close_of_a_shared_descriptor_in_a_child(mnt):
+    """A child writes through a descriptor it shares with us and exits; the
+    data is visible to a third process while we still hold our copy."""
+    path = mnt / "shared"
+    data = os.urandom(50_000)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        code = f"import os, sys; os.write({fd}, sys.stdin.buffer.read()); os.close({fd})"
+        subprocess.run([sys.executable, "-c", code], input=data, check=True, pass_fds=(fd,))
+        assert child_cat(path) == data
+        assert read_o_direct(path, len(data)) == data
+    finally:
+        os.close(fd)
+    assert child_cat(path) == data
+
+
+def test_close_then_remount(tmp_path):
+    if not fuse_usable():
+        pytest.skip("/dev/fuse is not usable here")
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
+    data = os.urandom(123_457)
+    try:
+        (mount.mountpoint / "f").write_bytes(data)  # closed, never fsync'ed
+        mount.restart()
+        assert (mount.mountpoint / "f").read_bytes() == data
+    finally:
+        mount.stop()
+    mount.check_log()
+
+
+# -- --no-xattr ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_xattr_mount(tmp_path_factory):
+    """The engine plays no part in xattr handling: the userspace one only."""
+    if not fuse_usable():
+        pytest.skip("/dev/fuse is not usable here")
+    base = tmp_path_factory.mktemp("noxattr")
+    passfile = base / "password"
+    init_cipherdir(base / "cipher", passfile)
+    mount = Mount(base / "cipher", base / "plain", passfile, "openssl",
+                  extra=("--no-xattr",)).start()
+    try:
+        yield mount
+    finally:
+        mount.stop()
+    mount.check_log()
+
+
+def test_no_xattr_refuses_every_xattr_and_files_work(no_xattr_mount):
+    top = no_xattr_mount.mountpoint
+    path = top / "file"
+    data = os.urandom(10_000)
+    path.write_bytes(data)
+    for target in (path, top):
+        for _ in range(2):  # the first answer (ENOSYS) and the kernel's own after it
+            raises_errno(errno.EOPNOTSUPP, os.setxattr, target, "user.tag", b"v")
+            raises_errno(errno.EOPNOTSUPP, os.getxattr, target, "user.tag")
+            raises_errno(errno.EOPNOTSUPP, os.listxattr, target)
+            raises_errno(errno.EOPNOTSUPP, os.removexattr, target, "user.tag")
+    with open(path, "r+b") as f:
+        f.seek(5000)
+        f.write(b"patched")
+    expected = data[:5000] + b"patched" + data[5007:]
+    assert path.read_bytes() == expected
+    assert child_cat(path) == expected
+
+
+def test_no_xattr_cp_a_and_rsync_a_still_copy(no_xattr_mount, tmp_path):
+    """cp -a keeps going without the xattrs (only --preserve=xattr insists);
+    rsync -a does not copy xattrs at all, and rsync -aX says it cannot."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"tagged")
+    os.setxattr(src / "a", "user.tag", b"value")
+    (src / "b").write_bytes(os.urandom(9000))
+    os.chmod(src / "b", 0o640)
+    dest = no_xattr_mount.mountpoint / "copies"
+    dest.mkdir()
+    subprocess.run(["cp", "-a", str(src), str(dest / "cp")], check=True, capture_output=True)
+    strict = subprocess.run(["cp", "-a", "--preserve=xattr", str(src), str(dest / "strict")],
+                            capture_output=True, text=True)
+    subprocess.run(["rsync", "-a", f"{src}/", f"{dest / 'rsync'}/"], check=True,
+                   capture_output=True)
+    rsync_x = subprocess.run(["rsync", "-aX", f"{src}/", f"{dest / 'rsync-x'}/"],
+                             capture_output=True, text=True)
+    for copy in ("cp", "rsync"):
+        assert (dest / copy / "a").read_bytes() == b"tagged"
+        assert (dest / copy / "b").read_bytes() == (src / "b").read_bytes()
+        assert os.stat(dest / copy / "b").st_mode & 0o777 == 0o640
+    assert strict.returncode != 0 and "Operation not supported" in strict.stderr
+    assert rsync_x.returncode != 0 and "Operation not supported" in rsync_x.stderr
+    # and back out of the mount
+    subprocess.run(["cp", "-a", str(dest / "cp"), str(tmp_path / "back")], check=True,
+                   capture_output=True)
+    assert (tmp_path / "back" / "a").read_bytes() == b"tagged"
