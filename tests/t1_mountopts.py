@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cryptfs.cli import mount_helper_args, parser
 from cryptfs.errors import ExitCode
 from cryptfs.mountopts import OptionError, parse_mount_options
 
@@ -31,3 +32,11 @@ def test_unknown_or_malformed(bad):
     with pytest.raises(OptionError) as info:
         parse_mount_options(bad)
     assert info.value.exit_code == ExitCode.USAGE
+
+
+def test_helper_form_becomes_mount_arguments():
+    argv = mount_helper_args(["/c", "/p", "-o", "no_xattr,ro,passfile=/pw,nodev"])
+    assert argv == ["mount", "/c", "/p", "--passfile", "/pw", "--no-xattr", "--ro",
+                    "--fuse-flag=nodev"]
+    args = parser().parse_args(argv)
+    assert (args.no_xattr, args.ro, args.passfile) == (True, True, "/pw")
