@@ -411,10 +411,12 @@ class Operations(pyfuse3.Operations):
             opened = None
             try:
                 self._chown_new(path, ctx)
-                inode = self.inodes.remember(parent_inode, entry.name.encode(), os.fstat(fd),
-                                             fresh=True)
+                st = os.fstat(fd)
+                inode = self.inodes.remember(parent_inode, entry.name.encode(), st, fresh=True)
+                # No header yet: the first write or growing truncate adds it
+                # (an empty backing file is an empty file, docs/format.md 4.2),
+                # so a file that stays empty costs no page and no MAC.
                 opened = self.handles.adopt(inode.ino, fd)
-                opened.file.ensure_header()  # one page into the page cache: not worth a hop
             except BaseException:
                 if opened is not None:
                     self.handles.discard(opened)
@@ -425,7 +427,7 @@ class Operations(pyfuse3.Operations):
                     os.unlink(path)
                 raise
         fh = self.handles.create_handle(opened)
-        return pyfuse3.FileInfo(fh=fh), self._attrs(inode.ino, os.fstat(fd))
+        return pyfuse3.FileInfo(fh=fh), self._attrs(inode.ino, st)
 
     @fuse_op
     async def open(self, inode, flags, ctx):

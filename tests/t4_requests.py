@@ -1,6 +1,7 @@
-"""What close(2) guarantees now that cryptfs answers FLUSH with ENOSYS (the
-kernel stops sending it), and the ``--no-xattr`` mount option, on real
-mounts with real programs."""
+"""Requests and syscalls cryptfs saves, and that nothing is lost by it, on
+real mounts with real programs: FLUSH answered ENOSYS (the kernel stops
+sending it; what close(2) guarantees), the ``--no-xattr`` mount option, and
+new files that get their header only when first written."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount, fuse_usable, init_cipherdir
+from tests.conftest import Mount, cryptfs_cmd, fuse_usable, init_cipherdir
 
 P = 4096
 
@@ -69,20 +70,55 @@ def test_close_of_a_shared_descriptor_in_a_child(mnt):
     assert child_cat(path) == data
 
 
-def test_close_then_remount(tmp_path):
+@pytest.fixture
+def fresh(tmp_path):
+    """A new cipher directory, mounted (userspace engine) for one test."""
     if not fuse_usable():
         pytest.skip("/dev/fuse is not usable here")
     passfile = tmp_path / "password"
     init_cipherdir(tmp_path / "cipher", passfile)
     mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
-    data = os.urandom(123_457)
     try:
-        (mount.mountpoint / "f").write_bytes(data)  # closed, never fsync'ed
-        mount.restart()
-        assert (mount.mountpoint / "f").read_bytes() == data
+        yield mount
     finally:
         mount.stop()
     mount.check_log()
+
+
+def test_close_then_remount(fresh):
+    data = os.urandom(123_457)
+    (fresh.mountpoint / "f").write_bytes(data)  # closed, never fsync'ed
+    fresh.restart()
+    assert (fresh.mountpoint / "f").read_bytes() == data
+
+
+# -- new files: the header comes with the first write -----------------------------------
+
+
+def backing_sizes(cipherdir: Path) -> list[int]:
+    return sorted(p.stat().st_size for p in cipherdir.rglob("*")
+                  if p.is_file() and not p.name.startswith("cryptfs."))
+
+
+def test_new_files_get_their_header_when_first_written(fresh):
+    plain = fresh.mountpoint
+    (plain / "empty").touch()
+    (plain / "grown").touch()
+    (plain / "written").touch()
+    assert backing_sizes(fresh.cipherdir) == [0, 0, 0]  # docs/format.md 4.2: no header
+    assert (plain / "empty").read_bytes() == b""
+    os.truncate(plain / "grown", 10_000)
+    with open(plain / "written", "ab") as f:
+        f.write(b"abc")
+    fresh.restart()
+    assert (plain / "empty").read_bytes() == b""
+    assert (plain / "grown").read_bytes() == bytes(10_000)
+    assert (plain / "written").read_bytes() == b"abc"
+    assert backing_sizes(fresh.cipherdir) == [0, 4096 + 3 + 16, 4096 + 10_000 + 16]
+    fresh.stop()
+    check = subprocess.run(cryptfs_cmd("fsck", str(fresh.cipherdir), "--passfile",
+                                       str(fresh.passfile)), capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 # -- --no-xattr ------------------------------------------------------------------------
