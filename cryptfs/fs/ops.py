@@ -225,16 +225,21 @@ class Operations(pyfuse3.Operations):
         # following a symlink.
         target: int | bytes = opened.fd if opened is not None else self.inodes.path(inode)
         nofollow = {} if opened is not None else {"follow_symlinks": False}
-        st = os.stat(target, **nofollow)
-        if fields.update_mode and not stat.S_ISLNK(st.st_mode):
+        # The old attributes are needed only to keep one of the two times or
+        # to see a symlink (whose mode cannot change): most calls (tar's
+        # chown, chmod of a file, utimensat of both times) skip that stat.
+        partial_times = fields.update_atime != fields.update_mtime
+        old = os.stat(target, **nofollow) if partial_times or (
+            fields.update_mode and opened is None) else None
+        if fields.update_mode and (old is None or not stat.S_ISLNK(old.st_mode)):
             os.chmod(target, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             os.chown(target, uid, gid, **nofollow)
         if fields.update_atime or fields.update_mtime:
-            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            atime = attr.st_atime_ns if fields.update_atime else old.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else old.st_mtime_ns
             os.utime(target, ns=(atime, mtime), **nofollow)
         st = os.stat(target, **nofollow)
         return self._attrs(inode, st, None if opened is not None else target)
