@@ -83,6 +83,28 @@ def fuse_usable() -> bool:
     return shutil.which("fusermount3") is not None
 
 
+# Where AF_ALG is required (the kernel VM of scripts/test) every mount test
+# must run too: a missing /dev/fuse there would silently skip them all.
+REQUIRE_FUSE = REQUIRE_AFALG or os.environ.get("CRYPTFS_REQUIRE_FUSE") == "1"
+
+
+def require_fuse() -> None:
+    """For tests that mount: skip where /dev/fuse is unusable (fail where
+    FUSE is required).  Tests that need no mount must not call this."""
+    if fuse_usable():
+        return
+    if REQUIRE_FUSE:
+        pytest.fail("FUSE is required here but /dev/fuse or fusermount3 is unusable")
+    pytest.skip("/dev/fuse is not usable here")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.fuse``: the test mounts (see ``require_fuse``)."""
+    if item.get_closest_marker("fuse"):
+        require_fuse()
+
+
 def cryptfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "cryptfs.cli", *args]
 
@@ -190,8 +212,7 @@ ENGINE_PARAMS = ["openssl", pytest.param("afalg", marks=pytest.mark.afalg)]
 @pytest.fixture(scope="module", params=ENGINE_PARAMS)
 def cryptfs_mount(request, tmp_path_factory):
     """One mount per test module and engine; tests use their own subdirectory."""
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
+    require_fuse()
     engine = mount_engine_param(request)
     base = tmp_path_factory.mktemp(f"mount-{engine}")
     passfile = base / "password"
