@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount, cryptfs_cmd, fuse_usable, init_cipherdir
+from tests.conftest import Mount, cryptfs_cmd, init_cipherdir, require_fuse
 
 P = 4096
 
@@ -73,8 +73,7 @@ def test_close_of_a_shared_descriptor_in_a_child(mnt):
 @pytest.fixture
 def fresh(tmp_path):
     """A new cipher directory, mounted (userspace engine) for one test."""
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
+    require_fuse()
     passfile = tmp_path / "password"
     init_cipherdir(tmp_path / "cipher", passfile)
     mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
@@ -127,8 +126,7 @@ def test_new_files_get_their_header_when_first_written(fresh):
 @pytest.fixture(scope="module")
 def no_xattr_mount(tmp_path_factory):
     """The engine plays no part in xattr handling: the userspace one only."""
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
+    require_fuse()
     base = tmp_path_factory.mktemp("noxattr")
     passfile = base / "password"
     init_cipherdir(base / "cipher", passfile)
