@@ -39,9 +39,28 @@ def afalg_engine() -> AfalgEngine:
         pytest.skip(f"no AF_ALG on this kernel ({exc}); scripts/test runs this in the kernel VM")
 
 
-@pytest.fixture(params=["openssl", pytest.param("afalg", marks=pytest.mark.afalg)])
-def engine(request) -> XtsEngine:
-    return OpenSSLEngine() if request.param == "openssl" else afalg_engine()
+def native_engine(helpers: int | None = 0) -> OpenSSLEngine:
+    """The userspace engine on its native helper (serial unless ``helpers``),
+    or skip where CRYPTFS_NO_NATIVE=1 turns the helper off on purpose."""
+    try:
+        return OpenSSLEngine("native", helpers=helpers)
+    except EngineUnavailableError as exc:
+        if os.environ.get("CRYPTFS_NO_NATIVE") == "1":
+            pytest.skip(str(exc))
+        raise
+
+
+@pytest.fixture(params=["openssl", "openssl-cryptography",
+                        pytest.param("afalg", marks=pytest.mark.afalg)])
+def engine(request) -> Iterator[XtsEngine]:
+    """Every engine, and the userspace engine's ``cryptography`` fallback
+    (``openssl`` is its native helper wherever that is built)."""
+    if request.param == "afalg":
+        chosen: XtsEngine = afalg_engine()
+    else:
+        chosen = OpenSSLEngine("direct" if request.param == "openssl-cryptography" else None)
+    yield chosen
+    chosen.close()
 
 
 @pytest.fixture
