@@ -21,6 +21,8 @@ class ExitCode(enum.IntEnum):
     PASSWORD = 12  # wrong password (or the key slot was modified)
     ENGINE = 13  # the requested crypto engine is not usable here
     MOUNT = 14  # the mount itself failed
+    BUSY = 15  # unmount refused: a process has a file open or its working directory there
+    MOUNTED = 16  # the cipher directory is already mounted on this machine
     FSCK_PROBLEMS = 20  # fsck found damage
 
 

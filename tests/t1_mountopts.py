@@ -18,13 +18,15 @@ from cryptfs.mountopts import OptionError, parse_mount_options
     ("nodev,nosuid,noexec,noatime,idle=300,fsname=vault", {"idle": "300", "fsname": "vault"},
      set(), {"nodev", "nosuid", "noexec", "noatime"}),
     ("extpass=echo a=b", {"extpass": "echo a=b"}, set(), set()),
+    ("nonempty,nodev", {}, {"nonempty"}, {"nodev"}),  # ours, never the kernel's
 ])
 def test_options(text, values, flags, fuse):
     parsed = parse_mount_options(text)
     assert (parsed.values, parsed.flags, parsed.fuse) == (values, flags, fuse)
 
 
-@pytest.mark.parametrize("bad", ["bogus", "passfile", "passfile=", "ro=1", "uid=5,bogus=1"])
+@pytest.mark.parametrize("bad", ["bogus", "passfile", "passfile=", "ro=1", "uid=5,bogus=1",
+                                 "nonempty=1"])
 def test_unknown_or_malformed(bad):
     with pytest.raises(OptionError) as info:
         parse_mount_options(bad)
