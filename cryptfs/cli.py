@@ -32,9 +32,9 @@ from cryptfs.keys import KeyRing, protect_process
 from cryptfs.log import setup_logging
 from cryptfs.metadata import MetadataCipher
 from cryptfs.mount import build_stack, fuse_options, mounted, serve
-from cryptfs.mountlock import lock_cipherdir
+from cryptfs.mountlock import lock_cipherdir, wait_released
 from cryptfs.mountopts import parse_mount_options
-from cryptfs.mountpoint import prepare_mountpoint, unmount
+from cryptfs.mountpoint import cryptfs_mount_at, prepare_mountpoint, unmount
 from cryptfs.names import DIRIV_NAME, NameCipher, create_diriv
 from cryptfs.password import get_password
 from cryptfs.recovery import decode_recovery_code, encode_recovery_code
@@ -60,15 +60,15 @@ def _cipherdir(path: str) -> Path:
     return cipherdir
 
 
-def _check_writable(cipherdir: Path) -> None:
-    """Before any password is asked for: a key file change needs to write
-    a new file and rename it in the cipher directory."""
+def _check_writable(cipherdir: Path, hint: str = "") -> None:
+    """Before any password is asked for: a key file change writes a new file
+    and renames it in the cipher directory, a mount its lock file."""
     if os.access(cipherdir, os.W_OK):
         return
     read_only = os.statvfs(cipherdir).f_flag & os.ST_RDONLY
     raise CipherDirError(f"cannot write to {cipherdir}: "
                          + ("it is on a read-only filesystem" if read_only
-                            else "permission denied"))
+                            else "permission denied") + hint)
 
 
 def _unlock(cipherdir: Path, args: argparse.Namespace) -> tuple[KeyFile, KeyRing]:
@@ -114,6 +114,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_mount(args: argparse.Namespace) -> None:
     cipherdir, mountpoint = _cipherdir(args.cipherdir), Path(args.mountpoint)
     KeyFile.load(cipherdir)  # a cipher directory, before a lock file goes into it
+    if not args.ro:
+        _check_writable(cipherdir, hint=" (mount it with --ro)")
     # The lock is refused before the password is asked for; the daemon holds
     # it until it ends, however it ends.
     with lock_cipherdir(cipherdir, read_only=args.ro):
@@ -138,9 +140,16 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
 
 
 def cmd_unmount(args: argparse.Namespace) -> None:
-    note = unmount(Path(args.mountpoint), lazy=args.lazy)
+    """Returns once the daemon has ended (its lock on the cipher directory is
+    free), so that a mount right after it, or a backup, finds it finished."""
+    mountpoint = Path(args.mountpoint)
+    entry = cryptfs_mount_at(mountpoint)
+    note = unmount(entry, lazy=args.lazy)
     if note:
-        print(f"cryptfs: {note}", file=sys.stderr)
+        print(f"cryptfs: {mountpoint}: {note}", file=sys.stderr)
+    if not args.lazy and not wait_released(Path(entry.source)):
+        print(f"cryptfs: {mountpoint}: unmounted, but its daemon has not ended yet",
+              file=sys.stderr)
 
 
 def cmd_passwd(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from pathlib import Path
 
 from cryptfs.errors import CipherDirError, CryptfsError, ExitCode
@@ -28,6 +29,8 @@ from cryptfs.mountpoint import cryptfs_mounts
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "cryptfs.lock"
+EXIT_GRACE = 5.0  # seconds a mount waits for a daemon that is ending after its unmount
+DAEMON_EXIT_TIMEOUT = 30.0  # seconds ``cryptfs unmount`` waits for the daemon to end
 _FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -67,14 +70,46 @@ def lock_cipherdir(cipherdir: Path, read_only: bool) -> MountLock:
         log.info("%s is not writable: mounting read-only without the lock against a "
                  "second mount", cipherdir)
         return MountLock(None)
+    deadline = time.monotonic() + EXIT_GRACE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return MountLock(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise CipherDirError(f"cannot lock {path}: {exc.strerror}") from exc
+        # Not visibly mounted: perhaps a daemon still ending after an unmount.
+        if cryptfs_mounts(cipherdir) or time.monotonic() > deadline:
+            os.close(fd)
+            raise AlreadyMountedError(_already_mounted(cipherdir))
+        time.sleep(0.05)
+
+
+def wait_released(cipherdir: Path, timeout: float = DAEMON_EXIT_TIMEOUT) -> bool:
+    """Wait until no process holds ``cipherdir``'s lock (its daemon has
+    ended); False on timeout.  True at once where there is no lock file
+    (a source that is not a cipher directory: a custom ``--fsname``)."""
+    if not cipherdir.is_absolute():
+        return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise AlreadyMountedError(_already_mounted(cipherdir)) from None
-        raise CipherDirError(f"cannot lock {path}: {exc.strerror}") from exc
-    return MountLock(fd)
+        fd = os.open(os.path.join(cipherdir, LOCK_NAME), os.O_RDONLY | _FLAGS)
+    except OSError:
+        return True
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return True  # cannot tell: do not wait
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+    finally:
+        os.close(fd)  # releases our shared lock at once
 
 
 def _open(path: str, read_only: bool) -> int | None:

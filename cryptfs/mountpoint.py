@@ -154,26 +154,30 @@ def check_mountpoint(mountpoint: Path, nonempty: bool) -> None:
                                   "hide its files; --nonempty mounts over them anyway)")
 
 
-def unmount(mountpoint: Path, lazy: bool) -> str | None:
-    """Unmount a cryptfs mount; returns a line to show if it did more than
-    unmount (detached a dead or a busy mount).  A busy
-    mount raises ``BusyError`` naming the choices; a dead one is detached."""
-    path = canonical(mountpoint)
-    entry = mount_at(path)
+def cryptfs_mount_at(mountpoint: Path) -> MountEntry:
+    """The cryptfs mount at ``mountpoint``, or raise saying what is there."""
+    entry = mount_at(canonical(mountpoint))
     if entry is None:
         raise MountPointError(f"{mountpoint} is not mounted")
     if entry.fstype != FSTYPE:
         raise MountPointError(f"{mountpoint} is not a cryptfs mount (it is {entry.fstype})")
+    return entry
+
+
+def unmount(entry: MountEntry, lazy: bool) -> str | None:
+    """Unmount; returns a note if it did more than that (detached a dead
+    mount, or a busy one with ``lazy``).  A busy mount raises ``BusyError``
+    naming the choices."""
+    path = entry.mountpoint
     if _is_dead(path):
         _detach(path)
-        return f"{mountpoint}: its daemon had died; detached the dead mount"
+        return "its daemon had died; detached the dead mount"
     proc = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), path],
                           capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     if proc.returncode == 0:
-        return (f"{mountpoint}: detached; its daemon finishes once the last file there "
-                "is closed" if lazy else None)
+        return "detached; its daemon ends once the last file there is closed" if lazy else None
     if "busy" in proc.stderr:
-        raise BusyError(f"{mountpoint} is busy (a process has a file open or its working "
+        raise BusyError(f"{path} is busy (a process has a file open or its working "
                         f"directory there): find it with 'fuser -m {path}', or detach now "
                         f"with 'cryptfs unmount --lazy {path}'")
-    raise MountPointError(proc.stderr.strip() or f"cannot unmount {mountpoint}")
+    raise MountPointError(proc.stderr.strip() or f"cannot unmount {path}")

@@ -19,7 +19,7 @@ import pytest
 from cryptfs.errors import ExitCode
 from cryptfs.mountlock import LOCK_NAME
 from tests.conftest import MOUNT_TIMEOUT, Mount, fuse_usable, init_cipherdir, small_tmpfs
-from tests.t4_cli import FAST_KDF, cryptfs, is_mounted, wait_unmounted
+from tests.t4_cli import FAST_KDF, cryptfs, is_mounted
 
 pytestmark = pytest.mark.skipif(not fuse_usable(), reason="/dev/fuse is not usable here")
 
@@ -112,8 +112,8 @@ def test_mount_again_after_sigkill(dirs):
         f"cryptfs: {plain}: the previous cryptfs daemon there had died; detached its dead mount"]
     assert (plain / "kept").read_bytes() == data
     cryptfs("unmount", str(plain))
-    wait_unmounted(plain)
-    wait_lock_free(cipher)
+    assert not is_mounted(plain)
+    assert lock_is_free(cipher)  # cryptfs unmount returns once the daemon has ended
     mount.check_log()
 
 
@@ -157,9 +157,8 @@ def test_non_empty_mount_point(dirs):
         assert not (plain / "underneath").exists()
         (plain / "inside").write_text("encrypted")
         cryptfs("unmount", str(plain))
-        wait_unmounted(plain)
         assert (plain / "underneath").read_text() == "hidden by a mount"
-        wait_lock_free(cipher)
+        assert lock_is_free(cipher)
 
 
 def test_second_mount_refused_until_the_first_is_killed(dirs):
@@ -183,8 +182,8 @@ def test_second_mount_refused_until_the_first_is_killed(dirs):
     cryptfs("mount", str(cipher), str(other), "--passfile", str(passfile))
     assert (other / "f").read_text() == "first mount"
     cryptfs("unmount", str(other))
-    cryptfs("unmount", str(plain))  # the dead one
-    wait_lock_free(cipher)
+    assert lock_is_free(cipher)
+    assert "had died" in cryptfs("unmount", str(plain)).stderr  # the first, dead
 
 
 def test_busy_unmount_then_lazy(dirs):
@@ -207,7 +206,7 @@ def test_busy_unmount_then_lazy(dirs):
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
     assert (plain / "open").read_bytes() == b"before after the lazy unmount"
     cryptfs("unmount", str(plain))
-    wait_lock_free(cipher)
+    assert lock_is_free(cipher)
 
 
 def test_unmount_of_what_is_not_mounted(dirs):
@@ -221,12 +220,19 @@ def remount_read_only(path: Path) -> None:
 
 
 def test_read_only_cipher_directory(tmp_path):
-    """Key changes say so in one line (before any password is asked for);
-    --ro mounts without a lock file; a read-write mount is refused."""
+    """Key changes and read-write mounts say so in one line (before any
+    password is asked for); --ro mounts, locked where a lock file exists."""
     with small_tmpfs(tmp_path / "fs", "4m") as fs:
-        cipher, passfile, fresh = fs / "cipher", tmp_path / "pw", fs / "fresh"
-        init_cipherdir(cipher, passfile)
+        cipher, never, fresh, passfile = fs / "cipher", fs / "never", fs / "fresh", tmp_path / "pw"
+        plain, other = tmp_path / "plain", tmp_path / "other"
+        plain.mkdir()
+        other.mkdir()
+        for path in (cipher, never):
+            init_cipherdir(path, passfile)
         passfile.chmod(0o600)
+        cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+        (plain / "f").write_text("written before the remount")
+        cryptfs("unmount", str(plain))  # leaves cryptfs.lock behind; `never` has none
         fresh.mkdir()
         remount_read_only(fs)
         new = tmp_path / "new"
@@ -235,19 +241,20 @@ def test_read_only_cipher_directory(tmp_path):
         for args in (("passwd", str(cipher), "--new-passfile", str(new)),
                      ("key", "add", str(cipher), "--new-passfile", str(new), *FAST_KDF),
                      ("key", "remove", str(cipher), "0"),
-                     ("init", str(fresh), *FAST_KDF)):
+                     ("init", str(fresh), *FAST_KDF),
+                     ("mount", str(cipher), str(plain))):
             proc = cryptfs(*args, "--passfile", str(passfile), check=False)
             assert proc.returncode == ExitCode.CIPHERDIR, (args, proc.stderr)
             assert "read-only filesystem" in one_line(proc)
+        assert "(mount it with --ro)" in proc.stderr
         assert "slot 0" in cryptfs("key", "list", str(cipher)).stdout
-        plain = tmp_path / "plain"
-        plain.mkdir()
-        proc = cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile),
-                       check=False)
-        assert proc.returncode == ExitCode.CIPHERDIR
-        assert "Read-only file system (mount a read-only cipher directory with --ro)" in \
-            one_line(proc)
         mount = Mount(cipher, plain, passfile, "openssl", extra=("--ro",)).start()
+        assert (plain / "f").read_text() == "written before the remount"
+        proc = cryptfs("mount", "--ro", str(cipher), str(other), check=False)
+        assert proc.returncode == ExitCode.MOUNTED  # the existing lock file still locks
+        mount.stop()
+        mount.check_log()
+        mount = Mount(never, plain, passfile, "openssl", extra=("--ro",)).start()
         assert os.listdir(plain) == []
         mount.stop()
         mount.check_log()
