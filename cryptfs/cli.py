@@ -34,7 +34,7 @@ from cryptfs.metadata import MetadataCipher
 from cryptfs.mount import build_stack, fuse_options, mounted, serve
 from cryptfs.mountlock import lock_cipherdir, wait_released
 from cryptfs.mountopts import parse_mount_options
-from cryptfs.mountpoint import cryptfs_mount_at, prepare_mountpoint, unmount
+from cryptfs.mountpoint import cryptfs_mount_at, prepare_mountpoint, unmount_cryptfs
 from cryptfs.names import DIRIV_NAME, NameCipher, create_diriv
 from cryptfs.password import get_password
 from cryptfs.recovery import decode_recovery_code, encode_recovery_code
@@ -144,7 +144,7 @@ def cmd_unmount(args: argparse.Namespace) -> None:
     free), so that a mount right after it, or a backup, finds it finished."""
     mountpoint = Path(args.mountpoint)
     entry = cryptfs_mount_at(mountpoint)
-    note = unmount(entry, lazy=args.lazy)
+    note = unmount_cryptfs(entry, lazy=args.lazy)
     if note:
         print(f"cryptfs: {mountpoint}: {note}", file=sys.stderr)
     if not args.lazy and not wait_released(Path(entry.source)):

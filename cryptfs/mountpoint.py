@@ -96,9 +96,15 @@ def _is_dead(path: str) -> bool:
     return False
 
 
+def _fusermount(path: str, lazy: bool) -> subprocess.CompletedProcess[str]:
+    """fusermount3 -u (-z): it unmounts FUSE mounts for their owner without
+    root; its messages in English, so that a busy mount can be told apart."""
+    return subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), path],
+                          capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+
+
 def _detach(path: str) -> None:
-    proc = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, text=True,
-                          env={**os.environ, "LC_ALL": "C"})
+    proc = _fusermount(path, lazy=True)
     if proc.returncode != 0:
         raise MountPointError(f"cannot detach the dead mount on {path}: "
                               f"{proc.stderr.strip() or 'fusermount3 failed'}")
@@ -164,7 +170,7 @@ def cryptfs_mount_at(mountpoint: Path) -> MountEntry:
     return entry
 
 
-def unmount(entry: MountEntry, lazy: bool) -> str | None:
+def unmount_cryptfs(entry: MountEntry, lazy: bool) -> str | None:
     """Unmount; returns a note if it did more than that (detached a dead
     mount, or a busy one with ``lazy``).  A busy mount raises ``BusyError``
     naming the choices."""
@@ -172,8 +178,7 @@ def unmount(entry: MountEntry, lazy: bool) -> str | None:
     if _is_dead(path):
         _detach(path)
         return "its daemon had died; detached the dead mount"
-    proc = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), path],
-                          capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    proc = _fusermount(path, lazy)
     if proc.returncode == 0:
         return "detached; its daemon ends once the last file there is closed" if lazy else None
     if "busy" in proc.stderr:
