@@ -319,7 +319,7 @@ def parser() -> argparse.ArgumentParser:
 
     unmount = sub.add_parser("unmount", help="unmount (flushes and stops the daemon)")
     unmount.add_argument("mountpoint")
-    unmount.add_argument("-z", "--lazy", action="store_true",
+    unmount.add_argument("-l", "-z", "--lazy", action="store_true",
                          help="detach now even if busy; the daemon ends when the last "
                               "file there is closed")
     unmount.set_defaults(func=cmd_unmount)

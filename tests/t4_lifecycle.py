@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +19,20 @@ import pytest
 
 from cryptfs.errors import ExitCode
 from cryptfs.mountlock import LOCK_NAME
-from tests.conftest import MOUNT_TIMEOUT, Mount, fuse_usable, init_cipherdir, small_tmpfs
+from tests.conftest import (
+    MOUNT_TIMEOUT,
+    Mount,
+    cryptfs_cmd,
+    fuse_usable,
+    init_cipherdir,
+    small_tmpfs,
+)
 from tests.t4_cli import FAST_KDF, cryptfs, is_mounted
 
 pytestmark = pytest.mark.skipif(not fuse_usable(), reason="/dev/fuse is not usable here")
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
+VENV_BIN = Path(sys.executable).parent
 
 
 def one_line(proc: subprocess.CompletedProcess) -> str:
@@ -151,9 +160,16 @@ def test_non_empty_mount_point(dirs):
     assert proc.returncode == ExitCode.USAGE
     assert "is not empty" in one_line(proc) and "--nonempty" in proc.stderr
     assert not is_mounted(plain)
-    for how in (("mount", str(cipher), str(plain), "--passfile", str(passfile), "--nonempty"),
-                (str(cipher), str(plain), "-o", f"nonempty,passfile={passfile}")):
-        cryptfs(*how)  # the second is the form mount(8) runs for fuse.cryptfs
+    forms = [cryptfs_cmd("mount", str(cipher), str(plain), "--passfile", str(passfile),
+                         "--nonempty"),
+             cryptfs_cmd(str(cipher), str(plain), "-o", f"nonempty,passfile={passfile}")]
+    helper = shutil.which("mount.fuse3", path=f"{os.environ['PATH']}:/sbin:/usr/sbin")
+    if helper:  # what mount -t fuse.cryptfs runs; it finds cryptfs on PATH
+        forms.append([helper, str(cipher), str(plain), "-t", "fuse.cryptfs", "-o",
+                      f"nonempty,passfile={passfile}"])
+    for argv in forms:
+        subprocess.run(argv, check=True, capture_output=True, timeout=MOUNT_TIMEOUT,
+                       env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
         assert not (plain / "underneath").exists()
         (plain / "inside").write_text("encrypted")
         cryptfs("unmount", str(plain))
