@@ -23,13 +23,10 @@ from tests.conftest import (
     MOUNT_TIMEOUT,
     Mount,
     cryptfs_cmd,
-    fuse_usable,
     init_cipherdir,
     small_tmpfs,
 )
 from tests.t4_cli import FAST_KDF, cryptfs, is_mounted
-
-pytestmark = pytest.mark.skipif(not fuse_usable(), reason="/dev/fuse is not usable here")
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 VENV_BIN = Path(sys.executable).parent
@@ -107,6 +104,7 @@ def kill_daemon(mount: Mount) -> None:
     assert listing_errno(mount.mountpoint) == errno.ENOTCONN  # the dead mount users meet
 
 
+@pytest.mark.fuse
 def test_mount_again_after_sigkill(dirs):
     cipher, plain, _, passfile = dirs
     mount = Mount(cipher, plain, passfile, "openssl").start()
@@ -126,6 +124,7 @@ def test_mount_again_after_sigkill(dirs):
     mount.check_log()
 
 
+@pytest.mark.fuse
 def test_unmount_of_a_dead_mount(dirs):
     cipher, plain, _, passfile = dirs
     kill_daemon(Mount(cipher, plain, passfile, "openssl").start())
@@ -134,6 +133,7 @@ def test_unmount_of_a_dead_mount(dirs):
     assert not is_mounted(plain) and listing_errno(plain) == 0
 
 
+@pytest.mark.fuse
 def test_dead_mount_of_another_filesystem_is_left_alone(dirs):
     cipher, plain, _, passfile = dirs
     other = subprocess.Popen([sys.executable, str(HELPERS / "other_fuse.py"), str(plain)])
@@ -153,6 +153,7 @@ def test_dead_mount_of_another_filesystem_is_left_alone(dirs):
     assert is_mounted(plain)  # not ours: untouched (the fixture detaches it)
 
 
+@pytest.mark.fuse
 def test_non_empty_mount_point(dirs):
     cipher, plain, _, passfile = dirs
     (plain / "underneath").write_text("hidden by a mount")
@@ -177,6 +178,7 @@ def test_non_empty_mount_point(dirs):
         assert lock_is_free(cipher)
 
 
+@pytest.mark.fuse
 def test_second_mount_refused_until_the_first_is_killed(dirs):
     cipher, plain, other, passfile = dirs
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))  # daemonized
@@ -202,6 +204,7 @@ def test_second_mount_refused_until_the_first_is_killed(dirs):
     assert "had died" in cryptfs("unmount", str(plain)).stderr  # the first, dead
 
 
+@pytest.mark.fuse
 def test_busy_unmount_then_lazy(dirs):
     cipher, plain, _, passfile = dirs
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
@@ -235,6 +238,7 @@ def remount_read_only(path: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
 
 
+@pytest.mark.fuse
 def test_read_only_cipher_directory(tmp_path):
     """Key changes and read-write mounts say so in one line (before any
     password is asked for); --ro mounts, locked where a lock file exists."""
