@@ -45,10 +45,6 @@ class MountLock:
     def __init__(self, fd: int | None) -> None:
         self._fd = fd
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
