@@ -32,6 +32,7 @@ from cryptfs.errors import (
 from cryptfs.keyfile import KEYFILE_NAME
 from cryptfs.linux import proc_path
 from cryptfs.metadata import MetadataCipher
+from cryptfs.mountlock import LOCK_NAME
 from cryptfs.names import (
     DIRIV_NAME,
     SIDECAR_SUFFIX,
@@ -45,7 +46,7 @@ CONTENT_KINDS = {HeaderAuthError: "header-mac", HeaderCorruptError: "header",
                  HeaderVersionError: "version", TrailerError: "final-page",
                  BackingSizeError: "size"}
 CHUNK = 256 * PAGE_SIZE  # 1 MiB per read while checking contents
-OWN_FILES = {KEYFILE_NAME, KEYFILE_NAME + ".bak"}
+OWN_FILES = {KEYFILE_NAME, KEYFILE_NAME + ".bak", LOCK_NAME}
 
 
 @dataclass(frozen=True)
