@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -26,6 +25,7 @@ from cryptfs.content.sessions import SessionCache
 from cryptfs.daemonize import detach
 from cryptfs.engines import ENGINE_NAMES, select_engine
 from cryptfs.errors import CipherDirError, CryptfsError, ExitCode
+from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.ops import MountOptions
 from cryptfs.fsck import Checker, as_json, print_report
 from cryptfs.keyfile import FORMAT_VERSION, KEYFILE_NAME, KdfParams, KeyFile
@@ -33,7 +33,9 @@ from cryptfs.keys import KeyRing, protect_process
 from cryptfs.log import setup_logging
 from cryptfs.metadata import MetadataCipher
 from cryptfs.mount import build_stack, fuse_options, mounted, serve
+from cryptfs.mountlock import lock_cipherdir, wait_released
 from cryptfs.mountopts import parse_mount_options
+from cryptfs.mountpoint import cryptfs_mount_at, prepare_mountpoint, unmount_cryptfs
 from cryptfs.names import DIRIV_NAME, NameCipher, create_diriv
 from cryptfs.password import get_password
 from cryptfs.recovery import decode_recovery_code, encode_recovery_code
@@ -59,6 +61,17 @@ def _cipherdir(path: str) -> Path:
     return cipherdir
 
 
+def _check_writable(cipherdir: Path, hint: str = "") -> None:
+    """Before any password is asked for: a key file change writes a new file
+    and renames it in the cipher directory, a mount its lock file."""
+    if os.access(cipherdir, os.W_OK):
+        return
+    read_only = os.statvfs(cipherdir).f_flag & os.ST_RDONLY
+    raise CipherDirError(f"cannot write to {cipherdir}: "
+                         + ("it is on a read-only filesystem" if read_only
+                            else "permission denied") + hint)
+
+
 def _unlock(cipherdir: Path, args: argparse.Namespace) -> tuple[KeyFile, KeyRing]:
     protect_process()  # before any key is in memory
     keyfile = KeyFile.load(cipherdir)
@@ -77,6 +90,7 @@ def cmd_init(args: argparse.Namespace) -> None:
         raise CipherDirError(f"{cipherdir} is already a cryptfs cipher directory")
     if any(cipherdir.iterdir()) and not args.force:
         raise CipherDirError(f"{cipherdir} is not empty (use --force to initialise it anyway)")
+    _check_writable(cipherdir)
     password = get_password(args.passfile, args.extpass, confirm=True)
     protect_process()
     keyfile, keys = KeyFile.create(password, _kdf(args))
@@ -84,6 +98,9 @@ def cmd_init(args: argparse.Namespace) -> None:
         fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             create_diriv(fd)
+        except OSError as exc:
+            raise CipherDirError(f"cannot write {cipherdir / DIRIV_NAME}: "
+                                 f"{exc.strerror}") from exc
         finally:
             os.close(fd)
     keyfile.save(cipherdir)
@@ -97,13 +114,21 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> None:
     cipherdir, mountpoint = _cipherdir(args.cipherdir), Path(args.mountpoint)
-    if not mountpoint.is_dir():
-        raise UsageError(f"mount point {mountpoint} does not exist or is not a directory")
-    if os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint} is already a mount point")
+    KeyFile.load(cipherdir)  # a cipher directory, before a lock file goes into it
+    if not args.ro:
+        _check_writable(cipherdir, hint=" (mount it with --ro)")
+    # The lock is refused before the password is asked for; the daemon holds
+    # it until it ends, however it ends.
+    with lock_cipherdir(cipherdir, read_only=args.ro):
+        prepare_mountpoint(mountpoint, nonempty=args.nonempty)
+        _mount_and_serve(cipherdir, mountpoint, args)
+
+
+def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace) -> None:
     keyfile, keys = _unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
-                           inline_max=args.inline_max)
+                           inline_max=args.inline_max, dir_fds=args.dir_fds,
+                           xattrs=not args.no_xattr)
     stack = build_stack(cipherdir, keys, args.engine, options, keyfile.features)
     fsname = args.fsname or os.path.abspath(cipherdir)
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
@@ -117,13 +142,21 @@ def cmd_mount(args: argparse.Namespace) -> None:
 
 
 def cmd_unmount(args: argparse.Namespace) -> None:
-    proc = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UsageError(proc.stderr.strip() or f"cannot unmount {args.mountpoint}")
+    """Returns once the daemon has ended (its lock on the cipher directory is
+    free), so that a mount right after it, or a backup, finds it finished."""
+    mountpoint = Path(args.mountpoint)
+    entry = cryptfs_mount_at(mountpoint)
+    note = unmount_cryptfs(entry, lazy=args.lazy)
+    if note:
+        print(f"cryptfs: {mountpoint}: {note}", file=sys.stderr)
+    if not args.lazy and not wait_released(Path(entry.source)):
+        print(f"cryptfs: {mountpoint}: unmounted, but its daemon has not ended yet",
+              file=sys.stderr)
 
 
 def cmd_passwd(args: argparse.Namespace) -> None:
     cipherdir = _cipherdir(args.cipherdir)
+    _check_writable(cipherdir)
     keyfile, keys = _unlock(cipherdir, args)
     new = get_password(args.new_passfile, None, prompt="New password: ", confirm=True)
     slot = keyfile.unlocked_slot if keyfile.unlocked_slot is not None else keyfile.slots[0].slot_id
@@ -156,6 +189,7 @@ def cmd_key(args: argparse.Namespace) -> None:
         for line in _slot_lines(KeyFile.load(cipherdir)):
             print(line)
         return
+    _check_writable(cipherdir)
     keyfile, keys = _unlock(cipherdir, args)
     if args.key_command == "add":
         new = get_password(args.new_passfile, None, prompt="New password: ", confirm=True)
@@ -292,6 +326,10 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--idle", type=float, metavar="SECONDS",
                        help="unmount after this long without activity")
     mount.add_argument("--fsname", help="name shown in /proc/mounts")
+    mount.add_argument("--no-xattr", action="store_true",
+                       help="refuse all extended attributes (saves a request per write)")
+    mount.add_argument("--nonempty", action="store_true",
+                       help="mount over a non-empty directory (hiding its files)")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="stay in the foreground and log to stderr")
     mount.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -300,10 +338,15 @@ def parser() -> argparse.ArgumentParser:
                        help=argparse.SUPPRESS)  # kernel mount flags from -o (nodev, ...)
     mount.add_argument("--inline-max", type=int, default=None,
                        help=argparse.SUPPRESS)  # tuning experiments (scripts/bench)
+    mount.add_argument("--dir-fds", type=int, default=DEFAULT_LIMIT,
+                       help=argparse.SUPPRESS)  # directory descriptors kept open (tests)
     mount.set_defaults(func=cmd_mount)
 
     unmount = sub.add_parser("unmount", help="unmount (flushes and stops the daemon)")
     unmount.add_argument("mountpoint")
+    unmount.add_argument("-l", "-z", "--lazy", action="store_true",
+                         help="detach now even if busy; the daemon ends when the last "
+                              "file there is closed")
     unmount.set_defaults(func=cmd_unmount)
 
     passwd = sub.add_parser("passwd", help="change the password")
@@ -379,7 +422,8 @@ def mount_helper_args(argv: list[str]) -> list[str]:
     for key, value in parsed.values.items():
         out += [f"--{key}", value]
     flag_map = {"ro": "--ro", "allow_other": "--allow-other", "recovery": "--recovery",
-                "foreground": "--foreground"}
+                "foreground": "--foreground", "no_xattr": "--no-xattr",
+                "nonempty": "--nonempty"}
     out += [flag_map[f] for f in sorted(parsed.flags) if f in flag_map]
     return out + [f"--fuse-flag={flag}" for flag in sorted(parsed.fuse)]
 

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from cryptfs.errors import (
+    CipherDirError,
     KeyFileCorruptError,
     KeyFileMissingError,
     KeyFileTamperedError,
@@ -391,7 +392,11 @@ class KeyFile:
         with a removed or changed password (and travel wherever the cipher
         directory is synced).  The recovery code is the way back."""
         path = Path(cipherdir) / KEYFILE_NAME
-        write_atomic(path, self.to_bytes())
+        try:
+            write_atomic(path, self.to_bytes())
+        except OSError as exc:  # read-only, full, ...: the old or the new file, never a mix
+            raise CipherDirError(f"cannot write the key file in {cipherdir}: "
+                                 f"{exc.strerror}") from exc
         return remove_stale_copies(Path(cipherdir))
 
 

@@ -35,7 +35,12 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-from cryptfs.errors import InvalidNameError, NameDecodeError, NameTooLongError
+from cryptfs.errors import (
+    InvalidNameError,
+    NameDecodeError,
+    NameTooLongError,
+    XattrTooBigError,
+)
 from cryptfs.keys import KeyRing
 from cryptfs.names import b64url, pad16, unb64url, unpad16
 
@@ -177,7 +182,7 @@ class MetadataCipher:
                             owner: XattrOwner | None) -> bytes:
         padded = self._pad(value)
         if len(padded) + NONCE_LEN + SIV_TAG_LEN > XATTR_SIZE_MAX:
-            raise NameTooLongError("xattr value too large to encrypt")
+            raise XattrTooBigError(f"xattr value of {len(value)} bytes is too large to encrypt")
         nonce = self._random(NONCE_LEN)
         return nonce + self._siv.encrypt(padded, self._value_ad(stored_name, nonce, owner))
 

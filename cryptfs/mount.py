@@ -21,7 +21,9 @@ import trio
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.engines import select_engine
+from cryptfs.engines.base import XtsEngine
 from cryptfs.errors import CipherDirError, CryptfsError, ExitCode, NameDecodeError
+from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.handles import HandleTable
 from cryptfs.fs.inodes import InodeTable
 from cryptfs.fs.ops import MountOptions, Operations
@@ -46,11 +48,13 @@ class Stack:
     operations: Operations
     sessions: SessionCache
     handles: HandleTable
+    tree: BackingTree
     workers: WorkerPool
 
     def close(self) -> None:
         self.workers.close()
         self.handles.close_all()
+        self.tree.close()
         self.sessions.close()
         self.sessions.engine.close()  # its threads for splitting large runs
 
@@ -58,25 +62,39 @@ class Stack:
 def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
                 options: MountOptions, features: Collection[str]) -> Stack:
     """``features``: the key file's feature flags (they select encodings)."""
-    choice = select_engine(engine_name)
-    root = os.fsencode(os.path.abspath(cipherdir))
-    st = os.stat(root)
-    inodes = InodeTable(root, (st.st_dev, st.st_ino))
-    sessions = SessionCache(choice.engine, keys)
+    return assemble(cipherdir, keys, select_engine(engine_name).engine, options, features)
+
+
+def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
+             options: MountOptions, features: Collection[str]) -> Stack:
+    """Build the filesystem on ``cipherdir``: the one way, for the mount and
+    for the in-process tests (``tests/t3_ops.py``).  The cipher directory is
+    opened once; everything below it is reached through descriptors."""
+    root_fd = os.open(cipherdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    st = os.fstat(root_fd)
+    sessions = SessionCache(engine, keys)
     codec = ContentCodec(keys, sessions)
     handles = HandleTable(codec, read_only=options.read_only)
+    dirs = DirCache(options.dir_fds)
+
+    def gone(ino: int) -> None:  # the inode table dropped ino, or its last name
+        dirs.forget(ino)
+        handles.forget(ino)
+
+    inodes = InodeTable((st.st_dev, st.st_ino), on_gone=gone)
     metadata = MetadataCipher.for_features(keys, features)
-    tree = BackingTree(inodes, NameCipher(keys), metadata, codec)
+    tree = BackingTree(root_fd, inodes, NameCipher(keys), dirs, metadata, codec)
     try:
         tree.diriv(pyfuse3.ROOT_INODE)
     except NameDecodeError as exc:
+        tree.close()
         sessions.close()
         raise CipherDirError(f"{cipherdir}: {exc} (damaged cipher directory?)") from exc
     if not options.read_only:
         _remove_stale_keyfiles(cipherdir)
     workers = WorkerPool(options.worker_threads)
     ops = Operations(inodes, tree, handles, codec, metadata, workers, options)
-    return Stack(ops, sessions, handles, workers)
+    return Stack(ops, sessions, handles, tree, workers)
 
 
 def _remove_stale_keyfiles(cipherdir: Path) -> None:

@@ -11,7 +11,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cryptfs.errors import InvalidNameError, NameDecodeError, NameTooLongError
+from cryptfs.errors import (
+    InvalidNameError,
+    NameDecodeError,
+    NameTooLongError,
+    XattrTooBigError,
+)
 from cryptfs.keys import KeyRing
 from cryptfs.metadata import (
     NONCE_LEN,
@@ -213,7 +218,7 @@ def test_documented_limits(meta, target, name, value):
         meta.encrypt_target(b"t" * (target + 1), PLACE)
     with pytest.raises(NameTooLongError):
         meta.encrypt_xattr_name(b"user." + b"n" * (name - 4), FILE)
-    with pytest.raises(NameTooLongError):
+    with pytest.raises(XattrTooBigError):
         meta.encrypt_xattr_value(stored, b"v" * (value + 1), FILE)
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.fs.tree import RENAME_EXCHANGE, RENAME_NOREPLACE, SYMLINK_TMP_PREFIX, renameat2
+from cryptfs.fs.tree import SYMLINK_TMP_PREFIX
 from cryptfs.keyfile import KeyFile
+from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from cryptfs.metadata import FEATURE_BOUND_METADATA
 from tests.conftest import (
     Mount,
@@ -55,6 +56,12 @@ def bound(tmp_path):
 
 def user_xattrs(path: Path) -> list[str]:
     return [n for n in os.listxattr(path, follow_symlinks=False) if n.startswith("user.")]
+
+
+def rename2(old: Path, new: Path, flags: int) -> None:
+    """renameat2(2) on two paths."""
+    at_fdcwd = -100
+    renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags)
 
 
 def raises_errno(code: int, fn, *args) -> None:
@@ -156,9 +163,8 @@ def test_renamed_symlinks_are_resealed(bound):
     (plain / "file").write_text("replaced")
     os.rename(plain / "d" / "s3", plain / "file")
     os.symlink("x", plain / "taken")
-    raises_errno(errno.EEXIST, renameat2, os.fsencode(plain / "file"),
-                 os.fsencode(plain / "taken"), RENAME_NOREPLACE)
-    renameat2(os.fsencode(plain / "file"), os.fsencode(plain / "free"), RENAME_NOREPLACE)
+    raises_errno(errno.EEXIST, rename2, plain / "file", plain / "taken", RENAME_NOREPLACE)
+    rename2(plain / "file", plain / "free", RENAME_NOREPLACE)
     os.rename(plain / "free", plain / ("L" * 200))
     os.rename(plain / "d", plain / "e")
     os.symlink("in e", plain / "e" / "inner")
@@ -166,8 +172,7 @@ def test_renamed_symlinks_are_resealed(bound):
     assert os.readlink(plain / ("L" * 200)) == "somewhere/else"
     assert os.readlink(plain / "f" / "inner") == "in e"
     assert sorted(os.listdir(plain)) == ["L" * 200, "f", "taken"]
-    raises_errno(errno.EINVAL, renameat2, os.fsencode(plain / "taken"),
-                 os.fsencode(plain / "f"), RENAME_EXCHANGE)
+    raises_errno(errno.EINVAL, rename2, plain / "taken", plain / "f", RENAME_EXCHANGE)
     bound.stop()
     assert not [p for p in bound.cipherdir.rglob(SYMLINK_TMP_PREFIX + "*")]
     bound.start()  # a fresh mount (no caches) reads them all

@@ -18,19 +18,22 @@ def test_bench_quick_smoke(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench"), "--quick",
-         "--systems", "raw", "cryptfs-openssl", "--out", str(out)],
+         "--systems", "raw", "pyfuse3-floor", "cryptfs-openssl", "--out", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["systems"]) == {"raw", "cryptfs-openssl"}
+    assert set(results["systems"]) == {"raw", "pyfuse3-floor", "cryptfs-openssl"}
     mine = results["systems"]["cryptfs-openssl"]
     workloads = [label for label in mine if label != "daemon"]
     assert len(workloads) == 8
     assert all(mine[label]["median"] > 0 for label in workloads)
     assert mine["daemon"]["peak_rss_mib"] > 0
     assert set(results["ratios"]["cryptfs-openssl vs raw"]) == set(workloads)
+    assert set(results["ratios"]["cryptfs-openssl vs pyfuse3-floor"]) == set(workloads)
+    floor = results["systems"]["pyfuse3-floor"]
+    assert all(floor[label]["median"] > 0 for label in workloads)
     table = (out / "results.md").read_text()
-    assert "| workload | raw | cryptfs-openssl |" in table
+    assert "| workload | raw | pyfuse3-floor | cryptfs-openssl |" in table
     assert (out / "ratios.png").stat().st_size > 0
     assert not any("cryptfs-bench-" in line for line in Path("/proc/mounts").read_text()
                    .splitlines())  # its tmpfs and mounts are gone

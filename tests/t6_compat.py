@@ -25,10 +25,10 @@ from cryptfs.content.format import plaintext_size
 from cryptfs.content.sessions import SessionCache
 from cryptfs.engines.base import XtsEngine
 from cryptfs.errors import ExitCode
-from cryptfs.fs.tree import xattr_owner
+from cryptfs.fs.tree import read_xattr_owner
 from cryptfs.keyfile import KEYFILE_NAME, KeyFile
 from cryptfs.keys import KeyRing
-from cryptfs.metadata import MetadataCipher, SymlinkPlace
+from cryptfs.metadata import MetadataCipher, SymlinkPlace, XattrOwner
 from cryptfs.names import NameCipher, is_longname, is_reserved, read_diriv, sidecar_name
 from cryptfs.recovery import decode_recovery_code
 from tests.conftest import ENGINE_PARAMS, MOUNT_TIMEOUT, Mount, cryptfs_cmd, mount_engine_param
@@ -49,6 +49,15 @@ class Golden:
     tree: Tree
     xattrs: Xattrs
 
+
+
+def owner_of(directory: Path, entry: str, st: os.stat_result, codec: ContentCodec) -> XattrOwner:
+    """What ``directory/entry``'s bound xattrs are sealed to."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return read_xattr_owner(fd, entry, st, codec)
+    finally:
+        os.close(fd)
 
 @pytest.fixture(params=VERSIONS)
 def golden(request, tmp_path) -> Golden:
@@ -107,7 +116,7 @@ def library_tree(cipher: Path, keys: KeyRing, engine: XtsEngine) -> tuple[Tree, 
                 tree[child] = ["symlink", os.fsdecode(target)]
                 continue
             stored = [os.fsencode(a) for a in os.listxattr(path) if a.startswith("user.")]
-            owner = xattr_owner(os.fsencode(path), st, codec) if stored else None
+            owner = owner_of(backing, entry, st, codec) if stored else None
             attrs = {os.fsdecode(meta.decrypt_xattr_name(a, owner)):
                      meta.decrypt_xattr_value(a, os.getxattr(path, a), owner).hex()
                      for a in stored}
