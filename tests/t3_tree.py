@@ -17,6 +17,7 @@ from cryptfs.fs.handles import DirHandleTable
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions
 from cryptfs.keyfile import NEW_FEATURES
+from cryptfs.linux import RENAME_EXCHANGE
 from cryptfs.mount import Stack, assemble
 from cryptfs.names import DIRIV_NAME, create_diriv
 
@@ -209,3 +210,38 @@ def test_directory_handles():
         table.ino(fh)
     with pytest.raises(StaleHandleError):
         table.release(fh)
+
+
+def test_bound_symlinks_are_resealed_through_descriptors(stack):
+    """Bound metadata deeper than PATH_MAX and the descriptor cache: a
+    symlink renamed to a far directory is re-sealed there (same inode of
+    ours, new backing inode, no temporary left), a hard link to it is a
+    re-sealed copy, and exchanging it is refused."""
+    chain = [ROOT_INODE]
+    for _ in range(20):  # a backing path of about 1.5 x PATH_MAX
+        chain.append(stack.tree.mkdir(chain[-1], LONG, 0o755)[0].ino)
+    far, _ = stack.tree.mkdir(ROOT_INODE, b"far", 0o755)
+    link, st = stack.tree.symlink(chain[-1], b"s", b"../some/target")
+    stack.tree.rename(chain[-1], b"s", far.ino, LONG, 0)
+    moved = stack.tree.lookup(far.ino, LONG)
+    assert moved is not None and moved[0].ino == link.ino
+    assert moved[1].st_ino != st.st_ino and stack.tree.readlink(link.ino) == b"../some/target"
+    assert plain(stack, chain[-1]) == set() and len(backing(stack, far.ino)) == 2  # + sidecar
+    copy, _ = stack.tree.link(link.ino, chain[1], b"h")
+    assert copy.ino != link.ino and stack.tree.readlink(copy.ino) == b"../some/target"
+    touch(stack, far.ino, b"f")
+    with pytest.raises(OSError) as info:
+        stack.tree.rename(far.ino, LONG, far.ino, b"f", RENAME_EXCHANGE)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_xattr_owner_of_a_headerless_file_is_made_on_demand(stack):
+    """A new file has no header until written; its first xattr gives it one,
+    whose ID then owns its attributes (a directory's owner is its IV)."""
+    ino = touch(stack, ROOT_INODE, b"empty")
+    assert stack.tree.xattr_owner(ino).identity == b""
+    owner = stack.tree.xattr_owner(ino, create=True)
+    assert owner.identity and stack.tree.xattr_owner(ino) == owner
+    assert stack.tree.stat(ino).st_size > 0
+    d, _ = stack.tree.mkdir(ROOT_INODE, b"d", 0o755)
+    assert stack.tree.xattr_owner(d.ino).identity == stack.tree.diriv(d.ino)
