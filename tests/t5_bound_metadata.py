@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,35 +28,37 @@ from tests.conftest import (
 pytestmark = pytest.mark.fuse
 
 
+def unmounted(tmp_path: Path, bound: bool) -> Iterator[Mount]:
+    passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
+    (init_cipherdir if bound else init_v1_cipherdir)(cipher, passfile)
+    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl")
+    try:
+        yield mount
+    finally:
+        mount.stop()
+
+
 @pytest.fixture(params=["bound", "v1"])
 def fmt(request, tmp_path):
     """An unmounted cipher directory of either format (tests damage the
     backing files between mounts)."""
-    passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
-    if request.param == "bound":
-        init_cipherdir(cipher, passfile)
-    else:
-        init_v1_cipherdir(cipher, passfile)
-    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl")
-    try:
-        yield mount
-    finally:
-        mount.stop()
+    yield from unmounted(tmp_path, request.param == "bound")
 
 
 @pytest.fixture
 def bound(tmp_path):
-    passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
-    init_cipherdir(cipher, passfile)
-    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl")
-    try:
-        yield mount
-    finally:
-        mount.stop()
+    yield from unmounted(tmp_path, True)
 
 
 def user_xattrs(path: Path) -> list[str]:
     return [n for n in os.listxattr(path, follow_symlinks=False) if n.startswith("user.")]
+
+
+def stop_clean(mount: Mount) -> None:
+    """Unmount; the log is clean and fsck finds nothing."""
+    mount.stop()
+    mount.check_log()
+    assert fsck_problems(mount) == []
 
 
 def rename2(old: Path, new: Path, flags: int) -> None:
@@ -178,9 +181,7 @@ def test_renamed_symlinks_are_resealed(bound):
     bound.start()  # a fresh mount (no caches) reads them all
     assert os.readlink(plain / ("L" * 200)) == "somewhere/else"
     assert os.lstat(plain / ("L" * 200)).st_size == len("somewhere/else")
-    bound.stop()
-    bound.check_log()
-    assert fsck_problems(bound) == []
+    stop_clean(bound)
 
 
 def test_hard_link_to_a_symlink_is_a_resealed_copy(fmt):
@@ -194,9 +195,7 @@ def test_hard_link_to_a_symlink_is_a_resealed_copy(fmt):
     assert same == (not KeyFile.load(fmt.cipherdir).features)  # v1: a real hard link
     os.unlink(plain / "s")
     assert os.readlink(plain / "d" / "h") == "the target"
-    fmt.stop()
-    fmt.check_log()
-    assert fsck_problems(fmt) == []
+    stop_clean(fmt)
 
 
 def test_xattrs_follow_files_through_rename_and_hard_links(fmt):
@@ -219,9 +218,7 @@ def test_xattrs_follow_files_through_rename_and_hard_links(fmt):
     os.removexattr(plain / "e" / "link", "user.a")
     assert os.listxattr(plain / "e" / "moved") == ["user.b"]
     raises_errno(errno.ENODATA, os.getxattr, plain / "e" / "moved", "user.a")
-    fmt.stop()
-    fmt.check_log()
-    assert fsck_problems(fmt) == []
+    stop_clean(fmt)
 
 
 def test_xattr_on_a_file_without_header(bound):
