@@ -2,8 +2,10 @@
 
 Walks every backing directory and checks its IV, every name (including
 long-name sidecars and orphans), every regular file's size, header and pages
-(the final page's trailer is the check XTS allows), every symlink target and
-every user.* extended attribute.  Each problem is reported with the backing
+(the final page's trailer is the check XTS allows; in an authenticated
+directory every page's tag, each failing page reported, and pages that turn
+up in another place are named), every symlink target and every user.*
+extended attribute.  Each problem is reported with the backing
 path and, where it could be decrypted, the plaintext path.  It only reads.
 """
 
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from cryptfs.content.codec import ContentCodec
-from cryptfs.content.format import plaintext_size
+from cryptfs.content.tags import BadPage
 from cryptfs.engines.base import PAGE_SIZE
 from cryptfs.errors import (
     BackingSizeError,
@@ -26,6 +28,7 @@ from cryptfs.errors import (
     HeaderAuthError,
     HeaderCorruptError,
     HeaderVersionError,
+    PageTagError,
     TrailerError,
 )
 from cryptfs.keyfile import KEYFILE_NAME
@@ -41,15 +44,18 @@ from cryptfs.names import (
 # Problem kinds are part of the --json output: keep them stable.
 CONTENT_KINDS = {HeaderAuthError: "header-mac", HeaderCorruptError: "header",
                  HeaderVersionError: "version", TrailerError: "final-page",
-                 BackingSizeError: "size"}
+                 BackingSizeError: "size", PageTagError: "page-tag"}
 CHUNK = 256 * PAGE_SIZE  # 1 MiB per read while checking contents
 OWN_FILES = {KEYFILE_NAME, KEYFILE_NAME + ".bak"}
+PAGES_PER_FILE = 16  # failing pages reported one by one per file; the rest counted
+MOVED_CANDIDATES = 256  # failing pages kept to look for pages moved elsewhere
 
 
 @dataclass(frozen=True)
 class Problem:
     kind: str  # diriv, name, sidecar, symlink, xattr, size, header, header-mac,
-    #            version, final-page, io (stable: scripts read --json)
+    #            version, final-page, io; authenticated directories also
+    #            tag-missing, page-zeroed, page-moved, page-tag (stable: scripts read --json)
     backing: str
     plaintext: str | None
     message: str
@@ -92,6 +98,9 @@ class Checker:
         self.root = os.path.abspath(cipherdir)
         self.codec, self.names, self.metadata = codec, names, metadata
         self.problems: list[Problem] = []
+        # Authenticated mode: failing pages, to recognise one that was moved
+        # (it matches the tag of the place it came from): (file ID, page, problem).
+        self._failed: list[tuple[bytes, BadPage, Problem]] = []
         files, size = 0, 0
         for dirpath, _dirs, filenames in os.walk(self.root):
             for name in filenames:
@@ -105,8 +114,30 @@ class Checker:
 
     def run(self) -> list[Problem]:
         self._check_dir(self.root, "/")
+        self._find_moved_pages()
         self.progress.done()
         return self.problems
+
+    def _find_moved_pages(self) -> None:
+        """A page that fails here but carries a valid tag for another failing
+        place (another page of the same file, or of another file) was moved
+        or swapped there: say so instead of a bare tag failure."""
+        tagger = self.codec.tagger
+        if tagger is None:
+            return
+        for file_id, bad, problem in self._failed:
+            for other_id, other, other_problem in self._failed:
+                if (other_id, other.page) == (file_id, bad.page):
+                    continue
+                if tagger.tag(other_id, other.page, other.final_size, bad.unit) == other.stored:
+                    where = "this file" if other_id == file_id else other_problem.plaintext \
+                        or other_problem.backing
+                    index = self.problems.index(problem)
+                    self.problems[index] = Problem(
+                        "page-moved", problem.backing, problem.plaintext,
+                        f"page {bad.page} holds page {other.page} of {where} "
+                        "(pages swapped or moved)")
+                    break
 
     def _check_dir(self, path: str, plain: str) -> None:
         try:
@@ -182,7 +213,7 @@ class Checker:
 
     def _check_file(self, full: str, plain: str | None, stored: int) -> None:
         try:
-            size = plaintext_size(stored)
+            size = self.codec.plaintext_size(stored)
         except CryptfsError as exc:
             self.report("size", full, plain, str(exc))
             return
@@ -193,6 +224,11 @@ class Checker:
             return
         try:
             file = self.codec.open(fd)
+            if self.codec.tagger is not None:
+                if file.header is not None:
+                    self._check_tags(file.bad_pages(size), file.header.file_id, full, plain)
+                self.progress.add(nbytes=size)
+                return
             for offset in range(0, size, CHUNK):
                 file.read(offset, CHUNK, size)
                 self.progress.add(nbytes=min(CHUNK, size - offset))
@@ -202,6 +238,16 @@ class Checker:
             self.report("io", full, plain, str(exc))
         finally:
             os.close(fd)
+
+    def _check_tags(self, bad: list[BadPage], file_id: bytes, full: str,
+                    plain: str | None) -> None:
+        for page in bad[:PAGES_PER_FILE]:
+            self.report(page.kind, full, plain, page.message())
+            if len(self._failed) < MOVED_CANDIDATES:
+                self._failed.append((file_id, page, self.problems[-1]))
+        if len(bad) > PAGES_PER_FILE:
+            self.report("page-tag", full, plain,
+                        f"and {len(bad) - PAGES_PER_FILE} more pages fail their tag check")
 
 
 def print_report(problems: list[Problem], out: Callable[[str], None] = print) -> None:

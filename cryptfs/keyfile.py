@@ -47,7 +47,8 @@ KEYFILE_NAME = "cryptfs.conf"
 FORMAT_NAME = "cryptfs-keyfile"
 FORMAT_VERSION = 1
 # Feature flags this release understands.  A key file may require only these.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+FEATURE_AUTHENTICATED = "authenticated"  # page tags on every file (format.md §4.6)
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_AUTHENTICATED})
 MAX_KEYFILE_BYTES = 1 << 20
 
 # The fixed content and name parameters of format version 1 (bound into
@@ -225,11 +226,17 @@ class KeyFile:
 
     # -- creating and changing --
 
+    @property
+    def authenticated(self) -> bool:
+        return FEATURE_AUTHENTICATED in self.features
+
     @classmethod
-    def create(cls, password: bytes, kdf: KdfParams | None = None) -> tuple[KeyFile, KeyRing]:
-        """A new key file with a fresh random master key and one password slot."""
+    def create(cls, password: bytes, kdf: KdfParams | None = None,
+               features: tuple[str, ...] = ()) -> tuple[KeyFile, KeyRing]:
+        """A new key file with a fresh random master key and one password
+        slot, requiring ``features`` (bound into the slot and the MAC)."""
         keys = KeyRing(secrets.token_bytes(MASTER_KEY_LEN))
-        keyfile = cls(slots=[])
+        keyfile = cls(slots=[], features=sorted(features))
         keyfile.add_password(keys, password, kdf)
         return keyfile, keys
 

@@ -54,13 +54,13 @@ class Stack:
 
 
 def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
-                options: MountOptions) -> Stack:
+                options: MountOptions, authenticated: bool = False) -> Stack:
     choice = select_engine(engine_name)
     root = os.fsencode(os.path.abspath(cipherdir))
     st = os.stat(root)
     inodes = InodeTable(root, (st.st_dev, st.st_ino))
     sessions = SessionCache(choice.engine, keys)
-    codec = ContentCodec(keys, sessions)
+    codec = ContentCodec(keys, sessions, authenticated)
     handles = HandleTable(codec, read_only=options.read_only)
     tree = BackingTree(inodes, NameCipher(keys))
     try:
