@@ -119,9 +119,10 @@ class Checker:
         return self.problems
 
     def _find_moved_pages(self) -> None:
-        """A page that fails here but carries a valid tag for another failing
-        place (another page of the same file, or of another file) was moved
-        or swapped there: say so instead of a bare tag failure."""
+        """A failing page whose bytes carry a valid tag for another failing
+        place (another page of this file or of another file: its tag there,
+        or the tag that came along with it) was moved or swapped: say so
+        instead of a bare tag failure."""
         tagger = self.codec.tagger
         if tagger is None:
             return
@@ -129,11 +130,11 @@ class Checker:
             for other_id, other, other_problem in self._failed:
                 if (other_id, other.page) == (file_id, bad.page):
                     continue
-                if tagger.tag(other_id, other.page, other.final_size, bad.unit) == other.stored:
-                    where = "this file" if other_id == file_id else other_problem.plaintext \
-                        or other_problem.backing
-                    index = self.problems.index(problem)
-                    self.problems[index] = Problem(
+                tag = tagger.tag(other_id, other.page, other.final_size, bad.unit)
+                if tag in (other.stored, bad.stored):
+                    where = "this file" if other_id == file_id else \
+                        other_problem.plaintext or other_problem.backing
+                    self.problems[self.problems.index(problem)] = Problem(
                         "page-moved", problem.backing, problem.plaintext,
                         f"page {bad.page} holds page {other.page} of {where} "
                         "(pages swapped or moved)")

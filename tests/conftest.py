@@ -102,11 +102,12 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def init_cipherdir(cipherdir: Path, passfile: Path) -> None:
+def init_cipherdir(cipherdir: Path, passfile: Path, *extra: str) -> None:
+    """``cryptfs init`` with a cheap KDF; ``extra``: more init options."""
     cipherdir.mkdir(parents=True, exist_ok=True)
     passfile.write_text(PASSWORD + "\n")
     subprocess.run(cryptfs_cmd("init", str(cipherdir), "--passfile", str(passfile),
-                               "--argon2-memory", "8", "--argon2-passes", "1"),
+                               "--argon2-memory", "8", "--argon2-passes", "1", *extra),
                    check=True, capture_output=True)
 
 
