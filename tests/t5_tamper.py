@@ -145,3 +145,10 @@ def test_fsck_reports_each_kind(tampered):
         kinds = found.setdefault(problem["plaintext"].lstrip("/"), {})
         kinds[problem["kind"]] = kinds.get(problem["kind"], 0) + 1
     assert found == EXPECTED
+
+
+def test_info_names_the_mode(tampered):
+    mount, _ = tampered
+    out = subprocess.run(cryptfs_cmd("info", str(mount.cipherdir)), capture_output=True,
+                         text=True, check=True).stdout
+    assert "feature flags:    authenticated" in out and "tag per page" in out
