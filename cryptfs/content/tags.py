@@ -98,16 +98,22 @@ class PageTagger:
     """Computes and checks the tags of one cipher directory (thread-safe)."""
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
-        zero = HMAC(key, hashes.SHA256())
-        zero.update(bytes(PAGE_SIZE))
-        self._zero_page = zero  # HMAC state after a whole zero unit: holes are cheap
+        # Keyed HMAC states to copy: the key schedule once (a third of a
+        # tag's cost), and the state after a whole zero unit (holes are cheap).
+        self._keyed = HMAC(key, hashes.SHA256())
+        self._zero_page = self._keyed.copy()
+        self._zero_page.update(bytes(PAGE_SIZE))
 
-    def tag(self, file_id: bytes, page: int, final_size: int, unit: bytes | memoryview) -> bytes:
-        if len(unit) == PAGE_SIZE and is_zero(unit):
+    def tag(self, file_id: bytes, page: int, final_size: int, unit: bytes | memoryview,
+            zero: bool | None = None) -> bytes:
+        """The tag of ``unit`` stored as ``page``; ``zero``: whether the unit
+        is all zeros, if the caller knows."""
+        if zero is None:
+            zero = is_zero(unit)
+        if zero and len(unit) == PAGE_SIZE:
             mac = self._zero_page.copy()
         else:
-            mac = HMAC(self._key, hashes.SHA256())
+            mac = self._keyed.copy()
             mac.update(unit)
         mac.update(_CONTEXT.pack(file_id, page, final_size))
         return mac.finalize()[:TAG_SIZE]
@@ -127,28 +133,35 @@ class PageTagger:
         return b"".join(
             self.tag(file_id, page, size if page == final else 0,
                      bytes(size - PAGE_SIZE * page + TRAILER_SIZE) if page == final
-                     else memoryview(_ZERO_PAGE))
+                     else _ZERO_PAGE, zero=True)
             for page in range(first, last + 1)
         )
 
     def check(self, file_id: bytes, first: int, size: int, run: memoryview,
-              stored: bytes) -> Iterator[BadPage]:
-        """Every page of ``run`` whose stored tag does not match."""
+              stored: bytes, holes: list[int] | None = None) -> Iterator[BadPage]:
+        """Every page of ``run`` whose stored tag does not match; the units
+        (counted from 0) that are holes are appended to ``holes``."""
         final = final_page(size)
         for k, start, length in units(len(run)):
             page, unit = first + k, run[start:start + length]
             final_size = size if page == final else 0
             want = stored[TAG_SIZE * k:TAG_SIZE * (k + 1)]
-            if std_hmac.compare_digest(self.tag(file_id, page, final_size, unit), want):
+            zero = is_zero(unit)
+            if std_hmac.compare_digest(self.tag(file_id, page, final_size, unit, zero), want):
+                if zero and holes is not None:
+                    holes.append(k)
                 continue
             yield BadPage(page, _classify(page == final, unit, want), bytes(unit), want,
                           final_size)
 
     def verify(self, file_id: bytes, first: int, size: int, run: memoryview,
-               stored: bytes) -> None:
-        """Raise ``PageTagError`` for the first page of ``run`` that fails."""
-        for bad in self.check(file_id, first, size, run, stored):
+               stored: bytes) -> list[int]:
+        """Raise ``PageTagError`` for the first page of ``run`` that fails;
+        return the units that are (checked) holes."""
+        holes: list[int] = []
+        for bad in self.check(file_id, first, size, run, stored, holes):
             raise PageTagError(bad.message(), bad.kind)
+        return holes
 
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
