@@ -188,21 +188,33 @@ def mount_engine_param(request) -> str:
 ENGINE_PARAMS = ["openssl", pytest.param("afalg", marks=pytest.mark.afalg)]
 
 
-@pytest.fixture(scope="module", params=ENGINE_PARAMS)
-def cryptfs_mount(request, tmp_path_factory):
-    """One mount per test module and engine; tests use their own subdirectory."""
+def module_mount(request, tmp_path_factory, *init_extra: str) -> Iterator[Mount]:
+    """A mount of a fresh cipher directory (``init_extra``: init options)
+    on the engine of ``request.param``, checked for log problems at the end."""
     if not fuse_usable():
         pytest.skip("/dev/fuse is not usable here")
     engine = mount_engine_param(request)
     base = tmp_path_factory.mktemp(f"mount-{engine}")
     passfile = base / "password"
-    init_cipherdir(base / "cipher", passfile)
+    init_cipherdir(base / "cipher", passfile, *init_extra)
     mount = Mount(base / "cipher", base / "plain", passfile, engine).start()
     try:
         yield mount
     finally:
         mount.stop()
     mount.check_log()
+
+
+@pytest.fixture(scope="module", params=ENGINE_PARAMS)
+def cryptfs_mount(request, tmp_path_factory):
+    """One mount per test module and engine; tests use their own subdirectory."""
+    yield from module_mount(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=ENGINE_PARAMS)
+def authenticated_mount(request, tmp_path_factory):
+    """The same for a cipher directory made with ``init --authenticated``."""
+    yield from module_mount(request, tmp_path_factory, "--authenticated")
 
 
 @pytest.fixture

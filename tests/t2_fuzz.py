@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cryptfs.content.format import FileHeader, plaintext_size
+from cryptfs.content import tags
+from cryptfs.content.format import FLAG_AUTHENTICATED, FileHeader, plaintext_size
 from cryptfs.errors import CryptfsError
 from cryptfs.keyfile import KdfParams, KeyFile
 from cryptfs.keys import KeyRing
@@ -66,12 +67,14 @@ def test_key_file_parser(data):
                  mutated(VALID_HEADER)))
 def test_file_header_parser(data):
     defined(FileHeader.decode, data, KEYS.header_key)
+    defined(FileHeader.decode, data, KEYS.header_key, FLAG_AUTHENTICATED)
 
 
 @EXAMPLES
 @given(st.integers(0, 1 << 64))
 def test_backing_sizes(size):
     defined(plaintext_size, size)
+    defined(tags.plaintext_size, size)
 
 
 @EXAMPLES
