@@ -50,6 +50,14 @@ def keys() -> KeyRing:
 
 
 @pytest.fixture
+def backing(tmp_path):
+    """A descriptor of an empty backing file."""
+    fd = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
 def codec(engine: XtsEngine, keys: KeyRing):
     sessions = SessionCache(engine, keys)
     yield ContentCodec(keys, sessions)

@@ -17,7 +17,7 @@ from cryptfs.content.format import HEADER_SIZE
 from cryptfs.content.sessions import SessionCache
 from cryptfs.engines.base import PAGE_SIZE
 from cryptfs.errors import BackingSizeError, HeaderCorruptError, PageTagError
-from tests.t2_content import MODEL_SETTINGS, check_against_model
+from tests.t2_content import MODEL_SETTINGS, check_against_model, dense_copy_reads
 
 P = PAGE_SIZE
 G = 252  # pages whose tags are in the header page
@@ -28,13 +28,6 @@ def auth(engine, keys):
     sessions = SessionCache(engine, keys)
     yield ContentCodec(keys, sessions, authenticated=True)
     sessions.close()
-
-
-@pytest.fixture
-def backing(tmp_path):
-    fd = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)
-    yield fd
-    os.close(fd)
 
 
 # --- pure layout --------------------------------------------------------------------
@@ -117,13 +110,7 @@ def test_holes_are_tagged_and_survive_a_dense_copy(auth, backing, tmp_path):
     expected = b"x" * 100 + bytes(300 * P - 97) + b"y" * 100 + bytes(20 * P - 103)
     assert f.read(0, 400 * P) == expected
     assert os.fstat(backing).st_blocks * 512 < 64 * P  # the data pages stay sparse
-    copy = tmp_path / "dense"
-    copy.write_bytes(os.pread(backing, 2 << 20, 0))
-    fd = os.open(copy, os.O_RDONLY)
-    try:
-        assert auth.open(fd).read(0, 400 * P) == expected
-    finally:
-        os.close(fd)
+    assert dense_copy_reads(auth, backing, tmp_path, 400 * P) == expected
 
 
 def test_shrinking_clears_the_removed_pages_tags(auth, backing):
