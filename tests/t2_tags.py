@@ -4,6 +4,7 @@ of tampering refused with its kind before any plaintext is returned."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 
@@ -17,6 +18,7 @@ from cryptfs.content.format import HEADER_SIZE
 from cryptfs.content.sessions import SessionCache
 from cryptfs.engines.base import PAGE_SIZE
 from cryptfs.errors import BackingSizeError, HeaderCorruptError, PageTagError
+from tests.conftest import small_tmpfs
 from tests.t2_content import MODEL_SETTINGS, check_against_model, dense_copy_reads
 
 P = PAGE_SIZE
@@ -235,3 +237,24 @@ def test_torn_write_after_a_crash(auth, backing, restore):
     auth.open(backing).write(P + 10, b"new bytes")
     os.pwrite(backing, before, where)  # only half of the write reached the disk
     assert refused(auth, backing, "page-tag", P, 100) == {1: "page-tag"}
+
+
+def test_full_disk_fails_before_any_page_or_tag_changes(auth, tmp_path):
+    """Data and tag slots are reserved before either is written: with room
+    for a new data page but not for the tag page it needs, the write fails
+    with ENOSPC and the file still reads as before."""
+    with small_tmpfs(tmp_path / "small", "2m") as small:
+        fd = os.open(small / "f", os.O_RDWR | os.O_CREAT, 0o600)
+        filler = os.open(small / "filler", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            data = secrets.token_bytes(G * P - 100)  # all tags in the header page
+            f = auth.open(fd)
+            f.write(0, data)
+            os.posix_fallocate(filler, 0, (os.statvfs(small).f_bavail - 1) * P)
+            with pytest.raises(OSError) as info:
+                f.write(G * P, b"needs a tag page")  # one data page fits, its tag page not
+            assert info.value.errno == errno.ENOSPC
+            assert f.bad_pages(f.size()) == [] and auth.open(fd).read(0, G * P) == data
+        finally:
+            os.close(fd)
+            os.close(filler)

@@ -303,12 +303,19 @@ class EncryptedFile:
             pwrite_all(self.fd, out, self._layout.unit_offset(first))
             return
         parts = self._stored_segments(first, length)
-        for a, _b, start, end in parts:  # all data first: the file never ends in a tag page
+        for a, b, start, end in parts:  # a full disk fails here, before any byte changes
             reserve(self.fd, self._layout.unit_offset(a), end - start)
+            self._reserve_tags(a, b)
+        for a, _b, start, end in parts:  # all data first: the file never ends in a tag page
             pwrite_all(self.fd, out[start:end], self._layout.unit_offset(a))
         for a, _b, start, end in parts:
             pwrite_all(self.fd, self._tagger.tags(header.file_id, a, size, out[start:end]),
                        tag_offset(a))
+
+    def _reserve_tags(self, first: int, last: int) -> None:
+        """Allocate the tag slots of pages ``first..last`` (see ``reserve``)."""
+        for a, b in segments(first, last):
+            reserve(self.fd, tag_offset(a), TAG_SIZE * (b - a + 1))
 
     def _write_hole_tags(self, first: int, last: int, size: int) -> None:
         """Authenticated mode: pages ``first..last`` are holes; give them the
@@ -362,12 +369,14 @@ class EncryptedFile:
         tail = self.read(end, page_end - end, old)
         stale = final_page(old) if old and final_page(old) < run.first else None
         stale_plain = self._page(stale, old) if stale is not None else b""
+        holes_from = stale + 1 if stale is not None else 0 if not old else run.first
+        if self._tagger is not None:
+            self._reserve_tags(holes_from, run.first - 1)
 
         self._write_run(run.first, run.length,
                         [(0, head), (offset - page_start, data), (end - page_start, tail)], new)
         if stale is not None:
             self._retire_final(stale, stale_plain, old, new, clear_spill=run.first > stale + 1)
-        holes_from = stale + 1 if stale is not None else 0 if not old else run.first
         self._write_hole_tags(holes_from, run.first - 1, new)
         return length
 
@@ -407,7 +416,10 @@ class EncryptedFile:
         self.ensure_header()
         stale = final_page(old) if old else None
         plain = self._page(stale, old) if stale is not None else b""
+        holes_from = stale + 1 if stale is not None else 0
+        if self._tagger is not None:
+            self._reserve_tags(holes_from, final_page(size))
         os.ftruncate(self.fd, self._layout.backing_size(size))
         if stale is not None:
             self._retire_final(stale, plain, old, size, clear_spill=True)
-        self._write_hole_tags(stale + 1 if stale is not None else 0, final_page(size), size)
+        self._write_hole_tags(holes_from, final_page(size), size)
