@@ -38,7 +38,7 @@ from cryptfs.content.format import (
     pages_for,
 )
 from cryptfs.content.sessions import SessionCache
-from cryptfs.content.tags import TAG_SIZE, BadPage, PageTagger, segments, tag_offset
+from cryptfs.content.tags import SLOTS, TAG_SIZE, BadPage, PageTagger, segments, tag_offset
 from cryptfs.engines.base import (
     PAGE_SIZE,
     Scratch,
@@ -332,7 +332,7 @@ class EncryptedFile:
         the tag slots of the removed pages in that page's tag page."""
         if self._tagger is None:
             return
-        _, last = next(segments(page, page + PAGE_SIZE))
+        _, last = next(segments(page, page + SLOTS))
         if last > page:
             pwrite_all(self.fd, bytes(TAG_SIZE * (last - page)), tag_offset(page + 1))
 
