@@ -51,6 +51,7 @@ class Stack:
         self.workers.close()
         self.handles.close_all()
         self.sessions.close()
+        self.sessions.engine.close()  # its threads for splitting large runs
 
 
 def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,

@@ -1,10 +1,11 @@
 """``cryptfs speed``: how fast each crypto engine is on this machine.
 
 Like ``gocryptfs -speed``.  Every engine the machine offers (userspace
-OpenSSL; the kernel's AF_ALG as ``auto`` would use it; AF_ALG without
-vmsplice) does the two things the filesystem does, on one thread: encrypt a
-request held in memory, and decrypt a request from a page-cached backing
-file, for 4 KiB and 64 KiB requests.  Figures are MB/s of plaintext.
+OpenSSL through the native helper and through ``cryptography``; the
+kernel's AF_ALG as ``auto`` would use it; AF_ALG without vmsplice) does
+the two things the filesystem does, on one thread: encrypt a request held
+in memory, and decrypt a request from a page-cached backing file, for 4 KiB
+and 64 KiB requests.  Figures are MB/s of plaintext.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from cryptfs.engines import cross_check
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, XtsEngine, aligned_buffer
-from cryptfs.engines.userspace import OpenSSLEngine
+from cryptfs.engines.userspace import LABELS, OpenSSLEngine
 from cryptfs.errors import EngineError, EngineUnavailableError
 
 REQUEST_SIZES = (PAGE_SIZE, 16 * PAGE_SIZE)
@@ -48,10 +49,15 @@ def cell(operation: str, size: int) -> str:
 
 def candidates() -> list[tuple[str, Callable[[], XtsEngine] | str]]:
     """(label, engine factory) per engine, or (label, why unavailable)."""
-    found: list[tuple[str, Callable[[], XtsEngine] | str]] = [("openssl", OpenSSLEngine)]
+    found: list[tuple[str, Callable[[], XtsEngine] | str]] = []
+    try:
+        found.append((OpenSSLEngine("native").label, lambda: OpenSSLEngine("native")))
+    except EngineUnavailableError as exc:
+        found.append((LABELS["native"], str(exc)))
+    found.append((OpenSSLEngine("direct").label, lambda: OpenSSLEngine("direct")))
     try:
         kernel = AfalgEngine.probe()
-        cross_check(kernel, OpenSSLEngine())
+        cross_check(kernel, OpenSSLEngine("direct"))
     except (EngineUnavailableError, EngineError, OSError) as exc:
         return [*found, ("afalg", str(exc))]
     if kernel.zero_copy:
@@ -105,7 +111,11 @@ def run(seconds: float = 0.5, workdir: str | None = None) -> list[EngineSpeed]:
         if isinstance(factory, str):
             results.append(EngineSpeed(label, unavailable=factory))
         else:
-            results.append(EngineSpeed(label, measure(factory(), seconds, workdir)))
+            engine = factory()
+            try:
+                results.append(EngineSpeed(label, measure(engine, seconds, workdir)))
+            finally:
+                engine.close()
     return results
 
 
@@ -120,15 +130,17 @@ def report(results: list[EngineSpeed]) -> str:
             lines.append(r.label.ljust(width) + "".join(
                 f"{r.mb_per_s[c]:11.0f} MB/s" for c in columns))
     best = max(results, key=EngineSpeed.score)
-    engine = "openssl" if best.label == "openssl" else "afalg"
+    engine = "openssl" if best.label.startswith("openssl") else "afalg"
     lines += [
         "",
         f"Fastest here on one thread: {best.label} (mount with --engine {engine}).",
         *(["(The afalg engine uses vmsplice for runs of 2+ pages where allowed; on a",
            "machine where copies win, that cut-off should move: please report it.)"]
           if best.label.startswith("afalg (sendmsg") else []),
-        "The kernel engine runs with Python's GIL released, so under parallel load",
-        f"it also scales with cores ({os.cpu_count()} here).",
-        "--engine auto uses it whenever it passes its self-test.",
+        f"--engine openssl uses {OpenSSLEngine().label} here.",
+        "The kernel engine and the native helper run with Python's GIL released, so",
+        f"under parallel load they also scale with cores ({os.cpu_count()} here), and",
+        "runs of 32+ pages are split over threads.",
+        "--engine auto uses the kernel engine whenever it passes its self-test.",
     ]
     return "\n".join(lines)

@@ -39,9 +39,28 @@ def afalg_engine() -> AfalgEngine:
         pytest.skip(f"no AF_ALG on this kernel ({exc}); scripts/test runs this in the kernel VM")
 
 
-@pytest.fixture(params=["openssl", pytest.param("afalg", marks=pytest.mark.afalg)])
-def engine(request) -> XtsEngine:
-    return OpenSSLEngine() if request.param == "openssl" else afalg_engine()
+def native_engine(helpers: int | None = 0) -> OpenSSLEngine:
+    """The userspace engine on its native helper (serial unless ``helpers``),
+    or skip where CRYPTFS_NO_NATIVE=1 turns the helper off on purpose."""
+    try:
+        return OpenSSLEngine("native", helpers=helpers)
+    except EngineUnavailableError as exc:
+        if os.environ.get("CRYPTFS_NO_NATIVE") == "1":
+            pytest.skip(str(exc))
+        raise
+
+
+@pytest.fixture(params=["openssl", "openssl-cryptography",
+                        pytest.param("afalg", marks=pytest.mark.afalg)])
+def engine(request) -> Iterator[XtsEngine]:
+    """Every engine, and the userspace engine's ``cryptography`` fallback
+    (``openssl`` is its native helper wherever that is built)."""
+    if request.param == "afalg":
+        chosen: XtsEngine = afalg_engine()
+    else:
+        chosen = OpenSSLEngine("direct" if request.param == "openssl-cryptography" else None)
+    yield chosen
+    chosen.close()
 
 
 @pytest.fixture
@@ -89,6 +108,28 @@ def fuse_usable() -> bool:
         return False
     os.close(fd)
     return shutil.which("fusermount3") is not None
+
+
+# Where AF_ALG is required (the kernel VM of scripts/test) every mount test
+# must run too: a missing /dev/fuse there would silently skip them all.
+REQUIRE_FUSE = REQUIRE_AFALG or os.environ.get("CRYPTFS_REQUIRE_FUSE") == "1"
+
+
+def require_fuse() -> None:
+    """For tests that mount: skip where /dev/fuse is unusable (fail where
+    FUSE is required).  Tests that need no mount must not call this."""
+    if fuse_usable():
+        return
+    if REQUIRE_FUSE:
+        pytest.fail("FUSE is required here but /dev/fuse or fusermount3 is unusable")
+    pytest.skip("/dev/fuse is not usable here")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.fuse``: the test mounts (see ``require_fuse``)."""
+    if item.get_closest_marker("fuse"):
+        require_fuse()
 
 
 def cryptfs_cmd(*args: str) -> list[str]:
@@ -199,8 +240,7 @@ ENGINE_PARAMS = ["openssl", pytest.param("afalg", marks=pytest.mark.afalg)]
 def module_mount(request, tmp_path_factory, *init_extra: str) -> Iterator[Mount]:
     """A mount of a fresh cipher directory (``init_extra``: init options)
     on the engine of ``request.param``, checked for log problems at the end."""
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
+    require_fuse()
     engine = mount_engine_param(request)
     base = tmp_path_factory.mktemp(f"mount-{engine}")
     passfile = base / "password"

@@ -39,12 +39,15 @@ async def test_at_most_its_threads_at_once(pool):
     async with trio.open_nursery() as nursery:
         for _ in range(8):
             nursery.start_soon(pool.run, job)
-        while True:  # wait until the pool is full, then open the gate
-            with lock:
-                if running[0] == 3:
-                    break
-            await trio.sleep(0.01)
-        gate.set()
+        try:  # wait until the pool is full (or fail), then open the gate
+            with trio.fail_after(30):
+                while True:
+                    with lock:
+                        if running[0] == 3:
+                            break
+                    await trio.sleep(0.01)
+        finally:
+            gate.set()
     assert peak[0] == 3
 
 

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from cryptfs.errors import ExitCode
-from tests.conftest import MOUNT_TIMEOUT, Mount, cryptfs_cmd, fuse_usable, init_cipherdir
-
-pytestmark = pytest.mark.skipif(not fuse_usable(), reason="/dev/fuse is not usable here")
+from tests.conftest import MOUNT_TIMEOUT, Mount, cryptfs_cmd, init_cipherdir, require_fuse
 
 
 def fsck(cipher: Path, passfile: Path) -> tuple[int, dict]:
@@ -26,6 +24,7 @@ def fsck(cipher: Path, passfile: Path) -> tuple[int, dict]:
 def populated(tmp_path):
     """A cipher directory with one of everything, and a map from plaintext
     names to their backing paths."""
+    require_fuse()
     passfile = tmp_path / "pw"
     cipher = tmp_path / "cipher"
     init_cipherdir(cipher, passfile)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ENGINE_PARAMS, Mount, fuse_usable, init_cipherdir, mount_engine_param
+from tests.conftest import ENGINE_PARAMS, Mount, init_cipherdir, mount_engine_param, require_fuse
 
 WRITER = r"""
 import hashlib, os, sys
@@ -44,8 +44,7 @@ with open(journal, "a") as log:
 
 @pytest.fixture(params=ENGINE_PARAMS)
 def engine(request):
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
+    require_fuse()
     return mount_engine_param(request)
 
 

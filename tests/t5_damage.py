@@ -15,9 +15,9 @@ import pytest
 from tests.conftest import (
     ENGINE_PARAMS,
     Mount,
-    fuse_usable,
     init_cipherdir,
     mount_engine_param,
+    require_fuse,
     small_tmpfs,
 )
 
@@ -28,8 +28,7 @@ MARKER = "ZEBRA-MARKER-7731"
 def fresh(request, tmp_path):
     """A cipher directory and an unmounted Mount for it (tests damage the
     backing files between mounts)."""
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
+    require_fuse()
     engine = mount_engine_param(request)
     passfile = tmp_path / "password"
     init_cipherdir(tmp_path / "cipher", passfile)

@@ -19,9 +19,9 @@ from tests.conftest import (
     MOUNT_TIMEOUT,
     Mount,
     cryptfs_cmd,
-    fuse_usable,
     init_cipherdir,
     mount_engine_param,
+    require_fuse,
 )
 
 P = 4096
@@ -59,8 +59,7 @@ def zero(path: Path, at: int, size: int) -> None:
 def tampered(request, tmp_path_factory):
     """An authenticated cipher directory with one file per kind of damage
     (and a healthy one), damaged while unmounted, then mounted again."""
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
+    require_fuse()
     engine = mount_engine_param(request)
     base = tmp_path_factory.mktemp(f"tamper-{engine}")
     passfile, cipher = base / "password", base / "cipher"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ENGINE_PARAMS, Mount, afalg_engine, fuse_usable, init_cipherdir
+from tests.conftest import ENGINE_PARAMS, Mount, afalg_engine, init_cipherdir, require_fuse
 
 P = 4096
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -180,8 +180,7 @@ with open(path, "rb") as f:
 def test_inline_and_worker_paths_agree(engine_name, inline_max, tmp_path):
     """Every codec call on worker threads, or every one on the event loop:
     concurrent random reads and writes of unaligned sizes read back exactly."""
-    if not fuse_usable():
-        pytest.skip("/dev/fuse is not usable here")
+    require_fuse()
     if engine_name == "afalg":
         afalg_engine()
     passfile = tmp_path / "password"

@@ -46,7 +46,7 @@ from cryptfs.engines.base import (
     group_units,
     is_zero,
     pread_into,
-    units,
+    unit_count,
 )
 from cryptfs.errors import HeaderCorruptError, TrailerError
 from cryptfs.keys import FILE_ID_LEN, KeyRing
@@ -224,7 +224,7 @@ class EncryptedFile:
         """The pages of a run of ``length`` stored bytes from page ``first``,
         cut where a tag page interrupts them: ``(a, b, start, end)`` for
         pages ``a..b`` at bytes ``start..end`` of the run."""
-        last = first + sum(1 for _ in units(length)) - 1
+        last = first + unit_count(length) - 1
         return [(a, b, (a - first) * PAGE_SIZE,
                  (b + 1 - first) * PAGE_SIZE if b < last else length)
                 for a, b in segments(first, last)]

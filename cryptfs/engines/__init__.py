@@ -3,8 +3,9 @@
 ``auto`` uses the kernel engine only after a known-answer check: a random
 key and data are encrypted by both engines, through both of the kernel
 engine's input paths, and the bytes must match.  Otherwise it falls back to
-the userspace engine and says why.  Both produce the same bytes, so the
-choice never affects what is on disk.
+the userspace engine and says why.  The userspace engine's native helper is
+checked the same way against its ``cryptography`` path.  Both produce the
+same bytes, so the choice never affects what is on disk.
 """
 
 from __future__ import annotations
@@ -57,21 +58,37 @@ def cross_check(candidate: XtsEngine, reference: XtsEngine) -> None:
         plain.close()
 
 
+def userspace_engine() -> OpenSSLEngine:
+    """The userspace engine: its native helper if built and it gives the
+    ``cryptography`` path's bytes (checked like the kernel engine), else
+    the ``cryptography`` path."""
+    engine = OpenSSLEngine()
+    if engine.path == "native":
+        try:
+            cross_check(engine, OpenSSLEngine("direct"))
+        except EngineError as exc:
+            engine.close()
+            log.warning("the native AES-XTS helper failed its self-test (%s); "
+                        "using cryptography instead", exc)
+            return OpenSSLEngine("direct")
+    return engine
+
+
 def select_engine(name: str = "auto") -> EngineChoice:
     """Return the engine ``name`` asks for; see the module docstring."""
     if name == "openssl":
-        return _chosen(OpenSSLEngine(), "requested")
+        return _chosen(userspace_engine(), "requested")
     if name not in ("auto", "afalg"):
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
     try:
         kernel = AfalgEngine.probe()
-        cross_check(kernel, OpenSSLEngine())
+        cross_check(kernel, OpenSSLEngine("direct"))
     except (EngineUnavailableError, EngineError, OSError) as exc:
         if name == "afalg":
             if isinstance(exc, EngineUnavailableError):
                 raise
             raise EngineUnavailableError(f"AF_ALG engine failed its self-test: {exc}") from exc
-        return _chosen(OpenSSLEngine(), f"AF_ALG not usable: {exc}")
+        return _chosen(userspace_engine(), f"AF_ALG not usable: {exc}")
     return _chosen(kernel, "requested" if name == "afalg" else "AF_ALG passed its self-test")
 
 

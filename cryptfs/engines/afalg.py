@@ -43,6 +43,7 @@ from cryptfs.engines.base import (
     tweak,
     units,
 )
+from cryptfs.engines.parallel import ParallelRuns
 from cryptfs.errors import BackingSizeError, EngineError, EngineUnavailableError
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,15 @@ class AfalgSession:
 
     def _crypt(self, opcode: int, first: int, src: Buffer, dst: memoryview) -> None:
         length = len(src)
+        if self._engine.parallel.parts(length) > 1:  # each part on its own channel
+            view, out = memoryview(src), memoryview(dst)
+            self._engine.parallel.run(length, lambda start, end: self._crypt_serial(
+                opcode, first + start // PAGE_SIZE, view[start:end], out[start:end]))
+        else:
+            self._crypt_serial(opcode, first, src, dst)
+
+    def _crypt_serial(self, opcode: int, first: int, src: Buffer, dst: memoryview) -> None:
+        length = len(src)
         address = None
         if self._engine.zero_copy and length >= ZERO_COPY_MIN:
             address = _buffer_address(src)
@@ -235,6 +245,12 @@ class AfalgSession:
 
     def decrypt_file(self, first: int, fd: int, offset: int, length: int,
                      dst: memoryview) -> None:
+        out = memoryview(dst)
+        self._engine.parallel.run(length, lambda start, end: self._decrypt_file_serial(
+            first + start // PAGE_SIZE, fd, offset + start, end - start, out[start:end]))
+
+    def _decrypt_file_serial(self, first: int, fd: int, offset: int, length: int,
+                             dst: memoryview) -> None:
         holes = _HoleMap(fd, offset, offset + length)
         spans = group_units(length, lambda k, start, size: holes.is_zero(offset + start, size),
                             max_units=SEGMENT_PAGES)
@@ -307,8 +323,9 @@ class AfalgEngine:
     # parallel: only requests smaller than a worker hop stay inline.
     inline_max = 2 * PAGE_SIZE
 
-    def __init__(self, zero_copy: bool) -> None:
+    def __init__(self, zero_copy: bool, helpers: int | None = None) -> None:
         self.zero_copy = zero_copy
+        self.parallel = ParallelRuns(helpers)  # large runs: one part per thread and channel
 
     @classmethod
     def probe(cls) -> AfalgEngine:
@@ -335,7 +352,12 @@ class AfalgEngine:
 
     def describe(self) -> str:
         path = "vmsplice/splice zero-copy" if self.zero_copy else "sendmsg copies (no vmsplice)"
-        return f"afalg (kernel AF_ALG {ALGORITHM}, {path})"
+        threads = self.parallel.helpers + 1
+        return (f"afalg (kernel AF_ALG {ALGORITHM}, {path}, "
+                f"large runs split over {threads} thread(s))")
+
+    def close(self) -> None:
+        self.parallel.close()
 
 
 def _reason(exc: BaseException) -> str:

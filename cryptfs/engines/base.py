@@ -34,11 +34,16 @@ def tweak(index: int) -> bytes:
     return index.to_bytes(16, "little")
 
 
-def units(length: int) -> Iterator[tuple[int, int, int]]:
-    """Split a run of ``length`` bytes into ``(k, start, size)`` per unit."""
+def unit_count(length: int) -> int:
+    """How many data units a run of ``length`` bytes has."""
     if length < MIN_UNIT:
         raise ValueError(f"a run must be at least {MIN_UNIT} bytes, not {length}")
-    count = -(-(length - MIN_UNIT) // PAGE_SIZE) or 1  # ceil((length - 16) / 4096)
+    return -(-(length - MIN_UNIT) // PAGE_SIZE) or 1  # ceil((length - 16) / 4096)
+
+
+def units(length: int) -> Iterator[tuple[int, int, int]]:
+    """Split a run of ``length`` bytes into ``(k, start, size)`` per unit."""
+    count = unit_count(length)
     for k in range(count - 1):
         yield k, k * PAGE_SIZE, PAGE_SIZE
     start = (count - 1) * PAGE_SIZE
@@ -112,6 +117,17 @@ def pread_into(fd: int, dst: memoryview, offset: int) -> None:
         done += n
 
 
+_ciphertext = Scratch()  # per-thread buffer for ciphertext read from backing files
+
+
+def read_run(fd: int, offset: int, length: int) -> memoryview:
+    """The ``length`` bytes at ``offset`` in ``fd``, in this thread's scratch
+    buffer (valid until the thread's next ``read_run``)."""
+    data = _ciphertext.get(length)
+    pread_into(fd, data, offset)
+    return data
+
+
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
     """Read exactly ``size`` bytes or raise ``BackingSizeError`` (the backing
     file was truncated behind our back)."""
@@ -142,7 +158,8 @@ class XtsSession(Protocol):
 
 
 class XtsEngine(Protocol):
-    """A factory of per-file sessions."""
+    """A factory of per-file sessions (and of the threads large runs are
+    split over, stopped by ``close()``)."""
 
     name: str
     # Largest request worth running on the event loop's thread instead of a
@@ -153,4 +170,8 @@ class XtsEngine(Protocol):
 
     def describe(self) -> str:
         """One line for logs and ``cryptfs info`` (never key material)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the engine's helper threads, if any (idempotent)."""
         ...

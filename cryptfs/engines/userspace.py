@@ -1,7 +1,11 @@
-"""The userspace engine: AES-256-XTS from ``cryptography`` (OpenSSL).
+"""The userspace engine: AES-256-XTS from OpenSSL (engine name ``openssl``).
 
-Available everywhere and fast on CPUs with AES instructions; it is the
-reference the kernel engine is checked against, byte for byte.
+Three paths give the same bytes: ``native`` (the C helper of
+``native.py``, used whenever it is built), and the pure ``cryptography``
+paths ``direct`` (its context constructors, called without the public API's
+per-call checks) and ``public`` (the public ``Cipher`` API).  The
+``cryptography`` path is the fallback and the reference the kernel engine
+and the helper are checked against, byte for byte.
 """
 
 from __future__ import annotations
@@ -11,15 +15,18 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from cryptfs.engines import native
 from cryptfs.engines.base import (
     XTS_KEY_LEN,
     Buffer,
-    Scratch,
+    XtsSession,
     is_zero,
-    pread_into,
+    read_run,
     tweak,
     units,
 )
+from cryptfs.engines.parallel import ParallelRuns
+from cryptfs.errors import EngineUnavailableError
 
 try:  # cryptography >= 42 exposes the OpenSSL version through the backend
     from cryptography.hazmat.backends.openssl.backend import backend as _backend
@@ -28,8 +35,6 @@ try:  # cryptography >= 42 exposes the OpenSSL version through the backend
 except Exception:  # pragma: no cover - informational only
     _OPENSSL = "OpenSSL"
 
-
-_ciphertext = Scratch()  # per-thread buffer for ciphertext read from backing files
 
 ContextFactory = Callable[[algorithms.AES, modes.XTS], Any]
 
@@ -96,27 +101,58 @@ class OpenSSLSession:
                      dst: memoryview) -> None:
         if self._aes is None:
             raise ValueError("session is closed")
-        data = _ciphertext.get(length)
-        pread_into(fd, data, offset)
-        self._crypt(False, first, data, dst, holes=True)
+        self._crypt(False, first, read_run(fd, offset, length), dst, holes=True)
 
     def close(self) -> None:
         self._aes = None
 
 
+PATHS = ("native", "direct", "public")
+LABELS = {"native": "openssl (native EVP helper)", "direct": "openssl (cryptography)",
+          "public": "openssl (cryptography)"}
+
+
 class OpenSSLEngine:
     name = "openssl"
-    # The cipher holds the GIL, so a worker thread only overlaps the backing
-    # file's syscalls, which is worth less than the hop to it (measured with
-    # scripts/bench).
+    # Largest request run on the event loop's thread.  On the cryptography
+    # path the cipher holds the GIL, so a worker thread only overlaps the
+    # backing file's syscalls, which is worth less than the hop to it
+    # (measured with scripts/bench); the native path splits large runs over
+    # threads itself.
     inline_max = 128 * 1024
 
-    def __init__(self, factories: str = "direct") -> None:
-        self._factories = factories
+    def __init__(self, path: str | None = None, helpers: int | None = None) -> None:
+        """``path``: one of ``PATHS``; by default ``native`` when the helper is
+        available, else ``direct``.  ``helpers``: threads that large runs are
+        split over on the native path (default: one per further CPU)."""
+        self._helper, self._why_not_native = native.load()
+        if path is None:
+            path = "native" if self._helper else "direct"
+        if path not in PATHS:
+            raise ValueError(f"unknown openssl path {path!r}")
+        if path == "native" and self._helper is None:
+            raise EngineUnavailableError(
+                f"the native helper is unavailable: {self._why_not_native}")
+        self.path = path
+        self._parallel = ParallelRuns(helpers)
 
-    def open_session(self, key: bytes) -> OpenSSLSession:
-        return OpenSSLSession(key, self._factories)
+    @property
+    def label(self) -> str:
+        """Which implementation this is, for ``cryptfs speed``."""
+        return LABELS[self.path]
+
+    def open_session(self, key: bytes) -> XtsSession:
+        if self._helper is not None and self.path == "native":
+            return native.NativeSession(self._helper, key, self._parallel)
+        return OpenSSLSession(key, self.path)
 
     def describe(self) -> str:
-        return f"openssl (userspace AES-256-XTS via cryptography, {_OPENSSL})"
+        if self._helper is not None and self.path == "native":
+            threads = self._parallel.helpers + 1
+            return (f"{self.label}: AES-256-XTS in C over {self._helper.OPENSSL_VERSION}, "
+                    f"GIL released, large runs split over {threads} thread(s)")
+        why = f"; native helper not used: {self._why_not_native}" if self._why_not_native else ""
+        return f"{self.label}: userspace AES-256-XTS via {_OPENSSL}{why}"
 
+    def close(self) -> None:
+        self._parallel.close()
