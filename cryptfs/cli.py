@@ -26,6 +26,7 @@ from cryptfs.content.sessions import SessionCache
 from cryptfs.daemonize import detach
 from cryptfs.engines import ENGINE_NAMES, select_engine
 from cryptfs.errors import CipherDirError, CryptfsError, ExitCode
+from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.ops import MountOptions
 from cryptfs.fsck import Checker, as_json, print_report
 from cryptfs.keyfile import (
@@ -112,7 +113,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         raise UsageError(f"{mountpoint} is already a mount point")
     keyfile, keys = _unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
-                           inline_max=args.inline_max)
+                           inline_max=args.inline_max, dir_fds=args.dir_fds)
     stack = build_stack(cipherdir, keys, args.engine, options, keyfile.authenticated)
     fsname = args.fsname or os.path.abspath(cipherdir)
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
@@ -295,6 +296,8 @@ def parser() -> argparse.ArgumentParser:
                        help=argparse.SUPPRESS)  # kernel mount flags from -o (nodev, ...)
     mount.add_argument("--inline-max", type=int, default=None,
                        help=argparse.SUPPRESS)  # tuning experiments (scripts/bench)
+    mount.add_argument("--dir-fds", type=int, default=DEFAULT_LIMIT,
+                       help=argparse.SUPPRESS)  # directory descriptors kept open (tests)
     mount.set_defaults(func=cmd_mount)
 
     unmount = sub.add_parser("unmount", help="unmount (flushes and stops the daemon)")

@@ -139,3 +139,19 @@ class NameTooLongError(FileNameError):
 
 class InvalidNameError(FileNameError):
     """A plaintext name is empty, '.', '..', or contains '/' or NUL."""
+
+
+# --- the filesystem layer -----------------------------------------------------
+
+
+class StaleInodeError(CryptfsError):
+    """The kernel named an inode we no longer know, or its backing entry is
+    gone or was replaced behind the mount's back (ENOENT)."""
+
+
+class StaleHandleError(CryptfsError):
+    """A file or directory handle that is not open (EBADF)."""
+
+
+class XattrTooBigError(CryptfsError):
+    """An extended attribute value too large to store encrypted (E2BIG)."""

@@ -11,6 +11,7 @@ path and, where it could be decrypted, the plaintext path.  It only reads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -32,6 +33,7 @@ from cryptfs.errors import (
     TrailerError,
 )
 from cryptfs.keyfile import KEYFILE_NAME
+from cryptfs.linux import proc_path
 from cryptfs.metadata import MetadataCipher
 from cryptfs.names import (
     DIRIV_NAME,
@@ -92,7 +94,14 @@ class Progress:
             self._show(time.monotonic(), end="\n")
 
 
+_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class Checker:
+    """Walks the backing tree through directory descriptors (one open per
+    level of depth), so no check depends on the length of a backing path;
+    an unreadable directory or file is reported and the walk goes on."""
+
     def __init__(self, cipherdir: str, codec: ContentCodec, names: NameCipher,
                  metadata: MetadataCipher, progress: bool = False) -> None:
         self.root = os.path.abspath(cipherdir)
@@ -102,18 +111,27 @@ class Checker:
         # (it matches the tag of the place it came from): (file ID, page, problem).
         self._failed: list[tuple[bytes, BadPage, Problem]] = []
         files, size = 0, 0
-        for dirpath, _dirs, filenames in os.walk(self.root):
+        for _dirpath, _dirs, filenames, dir_fd in os.fwalk(self.root):
             for name in filenames:
                 files += 1
-                size += os.lstat(os.path.join(dirpath, name)).st_size
+                with contextlib.suppress(OSError):
+                    size += os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
         self.progress = Progress(files, size, progress)
 
     def report(self, kind: str, backing: str, plaintext: str | None, message: str) -> None:
-        self.problems.append(Problem(kind, os.path.relpath(backing, self.root), plaintext,
-                                     message))
+        """``backing``: the path relative to the cipher directory."""
+        self.problems.append(Problem(kind, backing or ".", plaintext, message))
 
     def run(self) -> list[Problem]:
-        self._check_dir(self.root, "/")
+        try:
+            fd = os.open(self.root, _DIR_READ)
+        except OSError as exc:
+            self.report("io", "", "/", f"cipher directory unreadable: {exc}")
+        else:
+            try:
+                self._check_dir(fd, "", "/")
+            finally:
+                os.close(fd)
         self._find_moved_pages()
         self.progress.done()
         return self.problems
@@ -140,114 +158,143 @@ class Checker:
                         "(pages swapped or moved)")
                     break
 
-    def _check_dir(self, path: str, plain: str) -> None:
+    def _check_dir(self, fd: int, rel: str, plain: str) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                dir_iv = read_diriv(fd)
-            finally:
-                os.close(fd)
+            dir_iv = read_diriv(fd)
         except (OSError, FileNameError) as exc:
-            self.report("diriv", path, plain, f"directory IV unusable, names lost: {exc}")
+            self.report("diriv", rel, plain, f"directory IV unusable, names lost: {exc}")
             return
-        entries = sorted(os.listdir(path))
+        try:
+            entries = sorted(os.listdir(fd))
+        except OSError as exc:
+            self.report("io", rel, plain, f"directory unreadable: {exc}")
+            return
         present = set(entries)
         for name in entries:
-            full = os.path.join(path, name)
-            if name == DIRIV_NAME or (path == self.root and name in OWN_FILES):
+            child = os.path.join(rel, name)
+            if name == DIRIV_NAME or (rel == "" and name in OWN_FILES):
                 continue
             if name.endswith(SIDECAR_SUFFIX) and is_longname(name[:-len(SIDECAR_SUFFIX)]):
                 if name[:-len(SIDECAR_SUFFIX)] not in present:
-                    self.report("sidecar", full, None, "long-name sidecar without its entry")
-                self.progress.add(files=1, nbytes=os.lstat(full).st_size)
+                    self.report("sidecar", child, None, "long-name sidecar without its entry")
+                self.progress.add(files=1, nbytes=self._size(fd, name))
                 continue
-            plain_name = self._decode(path, name, dir_iv, present)
+            plain_name = self._decode(fd, child, name, dir_iv, present)
             child_plain = None if plain_name is None else \
                 os.path.join(plain, os.fsdecode(plain_name))
-            self._check_entry(full, child_plain)
+            try:
+                self._check_entry(fd, name, child, child_plain)
+            except OSError as exc:  # vanished or unreadable: report, go on
+                self.report("io", child, child_plain, str(exc))
 
-    def _decode(self, path: str, name: str, dir_iv: bytes, present: set[str]) -> bytes | None:
-        full = os.path.join(path, name)
+    @staticmethod
+    def _size(dir_fd: int, name: str) -> int:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
+
+    def _decode(self, dir_fd: int, child: str, name: str, dir_iv: bytes,
+                present: set[str]) -> bytes | None:
         try:
             if is_longname(name):
                 if name + SIDECAR_SUFFIX not in present:
-                    self.report("sidecar", full, None, "long name without its sidecar")
+                    self.report("sidecar", child, None, "long name without its sidecar")
                     return None
-                with open(full + SIDECAR_SUFFIX, "rb") as f:
-                    return self.names.decode_longname(dir_iv, name, f.read(4096))
+                fd = os.open(name + SIDECAR_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dir_fd)
+                try:
+                    sidecar = os.read(fd, 4096)
+                finally:
+                    os.close(fd)
+                return self.names.decode_longname(dir_iv, name, sidecar)
             return self.names.decode(dir_iv, name)
         except (FileNameError, OSError) as exc:
-            self.report("name", full, None, f"name does not decrypt: {exc}")
+            self.report("name", child, None, f"name does not decrypt: {exc}")
             return None
 
-    def _check_entry(self, full: str, plain: str | None) -> None:
-        st = os.lstat(full)
+    def _check_entry(self, dir_fd: int, name: str, child: str, plain: str | None) -> None:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            self._check_xattrs(full, plain)
-            self._check_dir(full, plain or "?")
+            self._check_xattrs(dir_fd, name, child, plain)
+            try:
+                fd = os.open(name, _DIR_READ, dir_fd=dir_fd)
+            except OSError as exc:
+                self.report("io", child, plain, f"directory unreadable: {exc}")
+                return
+            try:
+                self._check_dir(fd, child, plain or "?")
+            finally:
+                os.close(fd)
             return
         self.progress.add(files=1)
         if stat.S_ISLNK(st.st_mode):
             try:
-                self.metadata.decrypt_target(os.fsencode(os.readlink(full)))
+                self.metadata.decrypt_target(os.fsencode(os.readlink(name, dir_fd=dir_fd)))
             except FileNameError as exc:
-                self.report("symlink", full, plain, str(exc))
+                self.report("symlink", child, plain, str(exc))
             return
-        self._check_xattrs(full, plain)
+        self._check_xattrs(dir_fd, name, child, plain)
         if stat.S_ISREG(st.st_mode):
-            self._check_file(full, plain, st.st_size)
+            self._check_file(dir_fd, name, child, plain, st.st_size)
 
-    def _check_xattrs(self, full: str, plain: str | None) -> None:
+    def _check_xattrs(self, dir_fd: int, name: str, child: str, plain: str | None) -> None:
         try:
-            stored_names = os.listxattr(full, follow_symlinks=False)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError:
             return
-        for stored in stored_names:
-            if not stored.startswith("user."):
-                continue
+        try:
+            path = proc_path(fd)
             try:
-                self.metadata.decrypt_xattr_name(os.fsencode(stored))
-                value = os.getxattr(full, stored, follow_symlinks=False)
-                self.metadata.decrypt_xattr_value(os.fsencode(stored), value)
-            except (FileNameError, OSError) as exc:
-                self.report("xattr", full, plain, f"{stored}: {exc}")
+                stored_names = os.listxattr(path)
+            except OSError:
+                return
+            for stored in stored_names:
+                if not stored.startswith("user."):
+                    continue
+                try:
+                    self.metadata.decrypt_xattr_name(os.fsencode(stored))
+                    value = os.getxattr(path, stored)
+                    self.metadata.decrypt_xattr_value(os.fsencode(stored), value)
+                except (FileNameError, OSError) as exc:
+                    self.report("xattr", child, plain, f"{stored}: {exc}")
+        finally:
+            os.close(fd)
 
-    def _check_file(self, full: str, plain: str | None, stored: int) -> None:
+    def _check_file(self, dir_fd: int, name: str, child: str, plain: str | None,
+                    stored: int) -> None:
         try:
             size = self.codec.plaintext_size(stored)
         except CryptfsError as exc:
-            self.report("size", full, plain, str(exc))
+            self.report("size", child, plain, str(exc))
             return
         try:
-            fd = os.open(full, os.O_RDONLY)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
-            self.report("io", full, plain, str(exc))
+            self.report("io", child, plain, str(exc))
             return
         try:
             file = self.codec.open(fd)
             if self.codec.tagger is not None:
                 if file.header is not None:
-                    self._check_tags(file.bad_pages(size), file.header.file_id, full, plain)
+                    self._check_tags(file.bad_pages(size), file.header.file_id, child, plain)
                 self.progress.add(nbytes=size)
                 return
             for offset in range(0, size, CHUNK):
                 file.read(offset, CHUNK, size)
                 self.progress.add(nbytes=min(CHUNK, size - offset))
         except CryptfsError as exc:
-            self.report(CONTENT_KINDS.get(type(exc), "content"), full, plain, str(exc))
+            self.report(CONTENT_KINDS.get(type(exc), "content"), child, plain, str(exc))
         except OSError as exc:
-            self.report("io", full, plain, str(exc))
+            self.report("io", child, plain, str(exc))
         finally:
             os.close(fd)
 
-    def _check_tags(self, bad: list[BadPage], file_id: bytes, full: str,
+    def _check_tags(self, bad: list[BadPage], file_id: bytes, child: str,
                     plain: str | None) -> None:
         for page in bad[:PAGES_PER_FILE]:
-            self.report(page.kind, full, plain, page.message())
+            self.report(page.kind, child, plain, page.message())
             if len(self._failed) < MOVED_CANDIDATES:
                 self._failed.append((file_id, page, self.problems[-1]))
         if len(bad) > PAGES_PER_FILE:
-            self.report("page-tag", full, plain,
+            self.report("page-tag", child, plain,
                         f"and {len(bad) - PAGES_PER_FILE} more pages fail their tag check")
 
 

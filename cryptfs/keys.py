@@ -8,11 +8,12 @@ per-file keys).  See docs/format.md, "Key hierarchy".
 
 from __future__ import annotations
 
-import ctypes
 import resource
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+from cryptfs.linux import mlock, set_undumpable
 
 MASTER_KEY_LEN = 32
 FILE_ID_LEN = 16
@@ -69,8 +70,7 @@ class KeyRing:
     def lock_memory(self) -> bool:
         """mlock the master key's buffer so it is never written to swap (best
         effort; call again after fork, which does not inherit locks)."""
-        buf = (ctypes.c_char * len(self._master)).from_buffer(self._master)
-        return _libc.mlock(ctypes.addressof(buf), len(self._master)) == 0
+        return mlock(self._master)
 
     def wipe(self) -> None:
         for i in range(len(self._master)):
@@ -80,13 +80,10 @@ class KeyRing:
         return "<KeyRing (keys hidden)>"
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def protect_process() -> None:
     """Keep key material out of core dumps: no core file (RLIMIT_CORE 0) and
     not dumpable (which also stops non-root ptrace of the daemon)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    pr_set_dumpable = 4
-    _libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
+    set_undumpable()

@@ -20,7 +20,12 @@ import secrets
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-from cryptfs.errors import InvalidNameError, NameDecodeError, NameTooLongError
+from cryptfs.errors import (
+    InvalidNameError,
+    NameDecodeError,
+    NameTooLongError,
+    XattrTooBigError,
+)
 from cryptfs.keys import KeyRing
 from cryptfs.names import b64url, unb64url
 
@@ -86,7 +91,7 @@ class MetadataCipher:
 
     def encrypt_xattr_value(self, stored_name: bytes, value: bytes) -> bytes:
         if len(value) + NONCE_LEN + SIV_TAG_LEN > XATTR_SIZE_MAX:
-            raise NameTooLongError("xattr value too large to encrypt")
+            raise XattrTooBigError(f"xattr value of {len(value)} bytes is too large to encrypt")
         nonce = secrets.token_bytes(NONCE_LEN)
         return nonce + self._siv.encrypt(value, [XATTR_VALUE_AD, nonce, stored_name])
 

@@ -21,7 +21,9 @@ import trio
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.engines import select_engine
+from cryptfs.engines.base import XtsEngine
 from cryptfs.errors import CipherDirError, CryptfsError, ExitCode, NameDecodeError
+from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.handles import HandleTable
 from cryptfs.fs.inodes import InodeTable
 from cryptfs.fs.ops import MountOptions, Operations
@@ -45,33 +47,51 @@ class Stack:
     operations: Operations
     sessions: SessionCache
     handles: HandleTable
+    tree: BackingTree
     workers: WorkerPool
 
     def close(self) -> None:
         self.workers.close()
         self.handles.close_all()
+        self.tree.close()
         self.sessions.close()
         self.sessions.engine.close()  # its threads for splitting large runs
 
 
 def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
                 options: MountOptions, authenticated: bool = False) -> Stack:
-    choice = select_engine(engine_name)
-    root = os.fsencode(os.path.abspath(cipherdir))
-    st = os.stat(root)
-    inodes = InodeTable(root, (st.st_dev, st.st_ino))
-    sessions = SessionCache(choice.engine, keys)
+    return assemble(cipherdir, keys, select_engine(engine_name).engine, options,
+                    authenticated)
+
+
+def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
+             options: MountOptions, authenticated: bool = False) -> Stack:
+    """Build the filesystem on ``cipherdir``: the one way, for the mount and
+    for the in-process tests (``tests/t3_ops.py``).  The cipher directory is
+    opened once; everything below it is reached through descriptors.
+    ``authenticated``: the key file's feature flag (page tags)."""
+    root_fd = os.open(cipherdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    st = os.fstat(root_fd)
+    sessions = SessionCache(engine, keys)
     codec = ContentCodec(keys, sessions, authenticated)
     handles = HandleTable(codec, read_only=options.read_only)
-    tree = BackingTree(inodes, NameCipher(keys))
+    dirs = DirCache(options.dir_fds)
+
+    def gone(ino: int) -> None:  # the inode table dropped ino, or its last name
+        dirs.forget(ino)
+        handles.forget(ino)
+
+    inodes = InodeTable((st.st_dev, st.st_ino), on_gone=gone)
+    tree = BackingTree(root_fd, inodes, NameCipher(keys), dirs)
     try:
         tree.diriv(pyfuse3.ROOT_INODE)
     except NameDecodeError as exc:
+        tree.close()
         sessions.close()
         raise CipherDirError(f"{cipherdir}: {exc} (damaged cipher directory?)") from exc
     workers = WorkerPool(options.worker_threads)
     ops = Operations(inodes, tree, handles, codec, MetadataCipher(keys), workers, options)
-    return Stack(ops, sessions, handles, workers)
+    return Stack(ops, sessions, handles, tree, workers)
 
 
 def fuse_options(options: MountOptions, fsname: str) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -105,6 +106,42 @@ def test_missing_directory_iv(populated):
     code, report = fsck(cipher, passfile)
     assert code == ExitCode.FSCK_PROBLEMS
     assert [(p["kind"], p["plaintext"]) for p in report["problems"]] == [("diriv", "/dir")]
+
+
+def test_deep_tree_passes(tmp_path):
+    """Backing paths longer than PATH_MAX (100-byte names, ~3,900 bytes of
+    plaintext path): fsck walks by descriptors and checks everything."""
+    passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
+    init_cipherdir(cipher, passfile)
+    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl").start()
+    try:
+        deep = str(mount.mountpoint)
+        while len(deep) + 202 <= 3900:
+            deep += "/" + "d" * 100
+        os.makedirs(deep)
+        Path(deep, "f" * 100).write_bytes(os.urandom(10000))
+    finally:
+        mount.stop()
+    code, report = fsck(cipher, passfile)
+    assert code == 0 and report["problems"] == [] and report["files"] == 1
+
+
+def test_unreadable_directory_is_reported_and_the_walk_goes_on(populated):
+    cipher, passfile, backing = populated
+    os.truncate(backing["healthy"], 4100)  # damage after the unreadable directory
+    os.chmod(backing["dir"], 0)
+    cmd = cryptfs_cmd("fsck", str(cipher), "--passfile", str(passfile), "--json")
+    if os.geteuid() == 0:  # root reads anything: drop the capabilities that allow it
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to run fsck as root without DAC override")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    finally:
+        os.chmod(backing["dir"], 0o755)
+    assert proc.returncode == ExitCode.FSCK_PROBLEMS, proc.stderr
+    found = {(p["kind"], p["plaintext"]) for p in json.loads(proc.stdout)["problems"]}
+    assert found == {("io", "/dir"), ("size", "/healthy")}
 
 
 def test_human_report_and_wrong_password(populated, tmp_path):

@@ -256,6 +256,66 @@ def test_long_names(mnt):
     raises_errno(errno.ENAMETOOLONG, os.mkdir, mnt / ("x" * 256))
 
 
+def long_name(first: str, length: int) -> str:
+    return first + "x" * (length - 1)
+
+
+@pytest.mark.parametrize("length", [100, 255])
+def test_every_operation_at_a_deep_path(mnt, length):
+    """A chain of directories reaching a plaintext path of about 3,900 bytes
+    (under PATH_MAX; encrypted names are longer, so the backing path is
+    not): every operation works there, as on any filesystem."""
+    deep = str(mnt)
+    while len(deep) + 2 * (length + 1) <= 3900:
+        deep += "/" + long_name("d", length)
+    os.makedirs(deep)
+    other = os.path.join(os.path.dirname(deep), long_name("e", length))
+    os.mkdir(other)
+    f = os.path.join(deep, long_name("f", length))
+    assert 3900 - length - 1 < len(f) <= 3900
+    data = os.urandom(10000)
+    with open(f, "wb") as out:
+        out.write(data)
+    with open(f, "rb") as src:
+        assert src.read() == data
+    os.chmod(f, 0o640)
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o640
+    if os.geteuid() == 0:
+        os.chown(f, 1234, 5678)
+        assert (os.stat(f).st_uid, os.stat(f).st_gid) == (1234, 5678)
+    os.truncate(f, 5)
+    assert os.stat(f).st_size == 5
+    g, h = os.path.join(deep, long_name("g", length)), os.path.join(deep, long_name("h", length))
+    os.link(f, g)
+    assert os.stat(f).st_nlink == 2
+    s = os.path.join(deep, long_name("s", length))
+    os.symlink("../target", s)
+    assert os.readlink(s) == "../target"
+    os.rename(g, h)  # within the directory
+    moved = os.path.join(other, long_name("h", length))
+    os.rename(h, moved)  # across directories
+    with open(moved, "rb") as src:
+        assert src.read() == data[:5]
+    fifo = os.path.join(deep, long_name("p", length))
+    os.mkfifo(fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    os.setxattr(f, "user.deep", b"value")
+    assert os.getxattr(f, "user.deep") == b"value"
+    assert sorted(os.listdir(deep)) == sorted(os.path.basename(p) for p in (f, s, fifo))
+    os.utime(f, ns=(1_000_000_000, 2_000_000_000))
+    assert os.stat(f).st_mtime_ns == 2_000_000_000
+    sub = os.path.join(deep, long_name("m", length))
+    os.mkdir(sub)
+    os.rmdir(sub)
+    for path in (f, s, fifo, moved):
+        os.unlink(path)
+    os.rmdir(other)
+    while deep != str(mnt):
+        os.rmdir(deep)
+        deep = os.path.dirname(deep)
+    assert os.listdir(mnt) == []
+
+
 def test_statfs(mnt):
     st = os.statvfs(mnt)
     assert st.f_namemax == 255 and st.f_blocks > 0
@@ -273,6 +333,7 @@ def test_xattrs(mnt):
     assert os.listxattr(path) == ["user.empty"]
     raises_errno(errno.ENODATA, os.getxattr, path, "user.comment")
     raises_errno(errno.EOPNOTSUPP, os.setxattr, path, "trusted.x", b"v")
+    raises_errno(errno.E2BIG, os.setxattr, path, "user.big", b"v" * 65530)  # too big sealed
     (mnt / "d").mkdir()
     os.setxattr(mnt / "d", "user.dir", b"on a directory")
     assert os.getxattr(mnt / "d", "user.dir") == b"on a directory"

@@ -195,3 +195,116 @@ def test_inline_and_worker_paths_agree(engine_name, inline_max, tmp_path):
     finally:
         mount.stop()
     mount.check_log()
+
+
+def scratch_dir(tmp_path: Path) -> Path:
+    """A directory on tmpfs if there is one (directory IVs are fsynced: on a
+    disk, 20,000 directories take minutes), else on ``tmp_path``."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        import tempfile
+
+        return Path(tempfile.mkdtemp(dir=shm, prefix="cryptfs-test-"))
+    return tmp_path / "scratch"
+
+
+WIDE_TREE = r"""
+import os, sys
+root, top, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(top):
+    for j in range(per):
+        d = os.path.join(root, str(i), str(j))
+        os.makedirs(d)
+        os.close(os.open(os.path.join(d, "f"), os.O_CREAT | os.O_WRONLY))  # uses d's descriptor
+for i in range(top):
+    for j in range(per):  # every directory again: evicted descriptors are reopened
+        d = os.path.join(root, str(i), str(j))
+        assert os.listdir(d) == ["f"], d
+"""
+
+
+@pytest.mark.fuse
+def test_descriptor_bound_with_20000_directories(tmp_path):
+    """The kernel holds all 20,000 directories (their dentries stay cached),
+    yet the daemon keeps at most its bound of directory descriptors open."""
+    from cryptfs.fs.dircache import DEFAULT_LIMIT
+
+    base = scratch_dir(tmp_path)
+    try:
+        passfile = tmp_path / "password"
+        init_cipherdir(base / "cipher", passfile)
+        mount = Mount(base / "cipher", tmp_path / "plain", passfile, "openssl").start()
+        try:
+            before = daemon_status(mount)["fds"]
+            subprocess.run([sys.executable, "-c", WIDE_TREE, str(mount.mountpoint / "t"),
+                            "100", "200"], check=True, timeout=1800)
+            after = daemon_status(mount)["fds"]
+        finally:
+            mount.stop()
+        mount.check_log()
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=True)
+    print(f"daemon descriptors: {before} before, {after} after 20,000 directories")
+    assert after <= before + DEFAULT_LIMIT + 8
+
+
+@pytest.mark.fuse
+def test_directory_replaced_by_a_symlink_is_not_followed(tmp_path):
+    """Behind the mount's back, a backing directory is swapped for a symlink
+    to a copy of another encrypted directory outside the cipher directory.
+    No operation through the mount reads or changes that copy: each fails
+    or acts on the directory the mount knew.  ``--dir-fds 1`` makes the
+    daemon reopen the directory (relative to its parent) on every use."""
+    passfile = tmp_path / "password"
+    cipher = tmp_path / "cipher"
+    init_cipherdir(cipher, passfile)
+    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl",
+                  extra=("--dir-fds", "1")).start()
+    plain = mount.mountpoint
+    try:
+        (plain / "secret").mkdir()
+        (plain / "secret" / "secret.txt").write_text("outside")
+        (plain / "d").mkdir()
+        (plain / "d" / "f").write_text("inside")
+        (plain / "other").mkdir()
+        before = {p for p in cipher.iterdir()}
+        outside = tmp_path / "outside"
+        secret_backing = [p for p in before if p.is_dir() and any(
+            c.is_file() and c.name != "cryptfs.diriv" for c in p.iterdir())]
+        assert len(secret_backing) == 2  # "secret" and "d" (each holds one file)
+        os.stat(plain / "d" / "f")  # the kernel knows d's inode now
+        d_backing = next(p for p in secret_backing
+                         if any(c.stat().st_size == 4096 + 16 + 6 for c in p.iterdir()
+                                if c.name != "cryptfs.diriv"))
+        source = next(p for p in secret_backing if p != d_backing)
+        subprocess.run(["cp", "-a", str(source), str(outside)], check=True)
+        snapshot = {p.name: p.read_bytes() for p in outside.iterdir()}
+        os.rename(d_backing, tmp_path / "moved-away")
+        os.symlink(outside, d_backing)
+        (plain / "other" / "x").write_text("evicts d's descriptor")
+        attempts = [
+            lambda: os.listdir(plain / "d"),
+            lambda: (plain / "d" / "secret.txt").read_text(),
+            lambda: (plain / "d" / "new").write_text("x"),
+            lambda: os.mkdir(plain / "d" / "sub"),
+            lambda: os.unlink(plain / "d" / "secret.txt"),
+            lambda: os.rename(plain / "d" / "secret.txt", plain / "d" / "y"),
+            lambda: os.setxattr(plain / "d" / "secret.txt", "user.x", b"1"),
+            lambda: os.chmod(plain / "d" / "secret.txt", 0o777),
+            lambda: os.stat(plain / "d" / "secret.txt"),
+        ]
+        for attempt in attempts:
+            try:
+                result = attempt()
+            except OSError:
+                continue
+            assert result is None or "secret.txt" not in result and result != "outside"
+        time.sleep(1.2)  # past the kernel's entry timeout: d is looked up afresh
+        for attempt in attempts:
+            with pytest.raises(OSError):
+                attempt()
+        assert {p.name: p.read_bytes() for p in outside.iterdir()} == snapshot
+    finally:
+        mount.stop()
+    mount.expected_log += ["symlink target", "does not decrypt"]
+    mount.check_log(allowed=("readlink", "getattr", "lookup"))

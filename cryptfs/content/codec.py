@@ -17,7 +17,6 @@ layer holds a per-inode lock); reads may run concurrently with each other.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import secrets
@@ -50,6 +49,7 @@ from cryptfs.engines.base import (
 )
 from cryptfs.errors import HeaderCorruptError, TrailerError
 from cryptfs.keys import FILE_ID_LEN, KeyRing
+from cryptfs.linux import FALLOC_FL_KEEP_SIZE, fallocate, filesystem_type, page_cached
 
 
 @dataclass(frozen=True)
@@ -102,47 +102,23 @@ class ContentCodec:
         return EncryptedFile(self, fd)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-FALLOC_FL_KEEP_SIZE = 1
-
-
 def reserve(fd: int, offset: int, length: int) -> None:
     """Allocate backing blocks before overwriting pages in place, so that a
     full disk fails the write cleanly (ENOSPC) instead of half-way through a
     page.  Filesystems without fallocate are left to the write itself."""
-    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err))
+    try:
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
 
 
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
 _MEMORY_FILESYSTEMS = {0x01021994, 0x858458F6}  # tmpfs, ramfs: f_type from statfs(2)
-_probe = bytearray(1)
 
 
 def in_memory_filesystem(fd: int) -> bool:
     """True if ``fd`` lives on tmpfs or ramfs, whose reads never wait for a disk."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
-    if _libc.fstatfs(fd, buf) != 0:
-        return False
-    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FILESYSTEMS
-
-
-def page_cached(fd: int, offset: int) -> bool | None:
-    """Whether a read at ``offset`` would be served from memory without
-    waiting for the disk (a one-byte RWF_NOWAIT read); None if the
-    filesystem cannot tell."""
-    try:
-        os.preadv(fd, [_probe], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no RWF_NOWAIT here
-            return None
-        raise
-    return True
+    return filesystem_type(fd) in _MEMORY_FILESYSTEMS
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

@@ -45,6 +45,7 @@ from cryptfs.engines.base import (
 )
 from cryptfs.engines.parallel import ParallelRuns
 from cryptfs.errors import BackingSizeError, EngineError, EngineUnavailableError
+from cryptfs.linux import vmsplice_all
 
 log = logging.getLogger(__name__)
 
@@ -59,45 +60,12 @@ MAX_IDLE_CHANNELS = 2
 SPLICE_F_MORE = 4
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-def _load_vmsplice():
-    """libc's vmsplice, or None.  ctypes.CDLL calls release the GIL."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.vmsplice
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_size_t, ctypes.c_uint]
-    fn.restype = ctypes.c_ssize_t
-    return fn
-
-
-_vmsplice = _load_vmsplice()
-
-
 def _buffer_address(buf: Buffer) -> int | None:
     """The address of a writable buffer, or None if it is read-only."""
     try:
         return ctypes.addressof(ctypes.c_char.from_buffer(buf))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-
-
-def vmsplice_all(pipe_w: int, address: int, length: int) -> None:
-    """Map ``length`` bytes at ``address`` into the pipe (no copy)."""
-    if _vmsplice is None:
-        raise OSError(errno.ENOSYS, "vmsplice is not available")
-    done = 0
-    while done < length:
-        iov = _IoVec(address + done, length - done)
-        n = _vmsplice(pipe_w, ctypes.byref(iov), 1, 0)
-        if n < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        done += n
 
 
 class _Channel:

@@ -1,4 +1,6 @@
-"""Open files: one backing descriptor and lock per inode, shared by handles.
+"""Open files and directories.
+
+Files: one backing descriptor and lock per inode, shared by handles.
 
 All handles of an inode share one ``OpenFile``: one backing descriptor (so
 size changes are seen by every handle at once), one ``EncryptedFile`` (its
@@ -6,6 +8,9 @@ header read and authenticated once), and one ``trio.Lock`` that serialises
 that file's I/O (writes read-modify-write the edge and final pages, so they
 must not interleave with each other or with reads).  Other files proceed
 in parallel.
+
+Directories: a handle remembers its inode and the listing snapshot that
+``readdir`` continues from.
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import trio
 
 from cryptfs.content.codec import ContentCodec, EncryptedFile
+from cryptfs.errors import StaleHandleError
+
+Opener = Callable[[int], int]  # open flags -> backing descriptor
 
 
 @dataclass
@@ -41,13 +51,14 @@ class HandleTable:
         # unchanged at the next open, the kernel may keep its page cache.
         self._closed_state: dict[int, tuple[int, int]] = {}
 
-    def open(self, ino: int, path: bytes, write: bool) -> tuple[int, OpenFile, bool]:
-        """A new handle on ``ino``; returns (fh, open file, keep_cache)."""
+    def open(self, ino: int, opener: Opener, write: bool) -> tuple[int, OpenFile, bool]:
+        """A new handle on ``ino`` (``opener`` opens its backing file if it is
+        not open yet); returns (fh, open file, keep_cache)."""
         current = self._by_ino.get(ino)
         if current is not None and write and not current.writable:
             raise OSError(errno.EACCES, "backing file is not writable")
         if current is None:
-            fd = self._open_backing(path, write)
+            fd = self._open_backing(opener, write)
             try:
                 current = self.adopt(ino, fd)
             except BaseException:
@@ -60,16 +71,15 @@ class HandleTable:
         current.opens += 1
         return self._new_fh(current), current, keep_cache
 
-    def _open_backing(self, path: bytes, write: bool) -> int:
-        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+    def _open_backing(self, opener: Opener, write: bool) -> int:
         if self._read_only:
-            return os.open(path, flags | os.O_RDONLY)
+            return opener(os.O_RDONLY)
         try:  # writers need reads too (read-modify-write of partial pages)
-            return os.open(path, flags | os.O_RDWR)
+            return opener(os.O_RDWR)
         except PermissionError:
             if write:
                 raise
-            return os.open(path, flags | os.O_RDONLY)
+            return opener(os.O_RDONLY)
 
     def adopt(self, ino: int, fd: int) -> OpenFile:
         """Wrap a backing descriptor, reading its header (the caller still
@@ -101,13 +111,17 @@ class HandleTable:
         return len(self._by_fh)
 
     def get(self, fh: int) -> OpenFile:
-        return self._by_fh[fh]
+        opened = self._by_fh.get(fh)
+        if opened is None:
+            raise StaleHandleError(f"file handle {fh} is not open")
+        return opened
 
     def by_ino(self, ino: int) -> OpenFile | None:
         return self._by_ino.get(ino)
 
     def release(self, fh: int) -> None:
-        opened = self._by_fh.pop(fh)
+        opened = self.get(fh)
+        del self._by_fh[fh]
         opened.opens -= 1
         if opened.opens == 0:
             st = os.fstat(opened.fd)
@@ -127,3 +141,43 @@ class HandleTable:
 
 def _accmode(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
+
+T = TypeVar("T")
+
+
+class DirHandleTable(Generic[T]):
+    """Open directories: each handle's inode and listing snapshot."""
+
+    def __init__(self) -> None:
+        self._ino: dict[int, int] = {}
+        self._listing: dict[int, list[T]] = {}
+        self._next_fh = 1
+
+    def open(self, ino: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._ino[fh] = ino
+        return fh
+
+    def ino(self, fh: int) -> int:
+        ino = self._ino.get(fh)
+        if ino is None:
+            raise StaleHandleError(f"directory handle {fh} is not open")
+        return ino
+
+    def listing(self, fh: int, start_id: int, read: Callable[[int], list[T]]) -> list[T]:
+        """The entries ``readdir`` serves from: read afresh (``read(ino)``)
+        at the start of a listing, then the same snapshot as it continues."""
+        ino = self.ino(fh)
+        if start_id == 0 or fh not in self._listing:
+            self._listing[fh] = read(ino)
+        return self._listing[fh]
+
+    def release(self, fh: int) -> None:
+        self.ino(fh)
+        del self._ino[fh]
+        self._listing.pop(fh, None)
+
+    def __len__(self) -> int:
+        return len(self._ino)

@@ -3,19 +3,27 @@
 FUSE inode numbers are ours (1 is the root); each stands for one backing
 inode, identified by ``(st_dev, st_ino)``, so every hard link of a file has
 the same inode number, as POSIX requires.  For each inode we remember the
-directory entries we know it by, as ``(parent inode, backing name)`` pairs,
-and build backing paths by walking up to the root.  Renaming a directory
-therefore changes one pair, and the paths of everything below it follow.
+directory entries we know it by, as ``(parent inode, backing name)`` pairs;
+the backing tree reaches an entry through its parent's directory
+descriptor, so renaming a directory changes one pair and nothing below it.
 
 An inode lives while the kernel holds lookups on it (``forget`` drops them).
+This table is the only place that counts lookups and edits links.  When an
+inode is dropped, or loses its last known name (a directory removed or
+replaced), the ``on_gone`` callback given at construction is told, so
+per-inode caches elsewhere (directory IVs and descriptors, handle state)
+drop their entries in one place.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
+
+from cryptfs.errors import StaleInodeError
 
 ROOT_INODE = pyfuse3.ROOT_INODE
 
@@ -30,9 +38,14 @@ class Inode:
     lookups: int = 0
 
 
+def _ignore(ino: int) -> None:
+    return None
+
+
 class InodeTable:
-    def __init__(self, root: bytes, root_dev_ino: tuple[int, int]) -> None:
-        self._root = root
+    def __init__(self, root_dev_ino: tuple[int, int],
+                 on_gone: Callable[[int], None] = _ignore) -> None:
+        self._on_gone = on_gone
         self._by_ino: dict[int, Inode] = {}
         self._by_dev_ino: dict[tuple[int, int], Inode] = {}
         self._by_link: dict[Link, Inode] = {}
@@ -48,25 +61,33 @@ class InodeTable:
         return len(self._by_ino)
 
     def get(self, ino: int) -> Inode:
-        """The inode, or ``KeyError`` if the kernel asked for a forgotten one."""
-        return self._by_ino[ino]
+        """The inode; ``StaleInodeError`` if the kernel asked for a forgotten one."""
+        inode = self._by_ino.get(ino)
+        if inode is None:
+            raise StaleInodeError(f"inode {ino} is not known (forgotten)")
+        return inode
+
+    def link(self, ino: int) -> Link:
+        """One ``(parent, backing name)`` of ``ino`` (the same one each time
+        among hard links).  ``FileNotFoundError`` for an inode with no known
+        name left (all its links were unlinked while it stayed open)."""
+        inode = self.get(ino)
+        if not inode.links:
+            raise FileNotFoundError(2, "inode has no name left")
+        return min(inode.links)
 
     def path(self, ino: int) -> bytes:
-        """A backing path of ``ino`` (any of its links).  Raises
-        ``FileNotFoundError`` for an inode with no known name left (all its
-        links were unlinked while it stayed open)."""
+        """The backing path of ``ino`` relative to the cipher directory, for
+        messages only: backing access never uses paths."""
         parts: list[bytes] = []
         while ino != ROOT_INODE:
             inode = self._by_ino.get(ino)
             if inode is None or not inode.links:
-                raise FileNotFoundError(2, "inode has no name left")
-            ino, name = min(inode.links)  # deterministic choice among hard links
+                parts.append(b"(unlinked)")
+                break
+            ino, name = min(inode.links)
             parts.append(name)
-        parts.append(self._root)
-        return b"/".join(reversed(parts))
-
-    def child_path(self, parent: int, backing_name: bytes) -> bytes:
-        return self.path(parent) + b"/" + backing_name
+        return b"/".join(reversed(parts)) or b"."
 
     def remember(self, parent: int, backing_name: bytes, st: os.stat_result,
                  lookup: bool = True, fresh: bool = False) -> Inode:
@@ -89,12 +110,25 @@ class InodeTable:
             self._by_dev_ino[dev_ino] = inode
         stale = self._by_link.get(link)
         if stale is not None and stale is not inode:  # replaced behind our back
-            stale.links.discard(link)
+            self._drop_link(stale, link)
         inode.links.add(link)
         self._by_link[link] = inode
         if lookup:
             inode.lookups += 1
         return inode
+
+    # -- readdir: entries are remembered first, counted once the kernel took them --
+
+    def count_lookup(self, inode: Inode) -> None:
+        """The kernel received ``inode`` (in a READDIRPLUS reply)."""
+        inode.lookups += 1
+
+    def drop_unused(self, inode: Inode) -> None:
+        """Forget ``inode`` again if the kernel holds no lookup on it (a
+        listing entry that did not fit in the reply)."""
+        self.forget(inode.ino, 0)
+
+    # -- changes to names --
 
     def find(self, parent: int, backing_name: bytes) -> Inode | None:
         """The known inode linked at ``parent/backing_name``, if any."""
@@ -103,7 +137,12 @@ class InodeTable:
     def unlink(self, parent: int, backing_name: bytes) -> None:
         inode = self._by_link.pop((parent, backing_name), None)
         if inode is not None:
-            inode.links.discard((parent, backing_name))
+            self._drop_link(inode, (parent, backing_name))
+
+    def _drop_link(self, inode: Inode, link: Link) -> None:
+        inode.links.discard(link)
+        if not inode.links:
+            self._on_gone(inode.ino)
 
     def move(self, old: Link, new: Link) -> None:
         """``old`` was renamed over ``new`` (whatever was at ``new`` is gone)."""
@@ -134,3 +173,4 @@ class InodeTable:
             for link in inode.links:
                 if self._by_link.get(link) is inode:
                     del self._by_link[link]
+            self._on_gone(ino)

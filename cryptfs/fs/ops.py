@@ -1,16 +1,15 @@
 """The FUSE edge: ``Operations`` turns kernel requests into backing-tree and
 codec calls, and typed errors into errno values.
 
-Everything it needs is injected (``mount.py`` builds the pieces; tests can
-build them on a temporary directory).  Bulk data (read, write, truncate,
-fsync) runs in worker threads, off the trio thread, under the file's lock;
-metadata operations are single syscalls and run inline.
+Everything it needs is injected (``mount.assemble`` builds the pieces, for
+the mount and for the in-process tests alike).  Backing entries are only
+touched through ``BackingTree``; bulk data (read, write, truncate, fsync)
+runs under the file's lock, inline when small and cached, else on a worker
+thread; metadata operations are a few syscalls and run inline.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import functools
 import logging
@@ -28,19 +27,19 @@ from cryptfs.errors import (
     InvalidNameError,
     NameDecodeError,
     NameTooLongError,
+    StaleHandleError,
+    StaleInodeError,
+    XattrTooBigError,
 )
-from cryptfs.fs.handles import HandleTable, OpenFile
-from cryptfs.fs.inodes import ROOT_INODE, InodeTable
-from cryptfs.fs.tree import BackingTree
+from cryptfs.fs.dircache import DEFAULT_LIMIT
+from cryptfs.fs.handles import DirHandleTable, HandleTable, OpenFile
+from cryptfs.fs.inodes import InodeTable
+from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes
 from cryptfs.fs.workers import WorkerPool
+from cryptfs.linux import proc_path
 from cryptfs.metadata import XATTR_PREFIX, MetadataCipher
-from cryptfs.names import DIRIV_NAME, BackingName
 
 log = logging.getLogger(__name__)
-
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -55,18 +54,14 @@ class MountOptions:
     # on the event loop's thread: a hop to a worker thread costs more than
     # they do.  None: the engine's ``inline_max``.
     inline_max: int | None = None
-
-
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    at_fdcwd = -100
-    if _libc.renameat2(at_fdcwd, old, at_fdcwd, new, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    dir_fds: int = DEFAULT_LIMIT  # backing directory descriptors kept open
 
 
 def fuse_op(method):
     """Map what a handler raises to a FUSE errno; never let an exception
-    escape into pyfuse3 (that would take down the whole mount)."""
+    escape into pyfuse3 (that would take down the whole mount).  Anything
+    unexpected (a ``KeyError`` included) is a bug: logged with its
+    traceback, EIO for the caller."""
 
     @functools.wraps(method)
     async def wrapper(self, *args):
@@ -75,17 +70,21 @@ def fuse_op(method):
             return await method(self, *args)
         except pyfuse3.FUSEError:
             raise
+        except StaleInodeError as exc:  # forgotten, or replaced behind our back
+            raise pyfuse3.FUSEError(errno.ENOENT) from exc
+        except StaleHandleError as exc:
+            raise pyfuse3.FUSEError(errno.EBADF) from exc
         except NameTooLongError as exc:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG) from exc
         except InvalidNameError as exc:
             raise pyfuse3.FUSEError(errno.EINVAL) from exc
+        except XattrTooBigError as exc:
+            raise pyfuse3.FUSEError(errno.E2BIG) from exc
         except (ContentError, NameDecodeError, FileNameError) as exc:
             log.warning("%s: %s", method.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
-        except KeyError as exc:  # an inode or handle the kernel no longer has
-            raise pyfuse3.FUSEError(errno.ENOENT) from exc
         except Exception as exc:
             log.exception("internal error in %s", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from exc
@@ -110,9 +109,7 @@ class Operations(pyfuse3.Operations):
         self.workers = workers
         self._inline_max = (codec.sessions.engine.inline_max if options.inline_max is None
                             else options.inline_max)
-        self._dirs: dict[int, list] = {}  # directory handle -> listing snapshot
-        self._dir_ino: dict[int, int] = {}
-        self._next_dir_fh = 1
+        self.dir_handles: DirHandleTable[Listed] = DirHandleTable()
         self._as_root = os.geteuid() == 0
         self._reported: set[tuple[str, str]] = set()  # damaged files already logged
         self.last_activity = time.monotonic()  # for --idle
@@ -122,7 +119,7 @@ class Operations(pyfuse3.Operations):
     async def _in_thread(self, fn, *args):
         return await self.workers.run(fn, *args)
 
-    def _attrs(self, ino: int, st: os.stat_result, path: bytes | None = None):
+    def _attrs(self, ino: int, st: os.stat_result):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
         attr.generation = 0
@@ -133,7 +130,7 @@ class Operations(pyfuse3.Operations):
         attr.st_uid = st.st_uid
         attr.st_gid = st.st_gid
         attr.st_rdev = st.st_rdev
-        attr.st_size = self._plain_size(st, path)
+        attr.st_size = self._plain_size(ino, st)
         attr.st_blksize = 4096
         attr.st_blocks = st.st_blocks
         attr.st_atime_ns = st.st_atime_ns
@@ -141,37 +138,30 @@ class Operations(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
-    def _plain_size(self, st: os.stat_result, path: bytes | None) -> int:
+    def _plain_size(self, ino: int, st: os.stat_result) -> int:
         if stat.S_ISREG(st.st_mode):
             try:
                 return self.codec.plaintext_size(st.st_size)
             except ContentError:
                 return 0  # reading it gives EIO (and the log line names it)
-        if stat.S_ISLNK(st.st_mode) and path is not None:
+        if stat.S_ISLNK(st.st_mode):
             try:
-                return len(self.metadata.decrypt_target(os.readlink(path)))
+                return len(self.metadata.decrypt_target(self.tree.readlink(ino)))
             except (OSError, NameDecodeError):
                 return st.st_size
         return st.st_size
 
-    def _stat(self, ino: int) -> tuple[os.stat_result, bytes | None]:
+    def _stat(self, ino: int) -> os.stat_result:
         opened = self.handles.by_ino(ino)
         if opened is not None:  # works even if every name was unlinked
-            return os.fstat(opened.fd), None
-        path = self.inodes.path(ino)
-        return os.lstat(path), path
+            return os.fstat(opened.fd)
+        return self.tree.stat(ino)
 
-    def _chown_new(self, path: bytes, ctx) -> None:
+    def _owner(self, ctx) -> Owner:
         """Files created by root's daemon for another user belong to that user."""
         if self._as_root and (ctx.uid, ctx.gid) != (0, 0):
-            os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
-
-    def _new_entry(self, parent: int, entry: BackingName, path: bytes, fresh: bool = True):
-        """The attributes of an entry just made at ``path`` (a new backing
-        inode unless ``fresh`` is False, as for a hard link)."""
-        st = os.lstat(path)
-        inode = self.inodes.remember(parent, entry.name.encode(), st, fresh=fresh)
-        return self._attrs(inode.ino, st, path)
+            return ctx.uid, ctx.gid
+        return None
 
     def _check_writable(self) -> None:
         if self.options.read_only:
@@ -181,54 +171,41 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def lookup(self, parent_inode, name, ctx):
-        entry = self.tree.entry(parent_inode, name)
-        path = self.tree.path(parent_inode, entry)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        found = self.tree.lookup(parent_inode, name)
+        if found is None:
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
             negative.entry_timeout = self.options.entry_timeout
             return negative
-        inode = self.inodes.remember(parent_inode, entry.name.encode(), st)
-        return self._attrs(inode.ino, st, path)
+        inode, st = found
+        return self._attrs(inode.ino, st)
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
-            self.inodes.forget(ino, count)
-            if ino not in self.inodes:
-                self.tree.forget_dir(ino)
-                self.handles.forget(ino)
+            self.inodes.forget(ino, count)  # its on_gone clears the per-inode caches
 
     @fuse_op
     async def getattr(self, inode, ctx):
-        st, path = self._stat(inode)
-        return self._attrs(inode, st, path)
+        return self._attrs(inode, self._stat(inode))
 
     @fuse_op
     async def setattr(self, inode, attr, fields, fh, ctx):
         self._check_writable()
         if fields.update_size:
             await self._truncate(inode, attr.st_size)
+        mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
+        uid = attr.st_uid if fields.update_uid else -1
+        gid = attr.st_gid if fields.update_gid else -1
+        times = (attr.st_atime_ns if fields.update_atime else None,
+                 attr.st_mtime_ns if fields.update_mtime else None)
         opened = self.handles.by_ino(inode)
-        # An open file is changed through its descriptor: no path walk, and
-        # it works after the last name is gone.  Otherwise by path, never
-        # following a symlink.
-        target: int | bytes = opened.fd if opened is not None else self.inodes.path(inode)
-        nofollow = {} if opened is not None else {"follow_symlinks": False}
-        st = os.stat(target, **nofollow)
-        if fields.update_mode and not stat.S_ISLNK(st.st_mode):
-            os.chmod(target, stat.S_IMODE(attr.st_mode))
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
-            os.chown(target, uid, gid, **nofollow)
-        if fields.update_atime or fields.update_mtime:
-            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            os.utime(target, ns=(atime, mtime), **nofollow)
-        st = os.stat(target, **nofollow)
-        return self._attrs(inode, st, None if opened is not None else target)
+        if opened is not None:
+            # An open file is changed through its descriptor: it works after
+            # the last name is gone.
+            st = apply_attributes(opened.fd, mode, uid, gid, times)
+        else:
+            st = self.tree.set_attributes(inode, mode, uid, gid, times)
+        return self._attrs(inode, st)
 
     async def _truncate(self, ino: int, size: int) -> None:
         opened = self.handles.by_ino(ino)
@@ -236,7 +213,8 @@ class Operations(pyfuse3.Operations):
             await self._file_io(opened, opened.file.truncate, size)
             return
         try:
-            fh, opened, _ = self.handles.open(ino, self.inodes.path(ino), write=True)
+            fh, opened, _ = self.handles.open(ino, functools.partial(self.tree.open_file, ino),
+                                              write=True)
         except ContentError as exc:
             raise self._content_error(ino, exc) from exc
         try:
@@ -246,7 +224,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def readlink(self, inode, ctx):
-        return self.metadata.decrypt_target(os.readlink(self.inodes.path(inode)))
+        return self.metadata.decrypt_target(self.tree.readlink(inode))
 
     # -- creating and removing --
 
@@ -257,164 +235,68 @@ class Operations(pyfuse3.Operations):
             fi, attr = await self.create(parent_inode, name, mode, os.O_WRONLY, ctx)
             await self.release(fi.fh)
             return attr
-        with self.tree.creating(parent_inode, name) as (entry, path):
-            os.mknod(path, mode & ~ctx.umask, rdev)
-        self._chown_new(path, ctx)
-        return self._new_entry(parent_inode, entry, path)
+        _, inode, st = self.tree.create_entry(
+            parent_inode, name,
+            lambda dir_fd, backing: os.mknod(backing, mode & ~ctx.umask, rdev, dir_fd=dir_fd),
+            self._owner(ctx))
+        return self._attrs(inode.ino, st)
 
     @fuse_op
     async def mkdir(self, parent_inode, name, mode, ctx):
         self._check_writable()
-        with self.tree.creating(parent_inode, name) as (entry, path):
-            os.mkdir(path, 0o700)  # owner-writable until its IV is in place
-            try:
-                self.tree.init_dir(path)
-                os.chmod(path, stat.S_IMODE(mode & ~ctx.umask))
-                self._chown_new(path, ctx)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(path + b"/" + DIRIV_NAME.encode())
-                    os.rmdir(path)
-                raise
-        return self._new_entry(parent_inode, entry, path)
+        inode, st = self.tree.mkdir(parent_inode, name, stat.S_IMODE(mode & ~ctx.umask),
+                                    self._owner(ctx))
+        return self._attrs(inode.ino, st)
 
     @fuse_op
     async def symlink(self, parent_inode, name, target, ctx):
         self._check_writable()
         sealed = self.metadata.encrypt_target(target)
-        with self.tree.creating(parent_inode, name) as (entry, path):
-            os.symlink(sealed, path)
-        self._chown_new(path, ctx)
-        return self._new_entry(parent_inode, entry, path)
+        _, inode, st = self.tree.create_entry(
+            parent_inode, name,
+            lambda dir_fd, backing: os.symlink(sealed, backing, dir_fd=dir_fd),
+            self._owner(ctx))
+        return self._attrs(inode.ino, st)
 
     @fuse_op
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._check_writable()
-        with self.tree.creating(new_parent_inode, new_name) as (entry, path):
-            os.link(self.inodes.path(inode), path, follow_symlinks=False)
-        return self._new_entry(new_parent_inode, entry, path, fresh=False)
+        linked, st = self.tree.link(inode, new_parent_inode, new_name)
+        return self._attrs(linked.ino, st)
 
     @fuse_op
     async def unlink(self, parent_inode, name, ctx):
         self._check_writable()
-        entry = self.tree.entry(parent_inode, name)
-        os.unlink(self.tree.path(parent_inode, entry))
-        self.tree.remove_sidecar(parent_inode, entry)
-        self.inodes.unlink(parent_inode, entry.name.encode())
+        self.tree.unlink(parent_inode, name)
 
     @fuse_op
     async def rmdir(self, parent_inode, name, ctx):
         self._check_writable()
-        entry = self.tree.entry(parent_inode, name)
-        path = self.tree.path(parent_inode, entry)
-        self._remove_empty_dir(path)
-        self.tree.remove_sidecar(parent_inode, entry)
-        child = self.inodes.find(parent_inode, entry.name.encode())
-        if child is not None:
-            self.tree.forget_dir(child.ino)
-        self.inodes.unlink(parent_inode, entry.name.encode())
-
-    def _remove_empty_dir(self, path: bytes) -> None:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            raise OSError(errno.ENOTDIR, "not a directory")
-        if not self.tree.is_empty(path):
-            raise OSError(errno.ENOTEMPTY, "directory not empty")
-        diriv = path + b"/" + DIRIV_NAME.encode()
-        with open(diriv, "rb") as f:
-            saved = f.read()
-        os.unlink(diriv)
-        try:
-            os.rmdir(path)
-        except BaseException:
-            self._restore_diriv(diriv, saved)
-            raise
-
-    @staticmethod
-    def _restore_diriv(diriv: bytes, saved: bytes) -> None:
-        fd = os.open(diriv, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440)
-        try:
-            os.write(fd, saved)
-        finally:
-            os.close(fd)
+        self.tree.rmdir(parent_inode, name)
 
     @fuse_op
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         self._check_writable()
-        old = self.tree.entry(parent_inode_old, name_old)
-        new = self.tree.entry(parent_inode_new, name_new)
-        old_path = self.tree.path(parent_inode_old, old)
-        new_path = self.tree.path(parent_inode_new, new)
-        old_link = (parent_inode_old, old.name.encode())
-        new_link = (parent_inode_new, new.name.encode())
-        old_st = os.lstat(old_path)
-        try:
-            new_st = os.lstat(new_path)
-        except FileNotFoundError:
-            new_st = None
-        if flags & RENAME_EXCHANGE:
-            if new_st is None:
-                raise OSError(errno.ENOENT, "exchange target missing")
-            _renameat2(old_path, new_path, RENAME_EXCHANGE)
-            self.inodes.exchange(old_link, new_link)
-            return
-        if new_st is not None:
-            if flags & RENAME_NOREPLACE:
-                raise OSError(errno.EEXIST, "target exists")
-            if (new_st.st_dev, new_st.st_ino) == (old_st.st_dev, old_st.st_ino):
-                return  # two links of one file: rename(2) does nothing
-        self.tree.add_sidecar(parent_inode_new, new)
-        saved_diriv = None
-        try:
-            if new_st is not None and stat.S_ISDIR(new_st.st_mode) and \
-                    stat.S_ISDIR(old_st.st_mode):
-                # The backing target holds its IV; it must be empty to be replaced.
-                if not self.tree.is_empty(new_path):
-                    raise OSError(errno.ENOTEMPTY, "directory not empty")
-                diriv = new_path + b"/" + DIRIV_NAME.encode()
-                with open(diriv, "rb") as f:
-                    saved_diriv = f.read()
-                os.unlink(diriv)
-            if flags & RENAME_NOREPLACE:
-                _renameat2(old_path, new_path, RENAME_NOREPLACE)
-            else:
-                os.rename(old_path, new_path)
-        except BaseException:
-            if saved_diriv is not None:
-                self._restore_diriv(new_path + b"/" + DIRIV_NAME.encode(), saved_diriv)
-            if new_st is None:
-                self.tree.remove_sidecar(parent_inode_new, new)
-            raise
-        if old.sidecar is not None and old_link != new_link:
-            self.tree.remove_sidecar(parent_inode_old, old)
-        replaced = self.inodes.find(*new_link)
-        if replaced is not None:
-            self.tree.forget_dir(replaced.ino)
-        self.inodes.move(old_link, new_link)
+        self.tree.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # -- files --
 
     @fuse_op
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._check_writable()
-        with self.tree.creating(parent_inode, name) as (entry, path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         stat.S_IMODE(mode & ~ctx.umask))
-            opened = None
-            try:
-                self._chown_new(path, ctx)
-                inode = self.inodes.remember(parent_inode, entry.name.encode(), os.fstat(fd),
-                                             fresh=True)
-                opened = self.handles.adopt(inode.ino, fd)
-                opened.file.ensure_header()  # one page into the page cache: not worth a hop
-            except BaseException:
-                if opened is not None:
-                    self.handles.discard(opened)
-                else:
-                    os.close(fd)
-                self.inodes.unlink(parent_inode, entry.name.encode())
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                raise
+        fd, inode, st = self.tree.create_file(parent_inode, name,
+                                              stat.S_IMODE(mode & ~ctx.umask), self._owner(ctx))
+        opened = None
+        try:
+            opened = self.handles.adopt(inode.ino, fd)
+            opened.file.ensure_header()  # one page into the page cache: not worth a hop
+        except BaseException:
+            if opened is not None:
+                self.handles.discard(opened)
+            else:
+                os.close(fd)
+            self.tree.unlink(parent_inode, name)
+            raise
         fh = self.handles.create_handle(opened)
         return pyfuse3.FileInfo(fh=fh), self._attrs(inode.ino, os.fstat(fd))
 
@@ -424,7 +306,8 @@ class Operations(pyfuse3.Operations):
         if write:
             self._check_writable()
         try:
-            fh, opened, keep_cache = self.handles.open(inode, self.inodes.path(inode), write)
+            fh, opened, keep_cache = self.handles.open(
+                inode, functools.partial(self.tree.open_file, inode), write)
         except ContentError as exc:
             raise self._content_error(inode, exc) from exc
         if flags & os.O_TRUNC:
@@ -438,10 +321,7 @@ class Operations(pyfuse3.Operations):
 
     def _content_error(self, ino: int, exc: ContentError) -> pyfuse3.FUSEError:
         """Log a damaged file once, naming its backing path; EIO for the caller."""
-        try:
-            where = os.fsdecode(self.inodes.path(ino))
-        except (OSError, KeyError):
-            where = "(unlinked)"
+        where = os.fsdecode(self.inodes.path(ino))
         key = (where, str(exc))
         if key not in self._reported and len(self._reported) < 10000:
             self._reported.add(key)
@@ -496,36 +376,29 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def opendir(self, inode, ctx):
-        fh = self._next_dir_fh
-        self._next_dir_fh += 1
-        self._dir_ino[fh] = inode
-        return fh
+        self.inodes.get(inode)
+        return self.dir_handles.open(inode)
 
     @fuse_op
     async def readdir(self, fh, start_id, token):
-        ino = self._dir_ino[fh]
-        if start_id == 0 or fh not in self._dirs:
-            self._dirs[fh] = self.tree.listdir(ino)
-        listing = self._dirs[fh]
+        ino = self.dir_handles.ino(fh)
+        listing = self.dir_handles.listing(fh, start_id, self.tree.listdir)
         for index in range(start_id, len(listing)):
             item = listing[index]
             inode = self.inodes.remember(ino, item.backing, item.stat, lookup=False)
-            path = self.inodes.child_path(ino, item.backing) if stat.S_ISLNK(
-                item.stat.st_mode) else None
-            attr = self._attrs(inode.ino, item.stat, path)
+            attr = self._attrs(inode.ino, item.stat)
             if not pyfuse3.readdir_reply(token, item.name, attr, index + 1):
-                self.inodes.forget(inode.ino, 0)
+                self.inodes.drop_unused(inode)
                 break
-            inode.lookups += 1
+            self.inodes.count_lookup(inode)
 
     @fuse_op
     async def releasedir(self, fh):
-        self._dirs.pop(fh, None)
-        self._dir_ino.pop(fh, None)
+        self.dir_handles.release(fh)
 
     @fuse_op
     async def fsyncdir(self, fh, datasync):
-        fd = os.open(self.inodes.path(self._dir_ino[fh]), os.O_RDONLY | os.O_DIRECTORY)
+        fd = self.tree.open_dir(self.dir_handles.ino(fh))
         try:
             await self._in_thread(os.fsync, fd)
         finally:
@@ -533,7 +406,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def statfs(self, ctx):
-        st = os.statvfs(self.inodes.path(ROOT_INODE))
+        st = self.tree.statvfs()
         out = pyfuse3.StatvfsData()
         for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                       "f_files", "f_ffree", "f_favail"):
@@ -548,7 +421,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         sealed_name = self._xattr_name(name)
         sealed = self.metadata.encrypt_xattr_value(sealed_name, value)
-        os.setxattr(self.inodes.path(inode), sealed_name, sealed, follow_symlinks=False)
+        self.tree.set_xattr(inode, sealed_name, sealed)
 
     @fuse_op
     async def getxattr(self, inode, name, ctx):
@@ -557,13 +430,13 @@ class Operations(pyfuse3.Operations):
             # (pyfuse3 cannot negotiate HANDLE_KILLPRIV_V2): answer at once.
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         sealed_name = self._xattr_name(name)
-        sealed = os.getxattr(self.inodes.path(inode), sealed_name, follow_symlinks=False)
+        sealed = self.tree.get_xattr(inode, sealed_name)
         return self.metadata.decrypt_xattr_value(sealed_name, sealed)
 
     @fuse_op
     async def listxattr(self, inode, ctx):
         names = []
-        for stored in os.listxattr(self.inodes.path(inode), follow_symlinks=False):
+        for stored in self.tree.list_xattrs(inode):
             if not stored.startswith("user."):
                 continue
             try:
@@ -575,7 +448,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def removexattr(self, inode, name, ctx):
         self._check_writable()
-        os.removexattr(self.inodes.path(inode), self._xattr_name(name), follow_symlinks=False)
+        self.tree.remove_xattr(inode, self._xattr_name(name))
 
     def _xattr_name(self, name: bytes) -> bytes:
         try:
@@ -595,5 +468,5 @@ class Operations(pyfuse3.Operations):
         # Only the daemon's user gets here: ask the backing file for it.
         opened = self.handles.by_ino(inode)
         if opened is not None:  # also open files whose last name is gone
-            return os.access(f"/proc/self/fd/{opened.fd}", mode)
-        return os.access(self.inodes.path(inode), mode, follow_symlinks=False)
+            return os.access(proc_path(opened.fd), mode)
+        return self.tree.access(inode, mode)

@@ -1,17 +1,39 @@
-"""The backing tree, directory by directory: plaintext names to backing
-entries (with directory IVs and long-name sidecars) and listings back."""
+"""The backing tree: every backing operation, through directory descriptors.
+
+Each operation reaches its entry as *(parent directory descriptor, backing
+name)* and uses the ``*at`` system calls, never following a symlink in the
+last component (``O_NOFOLLOW``, ``follow_symlinks=False``), so no operation
+depends on the length of the full backing path and none can be led out of
+the cipher directory by a symlink put in place of a directory.  Directory
+descriptors come from ``DirCache`` and are reopened, when evicted, relative
+to the parent's, checking that the entry is still the same backing
+directory.  Calls that take no ``dir_fd`` (chmod, xattrs, access) go
+through ``/proc/self/fd/N`` of an ``O_PATH | O_NOFOLLOW`` descriptor of the
+entry: that reaches the entry itself, a symlink included, never its target.
+
+Here also live the protocols that keep the backing tree consistent:
+long-name sidecars around creation, renaming and removal; directory IVs
+(created with a new directory, saved and restored around removing one).
+The inode table's links are updated here, after the backing change.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from cryptfs.errors import NameDecodeError
-from cryptfs.fs.inodes import InodeTable
+from cryptfs.errors import NameDecodeError, StaleInodeError
+from cryptfs.fs.dircache import DirCache
+from cryptfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2
 from cryptfs.names import (
+    DIRIV_LEN,
     DIRIV_NAME,
     RESERVED_PREFIX,
     BackingName,
@@ -27,6 +49,11 @@ log = logging.getLogger(__name__)
 _RESERVED = RESERVED_PREFIX.encode()
 _DIRIV = DIRIV_NAME.encode()
 MAX_REPORTED = 10000  # undecryptable names remembered so each is logged once
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ENTRY_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+T = TypeVar("T")
+Owner = tuple[int, int] | None  # (uid, gid) for a new entry, None: the daemon's
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,103 +64,461 @@ class Listed:
 
 
 class BackingTree:
-    def __init__(self, inodes: InodeTable, names: NameCipher) -> None:
+    def __init__(self, root_fd: int, inodes: InodeTable, names: NameCipher,
+                 dirs: DirCache) -> None:
+        """``root_fd``: an ``O_PATH`` descriptor of the cipher directory (the
+        tree owns it); ``dirs`` is the cache the inode table's ``on_gone``
+        clears."""
+        self._root_fd = root_fd
         self._inodes = inodes
         self._names = names
-        self._dirivs: dict[int, bytes] = {}
+        self.dirs = dirs
         self._reported: set[tuple[bytes, bytes]] = set()
 
-    # -- directory IVs --
+    def close(self) -> None:
+        self.dirs.close()
+        os.close(self._root_fd)
 
-    def diriv(self, dir_ino: int) -> bytes:
-        iv = self._dirivs.get(dir_ino)
-        if iv is None:
-            fd = os.open(self._inodes.path(dir_ino), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # -- directory descriptors --
+
+    def _dir_fd(self, ino: int) -> int:
+        """The cached descriptor of directory ``ino``, reopening it (and any
+        evicted ancestors) relative to the nearest cached one.  It stays
+        valid until the next ``_dir_fd`` call (which may evict it) or a
+        change to the inode table's links: an operation that needs two
+        descriptors holds them with ``_pinned``."""
+        if ino == ROOT_INODE:
+            return self._root_fd
+        fd = self.dirs.fd(ino)
+        if fd is not None:
+            return fd
+        chain = []  # (child, parent, name), deepest first
+        while fd is None:
+            parent, name = self._inodes.link(ino)
+            chain.append((ino, parent, name))
+            ino = parent
+            fd = self._root_fd if ino == ROOT_INODE else self.dirs.fd(ino)
+        for child, parent, name in reversed(chain):
+            self.dirs.pin(parent)
             try:
-                iv = read_diriv(fd)
+                child_fd = os.open(name, _DIR_PATH, dir_fd=fd)
             finally:
-                os.close(fd)
-            self._dirivs[dir_ino] = iv
-        return iv
+                self.dirs.unpin(parent)
+            st = os.fstat(child_fd)
+            if (st.st_dev, st.st_ino) != self._inodes.get(child).dev_ino:
+                os.close(child_fd)
+                raise StaleInodeError(f"backing directory {name!r} was replaced")
+            self.dirs.put(child, child_fd)
+            fd = child_fd
+        return fd
 
-    def forget_dir(self, dir_ino: int) -> None:
-        self._dirivs.pop(dir_ino, None)
-
-    def init_dir(self, path: bytes) -> None:
-        """Give a new backing directory its IV."""
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    @contextlib.contextmanager
+    def _pinned(self, *inos: int) -> Iterator[list[int]]:
+        """Descriptors of directories ``inos``, valid for the block."""
+        fds: list[int] = []
         try:
-            create_diriv(fd)
+            for ino in inos:
+                fds.append(self._dir_fd(ino))
+                self.dirs.pin(ino)
+            yield fds
+        finally:
+            for ino in inos[:len(fds)]:
+                self.dirs.unpin(ino)
+
+    def _locate(self, ino: int) -> tuple[int, str]:
+        """``(directory descriptor, name)`` of inode ``ino``'s entry."""
+        if ino == ROOT_INODE:
+            return self._root_fd, "."
+        parent, name = self._inodes.link(ino)
+        return self._dir_fd(parent), os.fsdecode(name)
+
+    @contextlib.contextmanager
+    def _entry(self, ino: int) -> Iterator[str]:
+        """A ``/proc/self/fd`` path of inode ``ino``'s own backing entry
+        (never a symlink's target), checked to be the inode we know."""
+        dir_fd, name = self._locate(ino)
+        fd = os.open(name, _ENTRY_PATH, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._inodes.get(ino).dev_ino:
+                raise StaleInodeError(f"backing entry of inode {ino} was replaced")
+            yield proc_path(fd)
         finally:
             os.close(fd)
 
-    def is_empty(self, path: bytes) -> bool:
-        """True if the backing directory holds nothing but its IV."""
-        with os.scandir(path) as entries:
-            return all(entry.name == _DIRIV for entry in entries)
+    def open_dir(self, ino: int) -> int:
+        """A new readable descriptor of directory ``ino`` (the caller closes it)."""
+        return os.open(".", _DIR_READ, dir_fd=self._dir_fd(ino))
 
-    # -- names --
+    # -- directory IVs and names --
+
+    def diriv(self, dir_ino: int) -> bytes:
+        iv = self.dirs.iv(dir_ino)
+        if iv is None:
+            iv = read_diriv(self._dir_fd(dir_ino))
+            self.dirs.set_iv(dir_ino, iv)
+        return iv
 
     def entry(self, parent: int, name: bytes) -> BackingName:
         return self._names.to_backing(self.diriv(parent), name)
 
-    def path(self, parent: int, entry: BackingName) -> bytes:
-        return self._inodes.child_path(parent, entry.name.encode())
-
-    def add_sidecar(self, parent: int, entry: BackingName) -> None:
-        """Store a long name's full encoding (before creating the entry)."""
+    @staticmethod
+    def _add_sidecar(dir_fd: int, entry: BackingName) -> bool:
+        """Store a long name's full encoding (before creating the entry).
+        True if the sidecar is new; False if it was there (it belongs to an
+        existing entry of that name, so a failed creation must not remove it)."""
         if entry.sidecar is None:
-            return
-        path = self._inodes.child_path(parent, sidecar_name(entry.name).encode())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            return False
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(entry.sidecar_name, flags | os.O_EXCL, 0o600, dir_fd=dir_fd)
+            created = True
+        except FileExistsError:  # the same name's: rewrite it (it may be damaged)
+            fd = os.open(entry.sidecar_name, flags | os.O_TRUNC, 0o600, dir_fd=dir_fd)
+            created = False
         try:
             os.write(fd, entry.sidecar.encode("ascii"))
         finally:
             os.close(fd)
+        return created
 
-    @contextlib.contextmanager
-    def creating(self, parent: int, name: bytes) -> Iterator[tuple[BackingName, bytes]]:
-        """Yield the backing entry and path for a new ``name``; its long-name
-        sidecar exists inside the block and is removed again if it fails."""
-        entry = self.entry(parent, name)
-        self.add_sidecar(parent, entry)
-        try:
-            yield entry, self.path(parent, entry)
-        except BaseException:
-            self.remove_sidecar(parent, entry)
-            raise
-
-    def remove_sidecar(self, parent: int, entry: BackingName) -> None:
+    @staticmethod
+    def _remove_sidecar(dir_fd: int, entry: BackingName) -> None:
         if entry.sidecar is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._inodes.child_path(parent, sidecar_name(entry.name).encode()))
+                os.unlink(entry.sidecar_name, dir_fd=dir_fd)
+
+    # -- reading entries --
+
+    def lookup(self, parent: int, name: bytes) -> tuple[Inode, os.stat_result] | None:
+        """The inode and attributes of ``name`` in ``parent``, None if absent
+        (one more kernel lookup on the inode)."""
+        entry = self.entry(parent, name)
+        try:
+            st = os.stat(entry.name, dir_fd=self._dir_fd(parent), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return self._inodes.remember(parent, entry.name.encode(), st), st
+
+    def stat(self, ino: int) -> os.stat_result:
+        fd, name = self._locate(ino)
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    def readlink(self, ino: int) -> bytes:
+        """The stored (encrypted) target of symlink ``ino``."""
+        fd, name = self._locate(ino)
+        return os.fsencode(os.readlink(name, dir_fd=fd))
+
+    def open_file(self, ino: int, flags: int) -> int:
+        """A descriptor of regular file ``ino`` (never through a symlink)."""
+        fd, name = self._locate(ino)
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.fstatvfs(self._root_fd)
+
+    def access(self, ino: int, mode: int) -> bool:
+        with self._entry(ino) as path:
+            return os.access(path, mode)
+
+    # -- attributes --
+
+    def set_attributes(self, ino: int, mode: int | None, uid: int, gid: int,
+                       times: tuple[int | None, int | None]) -> os.stat_result:
+        """Change mode (not on symlinks: Linux has none), owner (-1: keep) and
+        times (None: keep) of ``ino``'s entry; its attributes afterwards."""
+        if mode is None:  # the *at calls act on the entry itself, a symlink included
+            fd, name = self._locate(ino)
+            return apply_attributes(name, None, uid, gid, times, dir_fd=fd,
+                                    follow_symlinks=False)
+        with self._entry(ino) as path:  # chmod has no nofollow form that works on Linux
+            return apply_attributes(path, mode, uid, gid, times)
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        with self._entry(ino) as path:
+            os.setxattr(path, name, value)
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes:
+        with self._entry(ino) as path:
+            return os.getxattr(path, name)
+
+    def list_xattrs(self, ino: int) -> list[str]:
+        with self._entry(ino) as path:
+            return os.listxattr(path)
+
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        with self._entry(ino) as path:
+            os.removexattr(path, name)
+
+    # -- creating entries --
+
+    def create_entry(self, parent: int, name: bytes, make: Callable[[int, str], T],
+                     owner: Owner = None) -> tuple[T, Inode, os.stat_result]:
+        """Create ``name`` in ``parent`` with ``make(dir_fd, backing_name)``
+        (mknod, symlink, open with O_CREAT), its long-name sidecar first;
+        on failure neither is left behind."""
+        entry = self.entry(parent, name)
+        return self._make(parent, self._dir_fd(parent), entry, make, owner, fresh=True)
+
+    def create_file(self, parent: int, name: bytes, mode: int,
+                    owner: Owner = None) -> tuple[int, Inode, os.stat_result]:
+        """A new regular file, opened read-write (the caller owns the fd)."""
+        opened: list[int] = []
+
+        def make(dir_fd: int, backing: str) -> int:
+            opened.append(os.open(backing, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, mode, dir_fd=dir_fd))
+            return opened[0]
+
+        try:
+            return self.create_entry(parent, name, make, owner)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+
+    def link(self, ino: int, parent: int, name: bytes) -> tuple[Inode, os.stat_result]:
+        """A new hard link of ``ino`` at ``parent/name``."""
+        source_parent, source = self._inodes.link(ino)
+        entry = self.entry(parent, name)
+        with self._pinned(source_parent, parent) as (source_fd, fd):
+            def make(dir_fd: int, backing: str) -> None:
+                os.link(source, backing, src_dir_fd=source_fd, dst_dir_fd=dir_fd,
+                        follow_symlinks=False)
+
+            _, inode, st = self._make(parent, fd, entry, make, None, fresh=False)
+        return inode, st
+
+    def _make(self, parent: int, dir_fd: int, entry: BackingName,
+              make: Callable[[int, str], T], owner: Owner,
+              fresh: bool) -> tuple[T, Inode, os.stat_result]:
+        new_sidecar = self._add_sidecar(dir_fd, entry)
+        try:
+            result = make(dir_fd, entry.name)
+            try:
+                if owner is not None:
+                    os.chown(entry.name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+                st = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.name, dir_fd=dir_fd)
+                raise
+        except BaseException:
+            if new_sidecar:
+                self._remove_sidecar(dir_fd, entry)
+            raise
+        return result, self._inodes.remember(parent, entry.name.encode(), st, fresh=fresh), st
+
+    def mkdir(self, parent: int, name: bytes, mode: int,
+              owner: Owner = None) -> tuple[Inode, os.stat_result]:
+        """A new directory with its IV; on failure nothing is left behind."""
+        entry = self.entry(parent, name)
+        made: list[bytes] = []  # the new directory's IV, once it is complete
+
+        def make(dir_fd: int, backing: str) -> None:
+            os.mkdir(backing, 0o700, dir_fd=dir_fd)  # owner-writable until its IV is in
+            try:
+                fd = os.open(backing, _DIR_READ, dir_fd=dir_fd)
+                try:
+                    iv = create_diriv(fd)
+                    os.fchmod(fd, mode)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(DIRIV_NAME, dir_fd=fd)
+                    raise
+                finally:
+                    os.close(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.rmdir(backing, dir_fd=dir_fd)
+                raise
+            made.append(iv)
+
+        dir_fd = self._dir_fd(parent)
+        try:
+            _, inode, st = self._make(parent, dir_fd, entry, make, owner, fresh=True)
+        except BaseException:
+            if made:  # chown or stat failed after it was made: _make unlinks no directory
+                with contextlib.suppress(OSError):
+                    self._remove_dir(dir_fd, entry.name)
+            raise
+        self.dirs.set_iv(inode.ino, made[0])
+        return inode, st
+
+    # -- removing entries --
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        entry = self.entry(parent, name)
+        fd = self._dir_fd(parent)
+        os.unlink(entry.name, dir_fd=fd)
+        self._remove_sidecar(fd, entry)
+        self._inodes.unlink(parent, entry.name.encode())
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        entry = self.entry(parent, name)
+        fd = self._dir_fd(parent)
+        self._remove_dir(fd, entry.name)
+        self._remove_sidecar(fd, entry)
+        self._inodes.unlink(parent, entry.name.encode())
+
+    def _remove_dir(self, dir_fd: int, backing: str) -> None:
+        """Remove an empty backing directory and its IV (restored if the
+        removal fails, so the directory's names stay readable)."""
+        fd = os.open(backing, _DIR_READ, dir_fd=dir_fd)
+        try:
+            saved = self._take_diriv(fd)
+            try:
+                os.rmdir(backing, dir_fd=dir_fd)
+            except BaseException:
+                _restore_diriv(fd, saved)
+                raise
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _take_diriv(fd: int) -> bytes:
+        """Check that directory ``fd`` holds nothing but its IV; remove the
+        IV and return its contents."""
+        with os.scandir(fd) as entries:
+            if any(entry.name != DIRIV_NAME for entry in entries):
+                raise OSError(errno.ENOTEMPTY, "directory not empty")
+        iv = os.open(DIRIV_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            saved = os.read(iv, DIRIV_LEN + 1)
+        finally:
+            os.close(iv)
+        os.unlink(DIRIV_NAME, dir_fd=fd)
+        return saved
+
+    # -- renaming --
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int) -> None:
+        """rename(2) with ``RENAME_NOREPLACE``/``RENAME_EXCHANGE``: sidecars
+        follow long names, and an empty directory replaced by another one
+        loses its IV first (restored if the rename fails)."""
+        old = self.entry(old_parent, old_name)
+        new = self.entry(new_parent, new_name)
+        old_link = (old_parent, old.name.encode())
+        new_link = (new_parent, new.name.encode())
+        with self._pinned(old_parent, new_parent) as (old_fd, new_fd):
+            old_st = os.stat(old.name, dir_fd=old_fd, follow_symlinks=False)
+            try:
+                new_st = os.stat(new.name, dir_fd=new_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                new_st = None
+            if flags & RENAME_EXCHANGE:
+                if new_st is None:
+                    raise OSError(errno.ENOENT, "exchange target missing")
+                renameat2(old_fd, old.name.encode(), new_fd, new.name.encode(),
+                          RENAME_EXCHANGE)
+                self._inodes.exchange(old_link, new_link)
+                return
+            if new_st is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise OSError(errno.EEXIST, "target exists")
+                if (new_st.st_dev, new_st.st_ino) == (old_st.st_dev, old_st.st_ino):
+                    return  # two links of one file: rename(2) does nothing
+            replaces_dir = new_st is not None and stat.S_ISDIR(new_st.st_mode) \
+                and stat.S_ISDIR(old_st.st_mode)
+            new_sidecar = self._add_sidecar(new_fd, new)
+            try:
+                if replaces_dir:
+                    self._rename_over_dir(old_fd, old.name, new_fd, new.name)
+                elif flags & RENAME_NOREPLACE:
+                    renameat2(old_fd, old.name.encode(), new_fd, new.name.encode(),
+                              RENAME_NOREPLACE)
+                else:
+                    os.rename(old.name, new.name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+            except BaseException:
+                if new_sidecar:
+                    self._remove_sidecar(new_fd, new)
+                raise
+            if old.sidecar is not None and old_link != new_link:
+                self._remove_sidecar(old_fd, old)
+        self._inodes.move(old_link, new_link)
+
+    def _rename_over_dir(self, old_fd: int, old: str, new_fd: int, new: str) -> None:
+        """The backing target holds its IV; it must be empty to be replaced."""
+        target = os.open(new, _DIR_READ, dir_fd=new_fd)
+        try:
+            saved = self._take_diriv(target)
+            try:
+                os.rename(old, new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+            except BaseException:
+                _restore_diriv(target, saved)
+                raise
+        finally:
+            os.close(target)
+
+    # -- listing --
 
     def listdir(self, dir_ino: int) -> list[Listed]:
         """Decrypted entries of a directory.  Entries that do not decrypt
         (foreign files, conflict copies, damage) are skipped, each logged once."""
-        path = self._inodes.path(dir_ino)
         iv = self.diriv(dir_ino)
         listed = []
-        with os.scandir(path) as entries:
-            for entry in entries:
-                name = entry.name
-                try:
-                    if name.startswith(_RESERVED):
-                        if not is_longname(name.decode("ascii", "replace")):
-                            continue  # our own files: IVs, sidecars, key file
-                        with open(entry.path + b".name", "rb") as f:
-                            sidecar = f.read(4096)
-                        plain = self._names.decode_longname(iv, name.decode("ascii"), sidecar)
-                    else:
-                        plain = self._names.decode(iv, name.decode("ascii", "replace"))
-                    listed.append(Listed(plain, name, entry.stat(follow_symlinks=False)))
-                except (NameDecodeError, OSError) as exc:
-                    self._report(path, name, exc)
+        fd = self.open_dir(dir_ino)
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = os.fsencode(entry.name)
+                    try:
+                        plain = self._decode(fd, iv, entry.name)
+                        if plain is not None:
+                            listed.append(Listed(plain, name, entry.stat(follow_symlinks=False)))
+                    except (NameDecodeError, OSError) as exc:
+                        self._report(dir_ino, name, exc)
+        finally:
+            os.close(fd)
         return listed
 
-    def _report(self, dir_path: bytes, name: bytes, exc: Exception) -> None:
+    def _decode(self, dir_fd: int, iv: bytes, name: str) -> bytes | None:
+        """The plaintext of backing entry ``name``; None for our own files."""
+        if not name.startswith(RESERVED_PREFIX):
+            return self._names.decode(iv, name)
+        if not is_longname(name):
+            return None  # our own files: IVs, sidecars, key file
+        fd = os.open(sidecar_name(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            sidecar = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return self._names.decode_longname(iv, name, sidecar)
+
+    def _report(self, dir_ino: int, name: bytes, exc: Exception) -> None:
+        dir_path = self._inodes.path(dir_ino)
         key = (dir_path, name)
         if key in self._reported or len(self._reported) >= MAX_REPORTED:
             return
         self._reported.add(key)
         log.warning("skipping %r in %r: %s", os.fsdecode(name), os.fsdecode(dir_path), exc)
+
+
+def apply_attributes(target: int | str, mode: int | None, uid: int, gid: int,
+                     times: tuple[int | None, int | None], **at: Any) -> os.stat_result:
+    """Set attributes on a descriptor, a ``/proc/self/fd`` path (both name
+    one inode, so checking for a symlink first is race-free) or, with ``at``
+    (``dir_fd``, ``follow_symlinks=False``) and no ``mode``, a name."""
+    atime, mtime = times
+    keep_time = (atime is None) != (mtime is None)
+    st = os.stat(target, **at) if mode is not None or keep_time else None
+    if mode is not None and st is not None and not stat.S_ISLNK(st.st_mode):
+        os.chmod(target, mode)
+    if uid != -1 or gid != -1:
+        os.chown(target, uid, gid, **at)
+    if atime is not None or mtime is not None:
+        if keep_time and st is not None:
+            atime = st.st_atime_ns if atime is None else atime
+            mtime = st.st_mtime_ns if mtime is None else mtime
+        os.utime(target, ns=(atime, mtime), **at)
+    return os.stat(target, **at)
+
+
+def _restore_diriv(dir_fd: int, saved: bytes) -> None:
+    fd = os.open(DIRIV_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440,
+                 dir_fd=dir_fd)
+    try:
+        os.write(fd, saved)
+    finally:
+        os.close(fd)

@@ -1,0 +1,230 @@
+"""The FUSE handlers in process (as s3ql's t3_fs_api.py): ``Operations``
+built by ``mount.assemble`` on a temporary directory, called directly with a
+fake request context under pytest-trio.  No kernel, no root.
+
+Only ``pyfuse3.readdir_reply`` is replaced (it writes into the kernel's
+reply buffer, which does not exist here): it collects the entries."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+
+from cryptfs.fs.inodes import ROOT_INODE
+from cryptfs.fs.ops import MountOptions, Operations
+from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
+from cryptfs.metadata import XATTR_SIZE_MAX
+from cryptfs.mount import assemble
+from tests.t3_tree import new_cipherdir
+
+
+@dataclass
+class Ctx:
+    """What pyfuse3 passes as the request context."""
+
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    pid: int = field(default_factory=os.getpid)
+    umask: int = 0o022
+
+
+CTX = Ctx()
+
+
+@pytest.fixture
+def fs(tmp_path, engine, keys):
+    stack = assemble(new_cipherdir(tmp_path / "cipher"), keys, engine, MountOptions())
+    yield stack.operations
+    stack.close()
+
+
+def fuse_errno(exc_info) -> int:
+    return exc_info.value.errno
+
+
+async def create(fs: Operations, parent: int, name: bytes, data: bytes = b"") -> int:
+    fi, attr = await fs.create(parent, name, 0o644, os.O_RDWR, CTX)
+    if data:
+        assert await fs.write(fi.fh, 0, data) == len(data)
+    await fs.release(fi.fh)
+    return attr.st_ino
+
+
+async def read_all(fs: Operations, ino: int) -> bytes:
+    fi = await fs.open(ino, os.O_RDONLY, CTX)
+    try:
+        return await fs.read(fi.fh, 0, 1 << 24)
+    finally:
+        await fs.release(fi.fh)
+
+
+async def lookup(fs: Operations, parent: int, name: bytes) -> int:
+    attr = await fs.lookup(parent, name, CTX)
+    return attr.st_ino
+
+
+async def listdir(fs: Operations, ino: int, monkeypatch, per_reply: int = 1000) -> list:
+    """Every entry, fetched ``per_reply`` at a time as the kernel would."""
+    fh = await fs.opendir(ino, CTX)
+    entries: list = []
+    batch: list = []
+
+    def reply(token, name, attr, next_id):
+        if len(batch) == per_reply:
+            return False
+        batch.append((name, attr.st_ino, next_id))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    start = 0
+    while True:
+        batch.clear()
+        await fs.readdir(fh, start, None)
+        if not batch:
+            break
+        entries += batch
+        start = batch[-1][2]
+    await fs.releasedir(fh)
+    return entries
+
+
+async def test_create_write_read_lookup(fs):
+    data = os.urandom(10000)
+    ino = await create(fs, ROOT_INODE, b"f", data)
+    assert await lookup(fs, ROOT_INODE, b"f") == ino
+    assert (await fs.getattr(ino, CTX)).st_size == 10000
+    assert await read_all(fs, ino) == data
+    negative = await fs.lookup(ROOT_INODE, b"missing", CTX)
+    assert negative.st_ino == 0
+
+
+async def test_readdir_in_batches_counts_lookups(fs, monkeypatch):
+    names = {b"f%03d" % i for i in range(25)}
+    for name in names:
+        ino = await create(fs, ROOT_INODE, name)
+        await fs.forget([(ino, 1)])  # the kernel let go of it after create
+    entries = await listdir(fs, ROOT_INODE, monkeypatch, per_reply=7)
+    assert {name for name, _, _ in entries} == names
+    for _, ino, _ in entries:  # each entry the kernel took is one lookup
+        assert fs.inodes.get(ino).lookups == 1
+        await fs.forget([(ino, 1)])
+        assert ino not in fs.inodes
+
+
+async def test_rename_within_and_across_directories(fs, monkeypatch):
+    d1 = (await fs.mkdir(ROOT_INODE, b"d1", 0o755, CTX)).st_ino
+    d2 = (await fs.mkdir(ROOT_INODE, b"d2", 0o755, CTX)).st_ino
+    ino = await create(fs, d1, b"a", b"A")
+    await fs.rename(d1, b"a", d1, b"b", 0, CTX)
+    await fs.rename(d1, b"b", d2, b"c", 0, CTX)
+    assert await lookup(fs, d2, b"c") == ino and await read_all(fs, ino) == b"A"
+    other = await create(fs, d1, b"x", b"X")
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.rename(d1, b"x", d2, b"c", RENAME_NOREPLACE, CTX)
+    assert fuse_errno(info) == errno.EEXIST
+    await fs.rename(d1, b"x", d2, b"c", RENAME_EXCHANGE, CTX)
+    assert await lookup(fs, d2, b"c") == other and await lookup(fs, d1, b"x") == ino
+    await fs.rename(ROOT_INODE, b"d1", ROOT_INODE, b"d3", 0, CTX)  # children follow
+    assert await read_all(fs, await lookup(fs, d1, b"x")) == b"A"
+    assert {name for name, _, _ in await listdir(fs, ROOT_INODE, monkeypatch)} == {b"d2", b"d3"}
+
+
+async def test_xattrs(fs):
+    ino = await create(fs, ROOT_INODE, b"f")
+    await fs.setxattr(ino, b"user.note", b"value", CTX)
+    assert await fs.getxattr(ino, b"user.note", CTX) == b"value"
+    assert await fs.listxattr(ino, CTX) == [b"user.note"]
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.setxattr(ino, b"user.big", b"x" * XATTR_SIZE_MAX, CTX)
+    assert fuse_errno(info) == errno.E2BIG
+    await fs.removexattr(ino, b"user.note", CTX)
+    assert await fs.listxattr(ino, CTX) == []
+    d = (await fs.mkdir(ROOT_INODE, b"d", 0o755, CTX)).st_ino
+    await fs.setxattr(d, b"user.dir", b"on a directory", CTX)
+    assert await fs.getxattr(d, b"user.dir", CTX) == b"on a directory"
+    # On a symlink itself, never its target: Linux refuses user.* there (EPERM).
+    link = (await fs.symlink(ROOT_INODE, b"s", b"f", CTX)).st_ino
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.setxattr(link, b"user.note", b"v", CTX)
+    assert fuse_errno(info) == errno.EPERM
+    assert await fs.listxattr(link, CTX) == [] and await fs.listxattr(ino, CTX) == []
+
+
+async def test_setattr_symlink_mknod(fs):
+    ino = await create(fs, ROOT_INODE, b"f", b"0123456789")
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mode, attr.st_size, attr.st_mtime_ns = 0o600, 4, 123_000_000_000
+    fields = SimpleNamespace(update_size=True, update_mode=True, update_uid=False,
+                             update_gid=False, update_atime=False, update_mtime=True)
+    out = await fs.setattr(ino, attr, fields, None, CTX)
+    assert (stat.S_IMODE(out.st_mode), out.st_size, out.st_mtime_ns) == \
+        (0o600, 4, 123_000_000_000)
+    assert await read_all(fs, ino) == b"0123"
+    link = await fs.symlink(ROOT_INODE, b"s", b"f", CTX)
+    assert await fs.readlink(link.st_ino, CTX) == b"f" and link.st_size == 1
+    fifo = await fs.mknod(ROOT_INODE, b"p", stat.S_IFIFO | 0o644, 0, CTX)
+    assert stat.S_ISFIFO(fifo.st_mode)
+    hard = await fs.link(ino, ROOT_INODE, b"g", CTX)
+    assert hard.st_ino == ino and hard.st_nlink == 2
+
+
+async def test_unlink_rmdir(fs):
+    d = (await fs.mkdir(ROOT_INODE, b"d", 0o755, CTX)).st_ino
+    await create(fs, d, b"f")
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.rmdir(ROOT_INODE, b"d", CTX)
+    assert fuse_errno(info) == errno.ENOTEMPTY
+    await fs.unlink(d, b"f", CTX)
+    await fs.rmdir(ROOT_INODE, b"d", CTX)
+    assert (await fs.lookup(ROOT_INODE, b"d", CTX)).st_ino == 0
+
+
+async def test_open_file_survives_unlink(fs):
+    ino = await create(fs, ROOT_INODE, b"f", b"data")
+    fi = await fs.open(ino, os.O_RDWR, CTX)
+    await fs.unlink(ROOT_INODE, b"f", CTX)
+    await fs.write(fi.fh, 4, b" more")
+    assert await fs.read(fi.fh, 0, 100) == b"data more"
+    assert (await fs.getattr(ino, CTX)).st_size == 9
+    await fs.release(fi.fh)
+
+
+async def test_deep_backing_paths(fs):
+    """Backing paths far beyond PATH_MAX (no kernel limits the plaintext
+    path here): every operation still works."""
+    parent = ROOT_INODE
+    for _ in range(30):
+        parent = (await fs.mkdir(parent, b"D" * 255, 0o755, CTX)).st_ino
+    ino = await create(fs, parent, b"F" * 255, b"deep")
+    await fs.rename(parent, b"F" * 255, parent, b"G" * 255, 0, CTX)
+    await fs.setxattr(ino, b"user.x", b"1", CTX)
+    assert await read_all(fs, await lookup(fs, parent, b"G" * 255)) == b"deep"
+    await fs.unlink(parent, b"G" * 255, CTX)
+
+
+async def test_error_edge(fs, monkeypatch, caplog):
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.getattr(9999, CTX)  # an inode the kernel never had (or forgot)
+    assert fuse_errno(info) == errno.ENOENT
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.read(9999, 0, 10)
+    assert fuse_errno(info) == errno.EBADF
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.readdir(9999, 0, None)
+    assert fuse_errno(info) == errno.EBADF
+
+    def bug(ino):
+        return {}[ino]  # a KeyError from a bug must not pass for "no such file"
+
+    monkeypatch.setattr(fs.tree, "stat", bug)
+    with caplog.at_level(logging.ERROR), pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.getattr(ROOT_INODE, CTX)
+    assert fuse_errno(info) == errno.EIO
+    assert "internal error in getattr" in caplog.text and "KeyError" in caplog.text

@@ -1,0 +1,210 @@
+"""The backing tree without a kernel: its protocols (long-name sidecars,
+directory IVs around mkdir/rmdir/rename), the bounded directory-descriptor
+cache, and what happens when the backing tree changes behind its back."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cryptfs.engines.userspace import OpenSSLEngine
+from cryptfs.errors import StaleHandleError, StaleInodeError
+from cryptfs.fs.handles import DirHandleTable
+from cryptfs.fs.inodes import ROOT_INODE
+from cryptfs.fs.ops import MountOptions
+from cryptfs.mount import Stack, assemble
+from cryptfs.names import DIRIV_NAME, create_diriv
+
+LONG = b"L" * 255  # encodes to more than 255 bytes: a long name with a sidecar
+
+
+def new_cipherdir(path: Path) -> Path:
+    """A cipher directory as ``cryptfs init`` leaves it, minus the key file."""
+    path.mkdir()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        create_diriv(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+@pytest.fixture
+def stack(tmp_path, keys):
+    stack = assemble(new_cipherdir(tmp_path / "cipher"), keys, OpenSSLEngine(),
+                     MountOptions(dir_fds=4))
+    yield stack
+    stack.close()
+
+
+def backing(stack: Stack, ino: int = ROOT_INODE) -> set[str]:
+    """The backing directory's entries (not the IV)."""
+    fd = stack.tree.open_dir(ino)
+    try:
+        return set(os.listdir(fd)) - {DIRIV_NAME}
+    finally:
+        os.close(fd)
+
+
+def plain(stack: Stack, ino: int = ROOT_INODE) -> set[bytes]:
+    return {item.name for item in stack.tree.listdir(ino)}
+
+
+def touch(stack: Stack, parent: int, name: bytes) -> int:
+    fd, inode, _ = stack.tree.create_file(parent, name, 0o600)
+    os.close(fd)
+    return inode.ino
+
+
+def test_long_name_sidecar_lives_and_dies_with_its_entry(stack):
+    touch(stack, ROOT_INODE, LONG)
+    (entry,) = [n for n in backing(stack) if not n.endswith(".name")]
+    assert backing(stack) == {entry, entry + ".name"}
+    assert plain(stack) == {LONG}
+    stack.tree.unlink(ROOT_INODE, LONG)
+    assert backing(stack) == set()
+
+
+def test_failed_create_keeps_the_existing_entry_and_its_sidecar(stack):
+    touch(stack, ROOT_INODE, LONG)
+    before = backing(stack)
+    with pytest.raises(FileExistsError):
+        touch(stack, ROOT_INODE, LONG)
+    with pytest.raises(FileExistsError):
+        stack.tree.mkdir(ROOT_INODE, LONG, 0o755)
+    assert backing(stack) == before and plain(stack) == {LONG}
+
+
+def test_mkdir_leaves_nothing_when_its_iv_cannot_be_written(stack, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("cryptfs.fs.tree.create_diriv", disk_full)
+    with pytest.raises(OSError) as info:
+        stack.tree.mkdir(ROOT_INODE, LONG, 0o755)
+    assert info.value.errno == errno.ENOSPC
+    assert backing(stack) == set()
+
+
+def test_mkdir_rmdir_with_the_iv(stack):
+    d, _ = stack.tree.mkdir(ROOT_INODE, b"d", 0o750)
+    assert stat.S_IMODE(stack.tree.stat(d.ino).st_mode) == 0o750
+    touch(stack, d.ino, b"f")
+    with pytest.raises(OSError) as info:
+        stack.tree.rmdir(ROOT_INODE, b"d")
+    assert info.value.errno == errno.ENOTEMPTY
+    assert plain(stack, d.ino) == {b"f"}  # its IV is still there
+    stack.tree.unlink(d.ino, b"f")
+    stack.tree.rmdir(ROOT_INODE, b"d")
+    assert backing(stack) == set()
+    assert stack.tree.dirs.fd(d.ino) is None and stack.tree.dirs.iv(d.ino) is None
+
+
+def test_rename_moves_long_name_sidecars_across_directories(stack):
+    a, _ = stack.tree.mkdir(ROOT_INODE, b"a", 0o755)
+    b, _ = stack.tree.mkdir(ROOT_INODE, b"b", 0o755)
+    touch(stack, a.ino, LONG)
+    stack.tree.rename(a.ino, LONG, b.ino, LONG[:-1] + b"M", 0)
+    assert backing(stack, a.ino) == set()
+    assert len(backing(stack, b.ino)) == 2 and plain(stack, b.ino) == {LONG[:-1] + b"M"}
+    stack.tree.rename(b.ino, LONG[:-1] + b"M", a.ino, b"short", 0)
+    assert backing(stack, b.ino) == set() and plain(stack, a.ino) == {b"short"}
+
+
+def test_rename_over_an_empty_directory_and_iv_restored_on_failure(stack):
+    src, _ = stack.tree.mkdir(ROOT_INODE, b"src", 0o755)
+    touch(stack, src.ino, b"inside")
+    sub, _ = stack.tree.mkdir(src.ino, b"sub", 0o755)
+    # rename(2) refuses to move a directory into itself (EINVAL) after the
+    # target's IV was taken: the IV must come back.
+    with pytest.raises(OSError) as info:
+        stack.tree.rename(ROOT_INODE, b"src", src.ino, b"sub", 0)
+    assert info.value.errno == errno.EINVAL
+    touch(stack, sub.ino, b"still named")
+    assert plain(stack, sub.ino) == {b"still named"}
+    stack.tree.unlink(sub.ino, b"still named")
+    dst, _ = stack.tree.mkdir(ROOT_INODE, b"dst", 0o755)
+    stack.tree.rename(ROOT_INODE, b"src", ROOT_INODE, b"dst", 0)
+    assert plain(stack) == {b"dst"}
+    assert plain(stack, src.ino) == {b"inside", b"sub"}  # the moved directory keeps its IV
+
+
+def test_descriptor_cache_is_bounded_and_reopens_through_parents(stack):
+    """A chain deeper than the cache and a directory wider than it: every
+    operation works, at most ``limit`` descriptors stay open, and the
+    backing path (far beyond PATH_MAX) is never used."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    chain = [ROOT_INODE]
+    for _ in range(40):  # 40 long names: a backing path of about 3 x PATH_MAX
+        inode, _ = stack.tree.mkdir(chain[-1], LONG, 0o755)
+        chain.append(inode.ino)
+    wide = [stack.tree.mkdir(ROOT_INODE, b"w%d" % i, 0o755)[0].ino for i in range(50)]
+    for ino in chain[1:] + wide:
+        touch(stack, ino, b"file")
+    for ino in reversed(chain[1:] + wide):
+        assert plain(stack, ino) == ({b"file", LONG} if ino in chain[1:-1] else {b"file"})
+        assert len(stack.tree.dirs) <= stack.tree.dirs.limit
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + stack.tree.dirs.limit
+    stack.tree.rename(chain[-1], b"file", wide[0], b"moved", 0)  # two far-apart directories
+    assert plain(stack, wide[0]) == {b"file", b"moved"}
+
+
+def test_renamed_directory_keeps_its_descriptor(stack):
+    a, _ = stack.tree.mkdir(ROOT_INODE, b"a", 0o755)
+    touch(stack, a.ino, b"f")
+    fd = stack.tree.dirs.fd(a.ino)
+    assert fd is not None
+    stack.tree.rename(ROOT_INODE, b"a", ROOT_INODE, b"b", 0)
+    assert stack.tree.dirs.fd(a.ino) == fd and plain(stack, a.ino) == {b"f"}
+
+
+def test_directory_replaced_behind_our_back_is_never_followed(stack, tmp_path):
+    """A backing directory swapped for a symlink to somewhere outside the
+    cipher directory: once its descriptor has to be reopened, operations
+    fail instead of following the symlink; the outside stays untouched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / DIRIV_NAME).write_bytes(bytes(16))
+    d, _ = stack.tree.mkdir(ROOT_INODE, b"d", 0o755)
+    touch(stack, d.ino, b"f")
+    (name,) = backing(stack)
+    cipher = tmp_path / "cipher"
+    os.rename(cipher / name, tmp_path / "moved-away")
+    os.symlink(outside, cipher / name)
+    stack.tree.dirs.forget(d.ino)  # as if evicted
+    for op in (lambda: touch(stack, d.ino, b"new"), lambda: plain(stack, d.ino),
+               lambda: stack.tree.mkdir(d.ino, b"sub", 0o755),
+               lambda: stack.tree.unlink(d.ino, b"f")):
+        with pytest.raises(OSError) as info:
+            op()
+        assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    assert os.listdir(outside) == [DIRIV_NAME]
+    # another directory put in its place is not taken for it either
+    os.unlink(cipher / name)
+    new_cipherdir(cipher / name)
+    with pytest.raises(StaleInodeError):
+        plain(stack, d.ino)
+
+
+def test_directory_handles():
+    table: DirHandleTable[int] = DirHandleTable()
+    fh = table.open(7)
+    reads = []
+
+    def read(ino):
+        reads.append(ino)
+        return [1, 2, 3]
+
+    assert table.listing(fh, 0, read) == [1, 2, 3]
+    assert table.listing(fh, 2, read) == [1, 2, 3] and reads == [7]  # a continuation
+    table.listing(fh, 0, read)
+    assert reads == [7, 7]  # a new listing (rewinddir)
+    table.release(fh)
+    with pytest.raises(StaleHandleError):
+        table.ino(fh)
+    with pytest.raises(StaleHandleError):
+        table.release(fh)
