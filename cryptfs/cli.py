@@ -113,7 +113,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         raise UsageError(f"{mountpoint} is already a mount point")
     keyfile, keys = _unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
-                           inline_max=args.inline_max, dir_fds=args.dir_fds)
+                           inline_max=args.inline_max, dir_fds=args.dir_fds,
+                           xattrs=not args.no_xattr)
     stack = build_stack(cipherdir, keys, args.engine, options, keyfile.authenticated)
     fsname = args.fsname or os.path.abspath(cipherdir)
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
@@ -288,6 +289,8 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--idle", type=float, metavar="SECONDS",
                        help="unmount after this long without activity")
     mount.add_argument("--fsname", help="name shown in /proc/mounts")
+    mount.add_argument("--no-xattr", action="store_true",
+                       help="refuse all extended attributes (saves a request per write)")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="stay in the foreground and log to stderr")
     mount.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -377,7 +380,7 @@ def mount_helper_args(argv: list[str]) -> list[str]:
     for key, value in parsed.values.items():
         out += [f"--{key}", value]
     flag_map = {"ro": "--ro", "allow_other": "--allow-other", "recovery": "--recovery",
-                "foreground": "--foreground"}
+                "foreground": "--foreground", "no_xattr": "--no-xattr"}
     out += [flag_map[f] for f in sorted(parsed.flags) if f in flag_map]
     return out + [f"--fuse-flag={flag}" for flag in sorted(parsed.fuse)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cryptfs.cli import mount_helper_args, parser
 from cryptfs.errors import ExitCode
 from cryptfs.mountopts import OptionError, parse_mount_options
 
@@ -18,14 +19,24 @@ from cryptfs.mountopts import OptionError, parse_mount_options
     ("nodev,nosuid,noexec,noatime,idle=300,fsname=vault", {"idle": "300", "fsname": "vault"},
      set(), {"nodev", "nosuid", "noexec", "noatime"}),
     ("extpass=echo a=b", {"extpass": "echo a=b"}, set(), set()),
+    ("no_xattr,noatime", {}, {"no_xattr"}, {"noatime"}),
 ])
 def test_options(text, values, flags, fuse):
     parsed = parse_mount_options(text)
     assert (parsed.values, parsed.flags, parsed.fuse) == (values, flags, fuse)
 
 
-@pytest.mark.parametrize("bad", ["bogus", "passfile", "passfile=", "ro=1", "uid=5,bogus=1"])
+@pytest.mark.parametrize("bad", ["bogus", "passfile", "passfile=", "ro=1", "uid=5,bogus=1",
+                                 "no_xattr=1", "noxattr"])
 def test_unknown_or_malformed(bad):
     with pytest.raises(OptionError) as info:
         parse_mount_options(bad)
     assert info.value.exit_code == ExitCode.USAGE
+
+
+def test_helper_form_becomes_mount_arguments():
+    argv = mount_helper_args(["/c", "/p", "-o", "no_xattr,ro,passfile=/pw,nodev"])
+    assert argv == ["mount", "/c", "/p", "--passfile", "/pw", "--no-xattr", "--ro",
+                    "--fuse-flag=nodev"]
+    args = parser().parse_args(argv)
+    assert (args.no_xattr, args.ro, args.passfile) == (True, True, "/pw")

@@ -55,6 +55,10 @@ class MountOptions:
     # they do.  None: the engine's ``inline_max``.
     inline_max: int | None = None
     dir_fds: int = DEFAULT_LIMIT  # backing directory descriptors kept open
+    # False (--no-xattr): every xattr request is answered ENOSYS, after which
+    # the kernel stops sending them, including the getxattr(security.capability)
+    # it asks before every write(2).
+    xattrs: bool = True
 
 
 def fuse_op(method):
@@ -166,6 +170,10 @@ class Operations(pyfuse3.Operations):
     def _check_writable(self) -> None:
         if self.options.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+
+    def _check_xattrs(self) -> None:
+        if not self.options.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel then answers EOPNOTSUPP itself
 
     # -- names and attributes --
 
@@ -289,7 +297,9 @@ class Operations(pyfuse3.Operations):
         opened = None
         try:
             opened = self.handles.adopt(inode.ino, fd)
-            opened.file.ensure_header()  # one page into the page cache: not worth a hop
+            # No header yet: the first write or growing truncate adds it (an
+            # empty backing file is an empty file, docs/format.md 4.2), so a
+            # file that stays empty costs no page and no MAC.
         except BaseException:
             if opened is not None:
                 self.handles.discard(opened)
@@ -298,7 +308,7 @@ class Operations(pyfuse3.Operations):
             self.tree.unlink(parent_inode, name)
             raise
         fh = self.handles.create_handle(opened)
-        return pyfuse3.FileInfo(fh=fh), self._attrs(inode.ino, os.fstat(fd))
+        return pyfuse3.FileInfo(fh=fh), self._attrs(inode.ino, st)
 
     @fuse_op
     async def open(self, inode, flags, ctx):
@@ -359,9 +369,13 @@ class Operations(pyfuse3.Operations):
         return await self._file_io(opened, opened.file.write, off, buf,
                                    inline=self._inline(opened, off, len(buf)))
 
-    @fuse_op
     async def flush(self, fh):
-        return None
+        # Nothing to do at close(2): before it would send FLUSH the kernel
+        # has already written the file's dirty pages to us (write_inode_now
+        # in fuse_flush; fuse_release does it again with the writeback
+        # cache), and FLUSH carries no data.  ENOSYS makes it stop sending
+        # FLUSH for the whole mount: one request less per close.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @fuse_op
     async def release(self, fh):
@@ -418,6 +432,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def setxattr(self, inode, name, value, ctx):
+        self._check_xattrs()
         self._check_writable()
         sealed_name = self._xattr_name(name)
         sealed = self.metadata.encrypt_xattr_value(sealed_name, value)
@@ -425,6 +440,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def getxattr(self, inode, name, ctx):
+        self._check_xattrs()
         if not name.startswith(XATTR_PREFIX):
             # The kernel asks for security.capability before every write(2)
             # (pyfuse3 cannot negotiate HANDLE_KILLPRIV_V2): answer at once.
@@ -435,6 +451,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def listxattr(self, inode, ctx):
+        self._check_xattrs()
         names = []
         for stored in self.tree.list_xattrs(inode):
             if not stored.startswith("user."):
@@ -447,6 +464,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def removexattr(self, inode, name, ctx):
+        self._check_xattrs()
         self._check_writable()
         self.tree.remove_xattr(inode, self._xattr_name(name))
 

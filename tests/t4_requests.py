@@ -1,0 +1,188 @@
+"""Requests and syscalls cryptfs saves, and that nothing is lost by it, on
+real mounts with real programs: FLUSH answered ENOSYS (the kernel stops
+sending it; what close(2) guarantees), the ``--no-xattr`` mount option, and
+new files that get their header only when first written."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mount, cryptfs_cmd, init_cipherdir, require_fuse
+
+P = 4096
+
+
+def raises_errno(code: int, fn, *args) -> None:
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno == code, f"expected {errno.errorcode[code]}, got {info.value}"
+
+
+def read_o_direct(path: Path, size: int) -> bytes:
+    """The file's first ``size`` bytes read with O_DIRECT (page-aligned buffer)."""
+    buf = mmap.mmap(-1, (size + P - 1) // P * P or P)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        got = os.preadv(fd, [buf], 0)
+    finally:
+        os.close(fd)
+    return bytes(buf[:got])
+
+
+def child_cat(path: Path) -> bytes:
+    return subprocess.run(["cat", str(path)], check=True, capture_output=True).stdout
+
+
+# -- flush: data written before close is where every reader looks --------------------
+
+
+def test_close_then_read_in_another_process(mnt):
+    for size in (1, P - 1, P + 17, 300_000):
+        data = os.urandom(size)
+        path = mnt / f"f{size}"
+        with open(path, "wb") as f:  # small writes the writeback cache keeps dirty
+            for at in range(0, size, 1000):
+                f.write(data[at:at + 1000])
+        assert child_cat(path) == data
+        assert read_o_direct(path, size) == data
+
+
+def test_close_of_a_shared_descriptor_in_a_child(mnt):
+    """A child writes through a descriptor it shares with us and exits; the
+    data is visible to a third process while we still hold our copy."""
+    path = mnt / "shared"
+    data = os.urandom(50_000)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        code = f"import os, sys; os.write({fd}, sys.stdin.buffer.read()); os.close({fd})"
+        subprocess.run([sys.executable, "-c", code], input=data, check=True, pass_fds=(fd,))
+        assert child_cat(path) == data
+        assert read_o_direct(path, len(data)) == data
+    finally:
+        os.close(fd)
+    assert child_cat(path) == data
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """A new cipher directory, mounted (userspace engine) for one test."""
+    require_fuse()
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
+    try:
+        yield mount
+    finally:
+        mount.stop()
+    mount.check_log()
+
+
+def test_close_then_remount(fresh):
+    data = os.urandom(123_457)
+    (fresh.mountpoint / "f").write_bytes(data)  # closed, never fsync'ed
+    fresh.restart()
+    assert (fresh.mountpoint / "f").read_bytes() == data
+
+
+# -- new files: the header comes with the first write -----------------------------------
+
+
+def backing_sizes(cipherdir: Path) -> list[int]:
+    return sorted(p.stat().st_size for p in cipherdir.rglob("*")
+                  if p.is_file() and not p.name.startswith("cryptfs."))
+
+
+def test_new_files_get_their_header_when_first_written(fresh):
+    plain = fresh.mountpoint
+    (plain / "empty").touch()
+    (plain / "grown").touch()
+    (plain / "written").touch()
+    assert backing_sizes(fresh.cipherdir) == [0, 0, 0]  # docs/format.md 4.2: no header
+    assert (plain / "empty").read_bytes() == b""
+    os.truncate(plain / "grown", 10_000)
+    with open(plain / "written", "ab") as f:
+        f.write(b"abc")
+    fresh.restart()
+    assert (plain / "empty").read_bytes() == b""
+    assert (plain / "grown").read_bytes() == bytes(10_000)
+    assert (plain / "written").read_bytes() == b"abc"
+    assert backing_sizes(fresh.cipherdir) == [0, 4096 + 3 + 16, 4096 + 10_000 + 16]
+    fresh.stop()
+    check = subprocess.run(cryptfs_cmd("fsck", str(fresh.cipherdir), "--passfile",
+                                       str(fresh.passfile)), capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+# -- --no-xattr ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_xattr_mount(tmp_path_factory):
+    """The engine plays no part in xattr handling: the userspace one only."""
+    require_fuse()
+    base = tmp_path_factory.mktemp("noxattr")
+    passfile = base / "password"
+    init_cipherdir(base / "cipher", passfile)
+    mount = Mount(base / "cipher", base / "plain", passfile, "openssl",
+                  extra=("--no-xattr",)).start()
+    try:
+        yield mount
+    finally:
+        mount.stop()
+    mount.check_log()
+
+
+def test_no_xattr_refuses_every_xattr_and_files_work(no_xattr_mount):
+    top = no_xattr_mount.mountpoint
+    path = top / "file"
+    data = os.urandom(10_000)
+    path.write_bytes(data)
+    for target in (path, top):
+        for _ in range(2):  # the first answer (ENOSYS) and the kernel's own after it
+            raises_errno(errno.EOPNOTSUPP, os.setxattr, target, "user.tag", b"v")
+            raises_errno(errno.EOPNOTSUPP, os.getxattr, target, "user.tag")
+            raises_errno(errno.EOPNOTSUPP, os.listxattr, target)
+            raises_errno(errno.EOPNOTSUPP, os.removexattr, target, "user.tag")
+    with open(path, "r+b") as f:
+        f.seek(5000)
+        f.write(b"patched")
+    expected = data[:5000] + b"patched" + data[5007:]
+    assert path.read_bytes() == expected
+    assert child_cat(path) == expected
+
+
+def test_no_xattr_cp_a_and_rsync_a_still_copy(no_xattr_mount, tmp_path):
+    """cp -a keeps going without the xattrs (only --preserve=xattr insists);
+    rsync -a does not copy xattrs at all, and rsync -aX says it cannot."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"tagged")
+    os.setxattr(src / "a", "user.tag", b"value")
+    (src / "b").write_bytes(os.urandom(9000))
+    os.chmod(src / "b", 0o640)
+    dest = no_xattr_mount.mountpoint / "copies"
+    dest.mkdir()
+    subprocess.run(["cp", "-a", str(src), str(dest / "cp")], check=True, capture_output=True)
+    strict = subprocess.run(["cp", "-a", "--preserve=xattr", str(src), str(dest / "strict")],
+                            capture_output=True, text=True)
+    subprocess.run(["rsync", "-a", f"{src}/", f"{dest / 'rsync'}/"], check=True,
+                   capture_output=True)
+    rsync_x = subprocess.run(["rsync", "-aX", f"{src}/", f"{dest / 'rsync-x'}/"],
+                             capture_output=True, text=True)
+    for copy in ("cp", "rsync"):
+        assert (dest / copy / "a").read_bytes() == b"tagged"
+        assert (dest / copy / "b").read_bytes() == (src / "b").read_bytes()
+        assert os.stat(dest / copy / "b").st_mode & 0o777 == 0o640
+    assert strict.returncode != 0 and "Operation not supported" in strict.stderr
+    assert rsync_x.returncode != 0 and "Operation not supported" in rsync_x.stderr
+    # and back out of the mount
+    subprocess.run(["cp", "-a", str(dest / "cp"), str(tmp_path / "back")], check=True,
+                   capture_output=True)
+    assert (tmp_path / "back" / "a").read_bytes() == b"tagged"
