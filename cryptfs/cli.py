@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -40,7 +39,9 @@ from cryptfs.keys import KeyRing, protect_process
 from cryptfs.log import setup_logging
 from cryptfs.metadata import MetadataCipher
 from cryptfs.mount import build_stack, fuse_options, mounted, serve
+from cryptfs.mountlock import lock_cipherdir, wait_released
 from cryptfs.mountopts import parse_mount_options
+from cryptfs.mountpoint import cryptfs_mount_at, prepare_mountpoint, unmount_cryptfs
 from cryptfs.names import DIRIV_NAME, NameCipher, create_diriv
 from cryptfs.password import get_password
 from cryptfs.recovery import decode_recovery_code, encode_recovery_code
@@ -66,6 +67,17 @@ def _cipherdir(path: str) -> Path:
     return cipherdir
 
 
+def _check_writable(cipherdir: Path, hint: str = "") -> None:
+    """Before any password is asked for: a key file change writes a new file
+    and renames it in the cipher directory, a mount its lock file."""
+    if os.access(cipherdir, os.W_OK):
+        return
+    read_only = os.statvfs(cipherdir).f_flag & os.ST_RDONLY
+    raise CipherDirError(f"cannot write to {cipherdir}: "
+                         + ("it is on a read-only filesystem" if read_only
+                            else "permission denied") + hint)
+
+
 def _unlock(cipherdir: Path, args: argparse.Namespace) -> tuple[KeyFile, KeyRing]:
     protect_process()  # before any key is in memory
     keyfile = KeyFile.load(cipherdir)
@@ -84,6 +96,7 @@ def cmd_init(args: argparse.Namespace) -> None:
         raise CipherDirError(f"{cipherdir} is already a cryptfs cipher directory")
     if any(cipherdir.iterdir()) and not args.force:
         raise CipherDirError(f"{cipherdir} is not empty (use --force to initialise it anyway)")
+    _check_writable(cipherdir)
     password = get_password(args.passfile, args.extpass, confirm=True)
     protect_process()
     features = (FEATURE_AUTHENTICATED,) if args.authenticated else ()
@@ -92,6 +105,9 @@ def cmd_init(args: argparse.Namespace) -> None:
         fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             create_diriv(fd)
+        except OSError as exc:
+            raise CipherDirError(f"cannot write {cipherdir / DIRIV_NAME}: "
+                                 f"{exc.strerror}") from exc
         finally:
             os.close(fd)
     keyfile.save(cipherdir)
@@ -107,10 +123,17 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> None:
     cipherdir, mountpoint = _cipherdir(args.cipherdir), Path(args.mountpoint)
-    if not mountpoint.is_dir():
-        raise UsageError(f"mount point {mountpoint} does not exist or is not a directory")
-    if os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint} is already a mount point")
+    KeyFile.load(cipherdir)  # a cipher directory, before a lock file goes into it
+    if not args.ro:
+        _check_writable(cipherdir, hint=" (mount it with --ro)")
+    # The lock is refused before the password is asked for; the daemon holds
+    # it until it ends, however it ends.
+    with lock_cipherdir(cipherdir, read_only=args.ro):
+        prepare_mountpoint(mountpoint, nonempty=args.nonempty)
+        _mount_and_serve(cipherdir, mountpoint, args)
+
+
+def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace) -> None:
     keyfile, keys = _unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
                            inline_max=args.inline_max, dir_fds=args.dir_fds,
@@ -128,13 +151,21 @@ def cmd_mount(args: argparse.Namespace) -> None:
 
 
 def cmd_unmount(args: argparse.Namespace) -> None:
-    proc = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UsageError(proc.stderr.strip() or f"cannot unmount {args.mountpoint}")
+    """Returns once the daemon has ended (its lock on the cipher directory is
+    free), so that a mount right after it, or a backup, finds it finished."""
+    mountpoint = Path(args.mountpoint)
+    entry = cryptfs_mount_at(mountpoint)
+    note = unmount_cryptfs(entry, lazy=args.lazy)
+    if note:
+        print(f"cryptfs: {mountpoint}: {note}", file=sys.stderr)
+    if not args.lazy and not wait_released(Path(entry.source)):
+        print(f"cryptfs: {mountpoint}: unmounted, but its daemon has not ended yet",
+              file=sys.stderr)
 
 
 def cmd_passwd(args: argparse.Namespace) -> None:
     cipherdir = _cipherdir(args.cipherdir)
+    _check_writable(cipherdir)
     keyfile, keys = _unlock(cipherdir, args)
     new = get_password(args.new_passfile, None, prompt="New password: ", confirm=True)
     slot = keyfile.unlocked_slot if keyfile.unlocked_slot is not None else keyfile.slots[0].slot_id
@@ -151,6 +182,7 @@ def cmd_key(args: argparse.Namespace) -> None:
         for line in _slot_lines(KeyFile.load(cipherdir)):
             print(line)
         return
+    _check_writable(cipherdir)
     keyfile, keys = _unlock(cipherdir, args)
     if args.key_command == "add":
         new = get_password(args.new_passfile, None, prompt="New password: ", confirm=True)
@@ -291,6 +323,8 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--fsname", help="name shown in /proc/mounts")
     mount.add_argument("--no-xattr", action="store_true",
                        help="refuse all extended attributes (saves a request per write)")
+    mount.add_argument("--nonempty", action="store_true",
+                       help="mount over a non-empty directory (hiding its files)")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="stay in the foreground and log to stderr")
     mount.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -305,6 +339,9 @@ def parser() -> argparse.ArgumentParser:
 
     unmount = sub.add_parser("unmount", help="unmount (flushes and stops the daemon)")
     unmount.add_argument("mountpoint")
+    unmount.add_argument("-l", "-z", "--lazy", action="store_true",
+                         help="detach now even if busy; the daemon ends when the last "
+                              "file there is closed")
     unmount.set_defaults(func=cmd_unmount)
 
     passwd = sub.add_parser("passwd", help="change the password")
@@ -380,7 +417,8 @@ def mount_helper_args(argv: list[str]) -> list[str]:
     for key, value in parsed.values.items():
         out += [f"--{key}", value]
     flag_map = {"ro": "--ro", "allow_other": "--allow-other", "recovery": "--recovery",
-                "foreground": "--foreground", "no_xattr": "--no-xattr"}
+                "foreground": "--foreground", "no_xattr": "--no-xattr",
+                "nonempty": "--nonempty"}
     out += [flag_map[f] for f in sorted(parsed.flags) if f in flag_map]
     return out + [f"--fuse-flag={flag}" for flag in sorted(parsed.fuse)]
 

@@ -16,11 +16,13 @@ class ExitCode(enum.IntEnum):
     OK = 0  # success
     INTERNAL = 1  # a bug: a traceback was printed
     USAGE = 2  # bad command line or mount option
-    CIPHERDIR = 10  # cipher directory missing, not initialised, or not empty
+    CIPHERDIR = 10  # cipher directory missing, not initialised, not empty, or not writable
     KEYFILE = 11  # key file unreadable, corrupt, tampered or of an unsupported version
     PASSWORD = 12  # wrong password (or the key slot was modified)
     ENGINE = 13  # the requested crypto engine is not usable here
     MOUNT = 14  # the mount itself failed
+    BUSY = 15  # unmount refused: a process has a file open or its working directory there
+    MOUNTED = 16  # the cipher directory is already mounted on this machine
     FSCK_PROBLEMS = 20  # fsck found damage
 
 

@@ -35,6 +35,7 @@ from cryptfs.errors import (
 from cryptfs.keyfile import KEYFILE_NAME
 from cryptfs.linux import proc_path
 from cryptfs.metadata import MetadataCipher
+from cryptfs.mountlock import LOCK_NAME
 from cryptfs.names import (
     DIRIV_NAME,
     SIDECAR_SUFFIX,
@@ -48,7 +49,7 @@ CONTENT_KINDS = {HeaderAuthError: "header-mac", HeaderCorruptError: "header",
                  HeaderVersionError: "version", TrailerError: "final-page",
                  BackingSizeError: "size", PageTagError: "page-tag"}
 CHUNK = 256 * PAGE_SIZE  # 1 MiB per read while checking contents
-OWN_FILES = {KEYFILE_NAME, KEYFILE_NAME + ".bak"}
+OWN_FILES = {KEYFILE_NAME, KEYFILE_NAME + ".bak", LOCK_NAME}
 PAGES_PER_FILE = 16  # failing pages reported one by one per file; the rest counted
 MOVED_CANDIDATES = 256  # failing pages kept to look for pages moved elsewhere
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from cryptfs.errors import (
+    CipherDirError,
     KeyFileCorruptError,
     KeyFileMissingError,
     KeyFileTamperedError,
@@ -386,9 +387,13 @@ class KeyFile:
         """Write atomically; with ``backup``, first keep the current file as
         ``cryptfs.conf.bak`` (0600), so a mistake can be undone by hand."""
         path = Path(cipherdir) / KEYFILE_NAME
-        if backup and path.exists():
-            write_atomic(path.with_name(KEYFILE_NAME + ".bak"), path.read_bytes())
-        write_atomic(path, self.to_bytes())
+        try:
+            if backup and path.exists():
+                write_atomic(path.with_name(KEYFILE_NAME + ".bak"), path.read_bytes())
+            write_atomic(path, self.to_bytes())
+        except OSError as exc:  # read-only, full, ...: the old or the new file, never a mix
+            raise CipherDirError(f"cannot write the key file in {cipherdir}: "
+                                 f"{exc.strerror}") from exc
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -21,7 +21,8 @@ class OptionError(CryptfsError):
 
 # cryptfs options that take a value, and flags.
 VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname"}
-FLAG_OPTIONS = {"ro", "rw", "allow_other", "recovery", "foreground", "no_xattr"}
+FLAG_OPTIONS = {"ro", "rw", "allow_other", "recovery", "foreground", "no_xattr",
+                "nonempty"}
 # Mount flags the kernel applies to a FUSE mount (libfuse passes them on).
 FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime",
               "relatime", "norelatime", "strictatime", "nodiratime", "diratime",

@@ -20,6 +20,7 @@ from cryptfs.mountopts import OptionError, parse_mount_options
      set(), {"nodev", "nosuid", "noexec", "noatime"}),
     ("extpass=echo a=b", {"extpass": "echo a=b"}, set(), set()),
     ("no_xattr,noatime", {}, {"no_xattr"}, {"noatime"}),
+    ("nonempty,nodev", {}, {"nonempty"}, {"nodev"}),  # ours, never the kernel's
 ])
 def test_options(text, values, flags, fuse):
     parsed = parse_mount_options(text)
@@ -27,7 +28,7 @@ def test_options(text, values, flags, fuse):
 
 
 @pytest.mark.parametrize("bad", ["bogus", "passfile", "passfile=", "ro=1", "uid=5,bogus=1",
-                                 "no_xattr=1", "noxattr"])
+                                 "no_xattr=1", "noxattr", "nonempty=1"])
 def test_unknown_or_malformed(bad):
     with pytest.raises(OptionError) as info:
         parse_mount_options(bad)

@@ -1,0 +1,34 @@
+"""/proc/self/mountinfo as the kernel writes it (proc(5)), as a table."""
+
+from __future__ import annotations
+
+import pytest
+
+from cryptfs.mountpoint import MountEntry, parse_mountinfo
+
+
+@pytest.mark.parametrize(("line", "entry"), [
+    ("36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue",
+     MountEntry("/mnt2", "ext3", "/dev/root")),
+    ("45 27 0:40 / /tmp/c/p rw,nosuid,nodev,relatime - fuse.cryptfs /tmp/c/c "
+     "rw,user_id=0,group_id=0", MountEntry("/tmp/c/p", "fuse.cryptfs", "/tmp/c/c")),
+    # no optional fields, and several
+    ("1 0 8:1 / / rw - ext4 /dev/sda1 rw", MountEntry("/", "ext4", "/dev/sda1")),
+    ("2 1 0:5 / /a rw shared:2 master:3 propagate_from:4 - tmpfs tmpfs rw",
+     MountEntry("/a", "tmpfs", "tmpfs")),
+    # space, tab, newline and backslash are octal escapes
+    (r"3 1 0:41 / /home/me/my\040private\011x\012y\134z rw - fuse.cryptfs /c\040d rw",
+     MountEntry("/home/me/my private\tx\ny\\z", "fuse.cryptfs", "/c d")),
+    # a mount point named "-" is not the separator
+    ("4 1 0:42 / /- rw - tmpfs none rw", MountEntry("/-", "tmpfs", "none")),
+])
+def test_entries(line, entry):
+    assert parse_mountinfo(line + "\n") == [entry]
+
+
+def test_order_is_kept_and_junk_skipped():
+    text = ("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+            "truncated line\n"
+            "2 1 0:5 / /m rw - tmpfs a rw\n"
+            "3 1 0:6 / /m rw - fuse.cryptfs b rw\n")
+    assert [e.source for e in parse_mountinfo(text)] == ["/dev/sda1", "a", "b"]
