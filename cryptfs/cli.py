@@ -28,7 +28,14 @@ from cryptfs.errors import CipherDirError, CryptfsError, ExitCode
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.ops import MountOptions
 from cryptfs.fsck import Checker, as_json, print_report
-from cryptfs.keyfile import FORMAT_VERSION, KEYFILE_NAME, KdfParams, KeyFile
+from cryptfs.keyfile import (
+    FEATURE_AUTHENTICATED,
+    FORMAT_VERSION,
+    KEYFILE_NAME,
+    NEW_FEATURES,
+    KdfParams,
+    KeyFile,
+)
 from cryptfs.keys import KeyRing, protect_process
 from cryptfs.log import setup_logging
 from cryptfs.metadata import MetadataCipher
@@ -93,7 +100,8 @@ def cmd_init(args: argparse.Namespace) -> None:
     _check_writable(cipherdir)
     password = get_password(args.passfile, args.extpass, confirm=True)
     protect_process()
-    keyfile, keys = KeyFile.create(password, _kdf(args))
+    features = (*NEW_FEATURES, FEATURE_AUTHENTICATED) if args.authenticated else NEW_FEATURES
+    keyfile, keys = KeyFile.create(password, _kdf(args), features)
     if not (cipherdir / DIRIV_NAME).exists():
         fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -104,7 +112,9 @@ def cmd_init(args: argparse.Namespace) -> None:
         finally:
             os.close(fd)
     keyfile.save(cipherdir)
-    print(f"cryptfs: initialised {cipherdir}")
+    mode = " (authenticated: every page tagged, tampering reads as EIO)" \
+        if keyfile.authenticated else ""
+    print(f"cryptfs: initialised {cipherdir}{mode}")
     if not args.no_recovery_code:
         print("\nRecovery code (unlocks this directory if the password is lost; anyone\n"
               "holding it can read everything: store it offline, then forget it):\n\n"
@@ -226,7 +236,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"cipher directory: {os.path.abspath(cipherdir)}")
     print(f"format version:   {keyfile.version} (this cryptfs writes {FORMAT_VERSION})")
     print(f"feature flags:    {', '.join(keyfile.features) or 'none'}")
-    print("contents:         AES-256-XTS, 4096-byte pages, per-file keys (HKDF-SHA512)")
+    print("contents:         AES-256-XTS, 4096-byte pages, per-file keys (HKDF-SHA512)"
+          + (", HMAC-SHA256/128 tag per page" if keyfile.authenticated else ""))
     print("names:            AES-256-SIV, base64url, long names over 255 bytes hashed")
     for line in _slot_lines(keyfile):
         print(f"key {line}")
@@ -251,7 +262,8 @@ def cmd_fsck(args: argparse.Namespace) -> None:
     keyfile, keys = _unlock(cipherdir, args)
     sessions = SessionCache(select_engine(args.engine).engine, keys)
     try:
-        checker = Checker(str(cipherdir), ContentCodec(keys, sessions), NameCipher(keys),
+        codec = ContentCodec(keys, sessions, keyfile.authenticated)
+        checker = Checker(str(cipherdir), codec, NameCipher(keys),
                           MetadataCipher.for_features(keys, keyfile.features),
                           progress=not args.json and sys.stderr.isatty())
         problems = checker.run()
@@ -311,6 +323,9 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="initialise a non-empty directory")
     init.add_argument("--no-recovery-code", action="store_true",
                       help="do not print the recovery code")
+    init.add_argument("--authenticated", action="store_true",
+                      help="tag every page (HMAC-SHA256): tampering, truncation and moved "
+                           "pages read as EIO; costs speed (see README)")
     init.set_defaults(func=cmd_init)
 
     mount = sub.add_parser("mount", help="mount a cipher directory")

@@ -115,6 +115,15 @@ class TrailerError(ContentError):
     was damaged, truncated, or moved."""
 
 
+class PageTagError(ContentError):
+    """Authenticated mode: a page's tag does not match its stored bytes, its
+    place or the file's size (``kind`` says how; fsck reports it)."""
+
+    def __init__(self, message: str, kind: str = "page-tag") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 # --- names ------------------------------------------------------------------
 
 

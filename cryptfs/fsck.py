@@ -2,8 +2,10 @@
 
 Walks every backing directory and checks its IV, every name (including
 long-name sidecars and orphans), every regular file's size, header and pages
-(the final page's trailer is the check XTS allows), every symlink target and
-every user.* extended attribute.  Each problem is reported with the backing
+(the final page's trailer is the check XTS allows; in an authenticated
+directory every page's tag, each failing page reported, and pages that turn
+up in another place are named), every symlink target and every user.*
+extended attribute.  Each problem is reported with the backing
 path and, where it could be decrypted, the plaintext path.  It only reads.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from cryptfs.content.codec import ContentCodec
-from cryptfs.content.format import plaintext_size
+from cryptfs.content.tags import BadPage
 from cryptfs.engines.base import PAGE_SIZE
 from cryptfs.errors import (
     BackingSizeError,
@@ -27,6 +29,7 @@ from cryptfs.errors import (
     HeaderAuthError,
     HeaderCorruptError,
     HeaderVersionError,
+    PageTagError,
     TrailerError,
 )
 from cryptfs.fs.tree import SYMLINK_TMP_PREFIX, read_xattr_owner
@@ -45,15 +48,19 @@ from cryptfs.names import (
 # Problem kinds are part of the --json output: keep them stable.
 CONTENT_KINDS = {HeaderAuthError: "header-mac", HeaderCorruptError: "header",
                  HeaderVersionError: "version", TrailerError: "final-page",
-                 BackingSizeError: "size"}
+                 BackingSizeError: "size", PageTagError: "page-tag"}
 CHUNK = 256 * PAGE_SIZE  # 1 MiB per read while checking contents
 OWN_FILES = {KEYFILE_NAME, LOCK_NAME}
+PAGES_PER_FILE = 16  # failing pages reported one by one per file; the rest counted
+MOVED_CANDIDATES = 256  # failing pages kept to look for pages moved elsewhere
 
 
 @dataclass(frozen=True)
 class Problem:
     kind: str  # diriv, name, sidecar, symlink, xattr, size, header, header-mac,
-    #            version, final-page, io, stale-keyfile, leftover (stable: --json)
+    #            version, final-page, io, stale-keyfile, leftover; authenticated
+    #            directories also tag-missing, page-zeroed, page-moved, page-tag
+    #            (stable: scripts read --json)
     backing: str
     plaintext: str | None
     message: str
@@ -103,6 +110,9 @@ class Checker:
         self.root = os.path.abspath(cipherdir)
         self.codec, self.names, self.metadata = codec, names, metadata
         self.problems: list[Problem] = []
+        # Authenticated mode: failing pages, to recognise one that was moved
+        # (it matches the tag of the place it came from): (file ID, page, problem).
+        self._failed: list[tuple[bytes, BadPage, Problem]] = []
         files, size = 0, 0
         for _dirpath, _dirs, filenames, dir_fd in os.fwalk(self.root):
             for name in filenames:
@@ -125,8 +135,31 @@ class Checker:
                 self._check_dir(fd, "", "/")
             finally:
                 os.close(fd)
+        self._find_moved_pages()
         self.progress.done()
         return self.problems
+
+    def _find_moved_pages(self) -> None:
+        """A failing page whose bytes carry a valid tag for another failing
+        place (another page of this file or of another file: its tag there,
+        or the tag that came along with it) was moved or swapped: say so
+        instead of a bare tag failure."""
+        tagger = self.codec.tagger
+        if tagger is None:
+            return
+        for file_id, bad, problem in self._failed:
+            for other_id, other, other_problem in self._failed:
+                if (other_id, other.page) == (file_id, bad.page):
+                    continue
+                tag = tagger.tag(other_id, other.page, other.final_size, bad.unit)
+                if tag in (other.stored, bad.stored):
+                    where = "this file" if other_id == file_id else \
+                        other_problem.plaintext or other_problem.backing
+                    self.problems[self.problems.index(problem)] = Problem(
+                        "page-moved", problem.backing, problem.plaintext,
+                        f"page {bad.page} holds page {other.page} of {where} "
+                        "(pages swapped or moved)")
+                    break
 
     def _check_dir(self, fd: int, rel: str, plain: str) -> None:
         try:
@@ -249,7 +282,7 @@ class Checker:
     def _check_file(self, dir_fd: int, name: str, child: str, plain: str | None,
                     stored: int) -> None:
         try:
-            size = plaintext_size(stored)
+            size = self.codec.plaintext_size(stored)
         except CryptfsError as exc:
             self.report("size", child, plain, str(exc))
             return
@@ -260,6 +293,11 @@ class Checker:
             return
         try:
             file = self.codec.open(fd)
+            if self.codec.tagger is not None:
+                if file.header is not None:
+                    self._check_tags(file.bad_pages(size), file.header.file_id, child, plain)
+                self.progress.add(nbytes=size)
+                return
             for offset in range(0, size, CHUNK):
                 file.read(offset, CHUNK, size)
                 self.progress.add(nbytes=min(CHUNK, size - offset))
@@ -269,6 +307,16 @@ class Checker:
             self.report("io", child, plain, str(exc))
         finally:
             os.close(fd)
+
+    def _check_tags(self, bad: list[BadPage], file_id: bytes, child: str,
+                    plain: str | None) -> None:
+        for page in bad[:PAGES_PER_FILE]:
+            self.report(page.kind, child, plain, page.message())
+            if len(self._failed) < MOVED_CANDIDATES:
+                self._failed.append((file_id, page, self.problems[-1]))
+        if len(bad) > PAGES_PER_FILE:
+            self.report("page-tag", child, plain,
+                        f"and {len(bad) - PAGES_PER_FILE} more pages fail their tag check")
 
 
 def print_report(problems: list[Problem], out: Callable[[str], None] = print) -> None:

@@ -50,9 +50,11 @@ KEYFILE_NAME = "cryptfs.conf"
 FORMAT_NAME = "cryptfs-keyfile"
 FORMAT_VERSION = 1
 # Feature flags this release understands.  A key file may require only these.
-KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_BOUND_METADATA})
+FEATURE_AUTHENTICATED = "authenticated"  # page tags on every file (format.md §4.6)
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_BOUND_METADATA, FEATURE_AUTHENTICATED})
 # What ``cryptfs init`` writes (a key file without them is an older format,
-# still read and written in its own encoding).
+# still read and written in its own encoding); ``init --authenticated`` adds
+# FEATURE_AUTHENTICATED.
 NEW_FEATURES: tuple[str, ...] = (FEATURE_BOUND_METADATA,)
 MAX_KEYFILE_BYTES = 1 << 20
 
@@ -231,13 +233,18 @@ class KeyFile:
 
     # -- creating and changing --
 
+    @property
+    def authenticated(self) -> bool:
+        return FEATURE_AUTHENTICATED in self.features
+
     @classmethod
     def create(cls, password: bytes, kdf: KdfParams | None = None,
                features: Sequence[str] = NEW_FEATURES) -> tuple[KeyFile, KeyRing]:
-        """A new key file with a fresh random master key and one password slot
-        (``features=()`` makes a version-1 directory, as older cryptfs did)."""
+        """A new key file with a fresh random master key and one password
+        slot, requiring ``features`` (bound into the slot and the MAC;
+        ``features=()`` makes a version-1 directory, as older cryptfs did)."""
         keys = KeyRing(secrets.token_bytes(MASTER_KEY_LEN))
-        keyfile = cls(slots=[], features=list(features))
+        keyfile = cls(slots=[], features=sorted(features))
         keyfile.add_password(keys, password, kdf)
         return keyfile, keys
 

@@ -24,6 +24,7 @@ INFO_HEADER = b"cryptfs v1 header mac key"
 INFO_NAMES = b"cryptfs v1 filename key"
 INFO_METADATA = b"cryptfs v1 metadata key"
 INFO_KEYFILE_MAC = b"cryptfs v1 key file mac key"
+INFO_PAGE_TAG = b"cryptfs v1 page tag key"
 
 
 def hkdf_sha512(ikm: bytes, info: bytes, length: int) -> bytes:
@@ -50,6 +51,7 @@ class KeyRing:
         self.name_key = hkdf_sha512(master, INFO_NAMES, 64)
         self.metadata_key = hkdf_sha512(master, INFO_METADATA, 64)
         self.keyfile_mac_key = hkdf_sha512(master, INFO_KEYFILE_MAC, 32)
+        self.page_tag_key = hkdf_sha512(master, INFO_PAGE_TAG, 32)  # authenticated mode
         # HKDF is Extract then Expand (RFC 5869); the Extract step is the
         # same for every file, so it is done once and each file's key costs
         # one Expand (half the work, same bytes as ``hkdf_sha512``).

@@ -29,7 +29,7 @@ from cryptfs.fs.inodes import InodeTable
 from cryptfs.fs.ops import MountOptions, Operations
 from cryptfs.fs.tree import BackingTree
 from cryptfs.fs.workers import WorkerPool
-from cryptfs.keyfile import remove_stale_copies
+from cryptfs.keyfile import FEATURE_AUTHENTICATED, remove_stale_copies
 from cryptfs.keys import KeyRing
 from cryptfs.metadata import MetadataCipher
 from cryptfs.names import NameCipher
@@ -69,11 +69,13 @@ def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
              options: MountOptions, features: Collection[str]) -> Stack:
     """Build the filesystem on ``cipherdir``: the one way, for the mount and
     for the in-process tests (``tests/t3_ops.py``).  The cipher directory is
-    opened once; everything below it is reached through descriptors."""
+    opened once; everything below it is reached through descriptors.
+    ``features``: the key file's feature flags (page tags, the metadata
+    encoding)."""
     root_fd = os.open(cipherdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     st = os.fstat(root_fd)
     sessions = SessionCache(engine, keys)
-    codec = ContentCodec(keys, sessions)
+    codec = ContentCodec(keys, sessions, FEATURE_AUTHENTICATED in features)
     handles = HandleTable(codec, read_only=options.read_only)
     dirs = DirCache(options.dir_fds)
 

@@ -71,6 +71,14 @@ def keys() -> KeyRing:
 
 
 @pytest.fixture
+def backing(tmp_path):
+    """A descriptor of an empty backing file."""
+    fd = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
 def codec(engine: XtsEngine, keys: KeyRing):
     sessions = SessionCache(engine, keys)
     yield ContentCodec(keys, sessions)
@@ -145,11 +153,12 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def init_cipherdir(cipherdir: Path, passfile: Path) -> None:
+def init_cipherdir(cipherdir: Path, passfile: Path, *extra: str) -> None:
+    """``cryptfs init`` with a cheap KDF; ``extra``: more init options."""
     cipherdir.mkdir(parents=True, exist_ok=True)
     passfile.write_text(PASSWORD + "\n")
     subprocess.run(cryptfs_cmd("init", str(cipherdir), "--passfile", str(passfile),
-                               "--argon2-memory", "8", "--argon2-passes", "1"),
+                               "--argon2-memory", "8", "--argon2-passes", "1", *extra),
                    check=True, capture_output=True)
 
 
@@ -263,20 +272,32 @@ def mount_engine_param(request) -> str:
 ENGINE_PARAMS = ["openssl", pytest.param("afalg", marks=pytest.mark.afalg)]
 
 
-@pytest.fixture(scope="module", params=ENGINE_PARAMS)
-def cryptfs_mount(request, tmp_path_factory):
-    """One mount per test module and engine; tests use their own subdirectory."""
+def module_mount(request, tmp_path_factory, *init_extra: str) -> Iterator[Mount]:
+    """A mount of a fresh cipher directory (``init_extra``: init options)
+    on the engine of ``request.param``, checked for log problems at the end."""
     require_fuse()
     engine = mount_engine_param(request)
     base = tmp_path_factory.mktemp(f"mount-{engine}")
     passfile = base / "password"
-    init_cipherdir(base / "cipher", passfile)
+    init_cipherdir(base / "cipher", passfile, *init_extra)
     mount = Mount(base / "cipher", base / "plain", passfile, engine).start()
     try:
         yield mount
     finally:
         mount.stop()
     mount.check_log()
+
+
+@pytest.fixture(scope="module", params=ENGINE_PARAMS)
+def cryptfs_mount(request, tmp_path_factory):
+    """One mount per test module and engine; tests use their own subdirectory."""
+    yield from module_mount(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=ENGINE_PARAMS)
+def authenticated_mount(request, tmp_path_factory):
+    """The same for a cipher directory made with ``init --authenticated``."""
+    yield from module_mount(request, tmp_path_factory, "--authenticated")
 
 
 @pytest.fixture

@@ -251,3 +251,24 @@ def test_no_key_file_left_opens_with_an_old_password(created, change):
     assert files_opening_with(cipherdir, b"correct horse") == []
     assert sorted(p.name for p in cipherdir.iterdir()) == [KEYFILE_NAME, "sub"]
     assert KeyFile.load(cipherdir).unlock(b"second").master_key == keys.master_key
+
+
+def test_authenticated_flag_is_bound_to_the_slots(tmp_path, monkeypatch):
+    """The mode is a feature flag in the authenticated parameters: it round
+    trips, cannot be stripped or added by editing the file, and a cryptfs
+    that does not know it refuses the directory instead of misreading it."""
+    keyfile, _ = KeyFile.create(b"pw", fast(), features=("authenticated",))
+    keyfile.save(tmp_path)
+    loaded = KeyFile.load(tmp_path)
+    assert loaded.authenticated and loaded.features == ["authenticated"]
+    loaded.unlock(b"pw")
+    assert not KeyFile.create(b"pw", fast())[0].authenticated
+    path = tmp_path / KEYFILE_NAME
+    original = path.read_bytes()
+    path.write_bytes(reseal(original, lambda o: o.update(features=[])))  # a downgrade
+    with pytest.raises(WrongPasswordError):
+        KeyFile.load(tmp_path).unlock(b"pw")
+    path.write_bytes(original)
+    monkeypatch.setattr("cryptfs.keyfile.KNOWN_FEATURES", frozenset())  # an older cryptfs
+    with pytest.raises(UnsupportedFeatureError, match="authenticated"):
+        KeyFile.load(tmp_path)

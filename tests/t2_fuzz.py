@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cryptfs.content.format import FileHeader, backing_size, plaintext_size
+from cryptfs.content import tags
+from cryptfs.content.format import FLAG_AUTHENTICATED, FileHeader, backing_size, plaintext_size
 from cryptfs.errors import CryptfsError
 from cryptfs.keyfile import KdfParams, KeyFile
 from cryptfs.keys import KeyRing
@@ -75,6 +76,8 @@ def test_key_file_parser(data):
 def test_file_header_parser(data):
     header = defined(FileHeader.decode, data, KEYS.header_key)
     assert header is None or header == FileHeader(bytes(16))
+    header = defined(FileHeader.decode, data, KEYS.header_key, FLAG_AUTHENTICATED)
+    assert header is None or header == FileHeader(bytes(16))
 
 
 @EXAMPLES
@@ -83,6 +86,8 @@ def test_backing_sizes(size):
     plain = defined(plaintext_size, size)
     # an empty file is stored with or without its header page
     assert plain is None or backing_size(plain) == size or (plain, size) == (0, 0)
+    plain = defined(tags.plaintext_size, size)
+    assert plain is None or tags.backing_size(plain) == size or (plain, size) == (0, 0)
 
 
 @EXAMPLES

@@ -283,3 +283,25 @@ def test_version_1_directory_reads_and_writes(tmp_path):
         mount.stop()
     mount.check_log()
     assert KeyFile.load(cipher).features == []
+
+
+def test_authenticated_directories_bind_metadata_too(tmp_path):
+    """``init --authenticated`` writes both flags; the bound encoding works
+    beside page tags (a renamed symlink is re-sealed, an xattr has an owner)."""
+    passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
+    init_cipherdir(cipher, passfile, "--authenticated")
+    assert KeyFile.load(cipher).features == ["authenticated", FEATURE_BOUND_METADATA]
+    mount = Mount(cipher, tmp_path / "plain", passfile, "openssl")
+    try:
+        mount.start()
+        plain = mount.mountpoint
+        (plain / "f").write_text("tagged")
+        os.setxattr(plain / "f", "user.a", b"bound")
+        os.symlink("f", plain / "s")
+        (plain / "d").mkdir()
+        os.rename(plain / "s", plain / "d" / "s")
+        assert os.readlink(plain / "d" / "s") == "f"
+        assert os.getxattr(plain / "f", "user.a") == b"bound"
+        stop_clean(mount)
+    finally:
+        mount.stop()

@@ -112,9 +112,17 @@ class FilesystemModel(RuleBasedStateMachine):
         shutil.rmtree(self.ref)
 
 
-def test_random_operations_match_a_plain_directory(cryptfs_mount, tmp_path):
-    FilesystemModel.mount = cryptfs_mount
+def run_model(mount, tmp_path) -> None:
+    FilesystemModel.mount = mount
     FilesystemModel.scratch = tmp_path
     run_state_machine_as_test(FilesystemModel, settings=settings(
         max_examples=EXAMPLES, stateful_step_count=30, deadline=None,
         suppress_health_check=list(HealthCheck)))
+
+
+def test_random_operations_match_a_plain_directory(cryptfs_mount, tmp_path):
+    run_model(cryptfs_mount, tmp_path)
+
+
+def test_authenticated_mode_matches_a_plain_directory(authenticated_mount, tmp_path):
+    run_model(authenticated_mount, tmp_path)

@@ -6,6 +6,11 @@ read-modify-write of whole pages: partial first/last pages are decrypted,
 patched and re-encrypted; a page that stops being the final one loses its
 trailer; a page that becomes final gains one.
 
+In authenticated mode (docs/format.md §4.6) every page also has a tag:
+reads check the tags of the pages they return on the very bytes they
+decrypt, writes write the data units and then their tags, and pages that
+become holes get the tags of holes.
+
 Callers serialise writes and truncates of the same file (the filesystem
 layer holds a per-inode lock); reads may run concurrently with each other.
 """
@@ -15,40 +20,75 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from cryptfs.content import format as plain_layout
+from cryptfs.content import tags as tagged_layout
 from cryptfs.content.format import (
+    FLAG_AUTHENTICATED,
+    HEADER_FIELDS,
     HEADER_SIZE,
     TRAILER_SIZE,
     FileHeader,
     PageRun,
-    backing_size,
     final_page,
     page_bytes,
     pages_for,
-    plaintext_size,
-    unit_offset,
 )
 from cryptfs.content.sessions import SessionCache
-from cryptfs.engines.base import PAGE_SIZE, Scratch, fill_zeros, is_zero
+from cryptfs.content.tags import SLOTS, TAG_SIZE, BadPage, PageTagger, segments, tag_offset
+from cryptfs.engines.base import (
+    PAGE_SIZE,
+    Scratch,
+    fill_zeros,
+    group_units,
+    is_zero,
+    pread_into,
+    unit_count,
+)
 from cryptfs.errors import HeaderCorruptError, TrailerError
 from cryptfs.keys import FILE_ID_LEN, KeyRing
 from cryptfs.linux import FALLOC_FL_KEEP_SIZE, fallocate, filesystem_type, page_cached
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a mode puts the pages of a file, and the size arithmetic."""
+
+    plaintext_size: Callable[[int], int]
+    backing_size: Callable[[int], int]
+    unit_offset: Callable[[int], int]
+    header_flags: int
+
+
+DEFAULT = Layout(plain_layout.plaintext_size, plain_layout.backing_size,
+                 plain_layout.unit_offset, 0)
+AUTHENTICATED = Layout(tagged_layout.plaintext_size, tagged_layout.backing_size,
+                       tagged_layout.unit_offset, FLAG_AUTHENTICATED)
+
+
 class ContentCodec:
-    def __init__(self, keys: KeyRing, sessions: SessionCache) -> None:
+    def __init__(self, keys: KeyRing, sessions: SessionCache,
+                 authenticated: bool = False) -> None:
         self._header_key = keys.header_key
         self.sessions = sessions
+        self.layout = AUTHENTICATED if authenticated else DEFAULT
+        self.tagger = PageTagger(keys.page_tag_key) if authenticated else None
         self._memory_devs: dict[int, bool] = {}
+
+    def plaintext_size(self, backing: int) -> int:
+        """The plaintext size a backing size encodes in this directory's mode."""
+        return self.layout.plaintext_size(backing)
 
     def new_header(self) -> FileHeader:
         return FileHeader(secrets.token_bytes(FILE_ID_LEN))
 
     def encode_header(self, header: FileHeader) -> bytes:
-        return header.encode(self._header_key)
+        return header.encode(self._header_key, self.layout.header_flags)
 
     def decode_header(self, data: bytes) -> FileHeader:
-        return FileHeader.decode(data, self._header_key)
+        return FileHeader.decode(data, self._header_key, self.layout.header_flags)
 
     def in_memory(self, dev: int, fd: int) -> bool:
         """Whether backing device ``dev`` (of ``fd``) is tmpfs or ramfs (cached)."""
@@ -89,18 +129,21 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 
 
 # Per-thread buffers, reused by every file: plaintext being decrypted out of
-# or encrypted into a run, and the run's ciphertext on its way to the disk.
-_decrypted, _plaintext, _ciphertext = Scratch(), Scratch(), Scratch()
+# or encrypted into a run, the run's ciphertext on its way to the disk, and
+# (authenticated mode) ciphertext read for checking and decrypting.
+_decrypted, _plaintext, _ciphertext, _stored = Scratch(), Scratch(), Scratch(), Scratch()
 
 
 class EncryptedFile:
     def __init__(self, codec: ContentCodec, fd: int) -> None:
         self._codec = codec
+        self._layout = codec.layout
+        self._tagger = codec.tagger
         self.fd = fd
         self.header: FileHeader | None = None
         st = os.fstat(fd)
         self._dev, stored = st.st_dev, st.st_size
-        plaintext_size(stored)  # an impossible size is refused at open, not read as empty
+        self._layout.plaintext_size(stored)  # impossible sizes are refused now, not read as empty
         if stored:
             data = os.pread(fd, HEADER_SIZE, 0)
             if len(data) < HEADER_SIZE:
@@ -116,13 +159,16 @@ class EncryptedFile:
         if self._codec.in_memory(self._dev, self.fd):
             return True
         last = offset + max(length, 1) - 1
-        return all(page_cached(self.fd, unit_offset(page)) is True
-                   for page in {offset // PAGE_SIZE, last // PAGE_SIZE})
+        pages = {offset // PAGE_SIZE, last // PAGE_SIZE}
+        where = {self._layout.unit_offset(page) for page in pages}
+        if self._tagger is not None:  # and the tags that reads check
+            where |= {tag_offset(page) for page in pages}
+        return all(page_cached(self.fd, at) is True for at in where)
 
     # -- sizes --
 
     def size(self) -> int:
-        return plaintext_size(os.fstat(self.fd).st_size)
+        return self._layout.plaintext_size(os.fstat(self.fd).st_size)
 
     def ensure_header(self) -> FileHeader:
         if self.header is None:
@@ -138,6 +184,9 @@ class EncryptedFile:
         the thread's next ``_decrypt_run``."""
         assert self.header is not None
         buf = _decrypted.get(run.length)
+        if self._tagger is not None:
+            self._decrypt_tagged(run, buf)
+            return buf
         with self._codec.sessions.session(self.header.file_id) as session:
             session.decrypt_file(run.first, self.fd, run.offset, run.length, buf)
         if run.has_trailer and not is_zero(buf[-TRAILER_SIZE:]):
@@ -146,11 +195,74 @@ class EncryptedFile:
             )
         return buf
 
+    @staticmethod
+    def _stored_segments(first: int, length: int) -> list[tuple[int, int, int, int]]:
+        """The pages of a run of ``length`` stored bytes from page ``first``,
+        cut where a tag page interrupts them: ``(a, b, start, end)`` for
+        pages ``a..b`` at bytes ``start..end`` of the run."""
+        last = first + unit_count(length) - 1
+        return [(a, b, (a - first) * PAGE_SIZE,
+                 (b + 1 - first) * PAGE_SIZE if b < last else length)
+                for a, b in segments(first, last)]
+
+    def _read_tagged(self, first: int, length: int,
+                     check: Callable[[int, memoryview, bytes], None]) -> memoryview:
+        """Read the stored units of a run (``length`` bytes from page
+        ``first``) and their tags, segment by segment, and hand each to
+        ``check(first page, units, tags)``; returns the units read."""
+        stored = _stored.get(length)
+        for a, b, start, end in self._stored_segments(first, length):
+            pread_into(self.fd, stored[start:end], self._layout.unit_offset(a))
+            want = TAG_SIZE * (b - a + 1)
+            check(a, stored[start:end], os.pread(self.fd, want, tag_offset(a)).ljust(want, b"\0"))
+        return stored
+
+    def _decrypt_tagged(self, run: PageRun, dst: memoryview) -> None:
+        """Authenticated mode: check every page's tag on the bytes read, then
+        decrypt those same bytes (holes, once checked, are zeros)."""
+        assert self.header is not None and self._tagger is not None
+        file_id, holes = self.header.file_id, set()
+
+        def check(a: int, units: memoryview, tags: bytes) -> None:
+            offset = a - run.first
+            holes.update(offset + k for k in self._tagger.verify(file_id, a, run.size, units, tags))
+
+        stored = self._read_tagged(run.first, run.length, check)
+        with self._codec.sessions.session(file_id) as session:
+            if not holes:  # one engine call for the whole run
+                session.decrypt(run.first, stored, dst)
+                return
+            for hole, start, end in group_units(run.length, lambda k, _s, _n: k in holes):
+                if hole:
+                    fill_zeros(dst[start:end])
+                else:
+                    session.decrypt(run.first + start // PAGE_SIZE, stored[start:end],
+                                    dst[start:end])
+
+    def bad_pages(self, size: int, chunk_pages: int = 256) -> list[BadPage]:
+        """Authenticated mode, for fsck: every page of the file whose tag
+        does not match (read in chunks; nothing is decrypted)."""
+        assert self._tagger is not None
+        if not size or self.header is None:
+            return []
+        file_id, found = self.header.file_id, []
+
+        def check(a: int, units: memoryview, tags: bytes) -> None:
+            found.extend(self._tagger.check(file_id, a, size, units, tags))
+
+        last = final_page(size)
+        for first in range(0, last + 1, chunk_pages):
+            run = PageRun(first, min(last, first + chunk_pages - 1), size)
+            self._read_tagged(first, run.length, check)
+        return found
+
     def _write_run(self, first: int, length: int,
-                   pieces: list[tuple[int, bytes | bytearray | memoryview]]) -> None:
+                   pieces: list[tuple[int, bytes | bytearray | memoryview]],
+                   size: int) -> None:
         """Encrypt the run of ``length`` stored bytes starting at page
-        ``first`` and write it in place.  Its plaintext is zero except for
-        ``pieces``: (offset in the run, bytes)."""
+        ``first`` and write it in place (then its tags, in authenticated
+        mode; ``size`` is the file's size once written).  Its plaintext is
+        zero except for ``pieces``: (offset in the run, bytes)."""
         header = self.ensure_header()
         plain = _plaintext.get(length)  # page-aligned: the kernel engine vmsplices it
         filled = 0
@@ -162,8 +274,43 @@ class EncryptedFile:
         out = _ciphertext.get(length)
         with self._codec.sessions.session(header.file_id) as session:
             session.encrypt(first, plain, out)
-        reserve(self.fd, unit_offset(first), length)
-        pwrite_all(self.fd, out, unit_offset(first))
+        if self._tagger is None:
+            reserve(self.fd, self._layout.unit_offset(first), length)
+            pwrite_all(self.fd, out, self._layout.unit_offset(first))
+            return
+        parts = self._stored_segments(first, length)
+        for a, b, start, end in parts:  # a full disk fails here, before any byte changes
+            reserve(self.fd, self._layout.unit_offset(a), end - start)
+            self._reserve_tags(a, b)
+        for a, _b, start, end in parts:  # all data first: the file never ends in a tag page
+            pwrite_all(self.fd, out[start:end], self._layout.unit_offset(a))
+        for a, _b, start, end in parts:
+            pwrite_all(self.fd, self._tagger.tags(header.file_id, a, size, out[start:end]),
+                       tag_offset(a))
+
+    def _reserve_tags(self, first: int, last: int) -> None:
+        """Allocate the tag slots of pages ``first..last`` (see ``reserve``)."""
+        for a, b in segments(first, last):
+            reserve(self.fd, tag_offset(a), TAG_SIZE * (b - a + 1))
+
+    def _write_hole_tags(self, first: int, last: int, size: int) -> None:
+        """Authenticated mode: pages ``first..last`` are holes; give them the
+        tags of holes (zero units), so that they read as zeros."""
+        assert self.header is not None
+        if self._tagger is None or last < first:
+            return
+        for a, b in segments(first, last):
+            pwrite_all(self.fd, self._tagger.hole_tags(self.header.file_id, a, b, size),
+                       tag_offset(a))
+
+    def _clear_tags_after(self, page: int) -> None:
+        """Authenticated mode, after shrinking to final page ``page``: zero
+        the tag slots of the removed pages in that page's tag page."""
+        if self._tagger is None:
+            return
+        _, last = next(segments(page, page + SLOTS))
+        if last > page:
+            pwrite_all(self.fd, bytes(TAG_SIZE * (last - page)), tag_offset(page + 1))
 
     def _page(self, page: int, size: int) -> bytes:
         """The plaintext bytes of one existing page (0..4096 of them)."""
@@ -198,21 +345,28 @@ class EncryptedFile:
         tail = self.read(end, page_end - end, old)
         stale = final_page(old) if old and final_page(old) < run.first else None
         stale_plain = self._page(stale, old) if stale is not None else b""
+        holes_from = stale + 1 if stale is not None else 0 if not old else run.first
+        if self._tagger is not None:
+            self._reserve_tags(holes_from, run.first - 1)
 
         self._write_run(run.first, run.length,
-                        [(0, head), (offset - page_start, data), (end - page_start, tail)])
+                        [(0, head), (offset - page_start, data), (end - page_start, tail)], new)
         if stale is not None:
-            self._retire_final(stale, stale_plain, old, clear_spill=run.first > stale + 1)
+            self._retire_final(stale, stale_plain, old, new, clear_spill=run.first > stale + 1)
+        self._write_hole_tags(holes_from, run.first - 1, new)
         return length
 
-    def _retire_final(self, page: int, plain: bytes, old_size: int, clear_spill: bool) -> None:
-        """Re-encrypt an old final page as an ordinary full page (zero padded).
-        If its trailer spilled into the next page and that page is now a hole,
-        zero the spilled bytes so the hole reads as zeros."""
-        self._write_run(page, PAGE_SIZE, [(0, plain)])
+    def _retire_final(self, page: int, plain: bytes, old_size: int, size: int,
+                      clear_spill: bool) -> None:
+        """Re-encrypt an old final page as an ordinary full page (zero padded)
+        of a file now ``size`` bytes long.  If its trailer spilled into the
+        next page and that page is now a hole, zero the spilled bytes so the
+        hole reads as zeros (in authenticated mode the next page may be a tag
+        page: its first slot is then rewritten by the caller)."""
+        self._write_run(page, PAGE_SIZE, [(0, plain)], size)
         spill = page_bytes(page, old_size) + TRAILER_SIZE - PAGE_SIZE
         if clear_spill and spill > 0:
-            pwrite_all(self.fd, bytes(spill), unit_offset(page + 1))
+            pwrite_all(self.fd, bytes(spill), self._layout.unit_offset(page) + PAGE_SIZE)
 
     def truncate(self, size: int) -> None:
         """Set the plaintext size, growing with a hole or shrinking."""
@@ -221,19 +375,27 @@ class EncryptedFile:
             return
         if size == 0:
             os.ftruncate(self.fd, HEADER_SIZE if self.header is not None else 0)
+            if self._tagger is not None and self.header is not None:
+                pwrite_all(self.fd, bytes(HEADER_SIZE - HEADER_FIELDS), HEADER_FIELDS)
             return
         if size < old or final_page(size) == final_page(old):
             # The new final page is an existing page: re-encrypt it with a trailer.
             page = final_page(size)
             plain = self._page(page, old)[:page_bytes(page, size)]
-            self._write_run(page, page_bytes(page, size) + TRAILER_SIZE, [(0, plain)])
-            os.ftruncate(self.fd, backing_size(size))
+            self._write_run(page, page_bytes(page, size) + TRAILER_SIZE, [(0, plain)], size)
+            os.ftruncate(self.fd, self._layout.backing_size(size))
+            if final_page(size) < final_page(old):
+                self._clear_tags_after(page)
             return
         # Growing past the old final page: that page becomes a full page and
         # the new final unit is a hole (all zeros), which reads as zeros.
         self.ensure_header()
         stale = final_page(old) if old else None
         plain = self._page(stale, old) if stale is not None else b""
-        os.ftruncate(self.fd, backing_size(size))
+        holes_from = stale + 1 if stale is not None else 0
+        if self._tagger is not None:
+            self._reserve_tags(holes_from, final_page(size))
+        os.ftruncate(self.fd, self._layout.backing_size(size))
         if stale is not None:
-            self._retire_final(stale, plain, old, clear_spill=True)
+            self._retire_final(stale, plain, old, size, clear_spill=True)
+        self._write_hole_tags(holes_from, final_page(size), size)

@@ -38,28 +38,38 @@ _FIXED = struct.Struct(">8sHH16s")
 MAC_OFFSET = _FIXED.size  # 28
 MAC_SIZE = 32
 HEADER_USED = MAC_OFFSET + MAC_SIZE  # 60; the rest of the page is zero
+# Header flags: authenticated mode (the rest of the page then holds tags, §4.6).
+FLAG_AUTHENTICATED = 0x0001
+HEADER_FIELDS = 64  # bytes 60..63 are zero in both modes
 
 
 @dataclass(frozen=True)
 class FileHeader:
     file_id: bytes
 
-    def encode(self, header_key: bytes) -> bytes:
-        fixed = _FIXED.pack(MAGIC, CONTENT_VERSION, 0, self.file_id)
+    def encode(self, header_key: bytes, flags: int = 0) -> bytes:
+        fixed = _FIXED.pack(MAGIC, CONTENT_VERSION, flags, self.file_id)
         mac = hmac.new(header_key, fixed, "sha256").digest()
         return (fixed + mac).ljust(HEADER_SIZE, b"\x00")
 
     @classmethod
-    def decode(cls, data: bytes, header_key: bytes) -> FileHeader:
-        """Parse and authenticate a header page; every failure is typed."""
+    def decode(cls, data: bytes, header_key: bytes, flags: int = 0) -> FileHeader:
+        """Parse and authenticate a header page whose flags must be ``flags``
+        (the directory's mode); every failure is typed."""
         if len(data) != HEADER_SIZE:
             raise HeaderCorruptError(f"header is {len(data)} bytes, not {HEADER_SIZE}")
-        magic, version, flags, file_id = _FIXED.unpack_from(data)
+        magic, version, stored_flags, file_id = _FIXED.unpack_from(data)
         if magic != MAGIC:
             raise HeaderCorruptError("header lacks the cryptfs magic (not a cryptfs file)")
         if version != CONTENT_VERSION:
             raise HeaderVersionError(f"content format version {version} is not supported")
-        if flags != 0 or any(data[HEADER_USED:]):
+        if stored_flags != flags:
+            raise HeaderCorruptError(
+                f"header flags {stored_flags:#06x} do not match this directory's mode "
+                f"({flags:#06x}: {'authenticated' if flags else 'default'})"
+            )
+        padding = data[HEADER_USED:HEADER_FIELDS if flags & FLAG_AUTHENTICATED else None]
+        if any(padding):
             raise HeaderCorruptError("header has non-zero reserved bytes")
         expected = hmac.new(header_key, data[:MAC_OFFSET], "sha256").digest()
         if not hmac.compare_digest(expected, data[MAC_OFFSET:HEADER_USED]):

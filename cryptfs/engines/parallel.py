@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from cryptfs.engines.base import PAGE_SIZE, unit_count
 from cryptfs.errors import EngineUnavailableError
+from cryptfs.threads import LazyThreads
 
 SPLIT_MIN_UNITS = 32
 PART_MIN_UNITS = 16
@@ -79,10 +80,7 @@ class _Part:
 class ParallelRuns:
     def __init__(self, helpers: int | None = None) -> None:
         self.helpers = default_helpers() if helpers is None else helpers
-        self._pid = 0  # the process the helpers run in
-        self._lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[_Part | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+        self._threads = LazyThreads("cryptfs-split", self.helpers, self._serve)
 
     def parts(self, length: int) -> int:
         """How many parts a run of ``length`` bytes is split into."""
@@ -98,9 +96,9 @@ class ParallelRuns:
             work(0, length)
             return
         jobs = [_Part(work, start, end) for start, end in split(length, parts)]
-        self._ensure_started()
+        helpers = self._threads.queue()
         for job in jobs[1:]:
-            self._jobs.put(job)
+            helpers.put(job)
         error = None
         for job in jobs:  # ours first, then any part no helper has taken yet
             if job.claim.acquire(blocking=False):
@@ -111,20 +109,6 @@ class ParallelRuns:
         if error is not None:
             raise error
 
-    def _ensure_started(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._jobs = queue.SimpleQueue()  # a parent's queue may be mid-use
-            self._threads = [threading.Thread(target=self._serve, args=(self._jobs,),
-                                              name=f"cryptfs-split-{i}", daemon=True)
-                             for i in range(self.helpers)]
-            for thread in self._threads:
-                thread.start()
-            self._pid = os.getpid()
-
     @staticmethod
     def _serve(jobs: queue.SimpleQueue[_Part | None]) -> None:
         while (job := jobs.get()) is not None:
@@ -133,12 +117,4 @@ class ParallelRuns:
 
     def close(self) -> None:
         """Stop the helpers (idempotent; a later run starts them again)."""
-        with self._lock:
-            if self._pid != os.getpid():
-                return  # none started in this process
-            for _ in self._threads:
-                self._jobs.put(None)
-            for thread in self._threads:
-                thread.join()
-            self._threads = []
-            self._pid = 0
+        self._threads.close()

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import pyfuse3
 
 from cryptfs.content.codec import ContentCodec
-from cryptfs.content.format import plaintext_size
 from cryptfs.errors import (
     ContentError,
     FileNameError,
@@ -146,7 +145,7 @@ class Operations(pyfuse3.Operations):
     def _plain_size(self, ino: int, st: os.stat_result) -> int:
         if stat.S_ISREG(st.st_mode):
             try:
-                return plaintext_size(st.st_size)
+                return self.codec.plaintext_size(st.st_size)
             except ContentError:
                 return 0  # reading it gives EIO (and the log line names it)
         if stat.S_ISLNK(st.st_mode):
