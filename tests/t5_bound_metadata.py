@@ -287,7 +287,8 @@ def test_version_1_directory_reads_and_writes(tmp_path):
 
 def test_authenticated_directories_bind_metadata_too(tmp_path):
     """``init --authenticated`` writes both flags; the bound encoding works
-    beside page tags (a renamed symlink is re-sealed, an xattr has an owner)."""
+    beside page tags (a renamed symlink is re-sealed, an xattr has an owner,
+    an empty file given a header for its first xattr stays empty)."""
     passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
     init_cipherdir(cipher, passfile, "--authenticated")
     assert KeyFile.load(cipher).features == ["authenticated", FEATURE_BOUND_METADATA]
@@ -302,6 +303,10 @@ def test_authenticated_directories_bind_metadata_too(tmp_path):
         os.rename(plain / "s", plain / "d" / "s")
         assert os.readlink(plain / "d" / "s") == "f"
         assert os.getxattr(plain / "f", "user.a") == b"bound"
+        (plain / "empty").touch()  # no header yet: the xattr gives it one
+        os.setxattr(plain / "empty", "user.a", b"on an empty file")
+        assert (plain / "empty").read_bytes() == b"" and (plain / "empty").stat().st_size == 0
+        assert os.getxattr(plain / "empty", "user.a") == b"on an empty file"
         stop_clean(mount)
     finally:
         mount.stop()
