@@ -90,12 +90,6 @@ class HandleTable:
         self._by_ino[ino] = opened
         return opened
 
-    def discard(self, opened: OpenFile) -> None:
-        """Forget an adopted file that never got a handle, closing its fd."""
-        if self._by_ino.get(opened.ino) is opened:
-            del self._by_ino[opened.ino]
-        os.close(opened.fd)
-
     def create_handle(self, opened: OpenFile) -> int:
         opened.opens += 1
         return self._new_fh(opened)

@@ -290,17 +290,13 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         fd, inode, st = self.tree.create_file(parent_inode, name,
                                               stat.S_IMODE(mode & ~ctx.umask), self._owner(ctx))
-        opened = None
+        # No header yet: the first write or growing truncate adds it (an
+        # empty backing file is an empty file, docs/format.md 4.2), so a file
+        # that stays empty costs no page and no MAC.
         try:
             opened = self.handles.adopt(inode.ino, fd)
-            # No header yet: the first write or growing truncate adds it (an
-            # empty backing file is an empty file, docs/format.md 4.2), so a
-            # file that stays empty costs no page and no MAC.
-        except BaseException:
-            if opened is not None:
-                self.handles.discard(opened)
-            else:
-                os.close(fd)
+        except BaseException:  # adopt leaves fd to us when it fails
+            os.close(fd)
             self.tree.unlink(parent_inode, name)
             raise
         fh = self.handles.create_handle(opened)
