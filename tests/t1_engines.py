@@ -172,6 +172,36 @@ def test_decrypt_file_hole_rule(engine, tmp_path):
         session.close()
 
 
+@pytest.mark.parametrize("pages", [1, 3, 70])  # 70: split over threads where that applies
+def test_read_plaintext_slices_tail_and_holes(engine, tmp_path, pages):
+    """The one-call read path: any slice of a decrypted run (holes as zeros),
+    None when the run's tail is not zero, BackingSizeError past the end."""
+    session = engine.open_session(secrets.token_bytes(64))
+    length = pages * PAGE_SIZE + 16  # the final page carries a 16-byte tail of zeros
+    plain = bytearray(secrets.token_bytes(length - 16) + bytes(16))
+    ct = bytearray(length)
+    session.encrypt(5, aligned(bytes(plain)), memoryview(ct))
+    if pages > 1:
+        ct[:PAGE_SIZE] = bytes(PAGE_SIZE)  # a hole reads as zeros
+        plain[:PAGE_SIZE] = bytes(PAGE_SIZE)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(PAGE_SIZE) + bytes(ct))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, end in [(0, length - 16), (1, 4097), (4095, length - 16), (0, length),
+                           (length - 17, length - 16), (7, 7)]:
+            got = session.read_plaintext(5, fd, PAGE_SIZE, length, start, end, 16)
+            assert got == bytes(plain[start:end]), (start, end)
+        other = session.read_plaintext(6, fd, PAGE_SIZE, length, 0, 100, 16)  # wrong tweaks
+        assert other is None
+        assert session.read_plaintext(6, fd, PAGE_SIZE, length, 0, 100, 0) is not None
+        with pytest.raises(BackingSizeError):
+            session.read_plaintext(5, fd, 2 * PAGE_SIZE, length, 0, 100, 16)
+    finally:
+        os.close(fd)
+        session.close()
+
+
 def test_sessions_are_thread_safe(engine):
     """Several threads share one session (each borrows its own channel)."""
     from concurrent.futures import ThreadPoolExecutor

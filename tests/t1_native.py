@@ -143,7 +143,7 @@ def test_tweak_carries_into_the_high_half():
     assert outs[0] == outs[1]
 
 
-def test_bad_arguments_are_clear_errors():
+def test_bad_arguments_are_clear_errors(tmp_path):
     from cryptfs.engines import _xts
 
     with pytest.raises(ValueError, match="64-byte key"):
@@ -157,10 +157,26 @@ def test_bad_arguments_are_clear_errors():
         xts.encrypt(0, bytes(32), bytes(32))  # read-only output
     with pytest.raises(OverflowError):
         xts.encrypt(-1, bytes(32), bytearray(32))
-    xts.close()
-    xts.close()  # idempotent
-    with pytest.raises(ValueError, match="closed"):
-        xts.decrypt(0, bytes(32), bytearray(32))
+    path = tmp_path / "f"
+    path.write_bytes(bytes(2 * PAGE_SIZE))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for args in [(4096, 10, 5, 0), (4096, 0, 4097, 0), (15, 0, 15, 0), (4096, 0, 10, 4097)]:
+            with pytest.raises(ValueError, match="bad run"):
+                xts.read(0, fd, 0, *args)
+        with pytest.raises(OSError):
+            xts.read(0, -1, 0, 4096, 0, 4096, 0)
+        with pytest.raises(EOFError):
+            xts.read(0, fd, PAGE_SIZE, 2 * PAGE_SIZE, 0, 10, 0)
+        assert xts.read(0, fd, 0, PAGE_SIZE, 0, PAGE_SIZE, 16) == bytes(PAGE_SIZE)  # holes
+        xts.close()
+        xts.close()  # idempotent
+        with pytest.raises(ValueError, match="closed"):
+            xts.decrypt(0, bytes(32), bytearray(32))
+        with pytest.raises(ValueError, match="closed"):
+            xts.read(0, fd, 0, PAGE_SIZE, 0, PAGE_SIZE, 0)
+    finally:
+        os.close(fd)
 
 
 def test_sessions_are_thread_safe_while_splitting():

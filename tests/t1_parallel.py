@@ -39,9 +39,10 @@ def test_split_cuts_between_whole_units(length, parts):
 
 def test_only_large_runs_are_split():
     runs = ParallelRuns(helpers=3)
-    assert runs.parts((SPLIT_MIN_UNITS - 2) * PAGE_SIZE + 4112) == 1  # 31 units
-    assert runs.parts((SPLIT_MIN_UNITS - 1) * PAGE_SIZE + 4112) == 2  # 32 units
-    assert runs.parts(SPLIT_MIN_UNITS * PAGE_SIZE) == 2
+    assert SPLIT_MIN_UNITS == 64  # 256 KiB: a 128 KiB read is cheaper on one thread
+    assert runs.parts((SPLIT_MIN_UNITS - 2) * PAGE_SIZE + 4112) == 1  # 63 units
+    assert runs.parts((SPLIT_MIN_UNITS - 1) * PAGE_SIZE + 4112) == 4  # 64 units, 16 each
+    assert ParallelRuns(helpers=1).parts(SPLIT_MIN_UNITS * PAGE_SIZE) == 2
     assert runs.parts(256 * PAGE_SIZE) == 4
     assert ParallelRuns(helpers=0).parts(256 * PAGE_SIZE) == 1
 

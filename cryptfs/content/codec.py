@@ -43,7 +43,6 @@ from cryptfs.engines.base import (
     Scratch,
     fill_zeros,
     group_units,
-    is_zero,
     pread_into,
     unit_count,
 )
@@ -179,22 +178,6 @@ class EncryptedFile:
 
     # -- the cipher --
 
-    def _decrypt_run(self, run: PageRun) -> memoryview:
-        """The run's plaintext, in this thread's scratch buffer: valid until
-        the thread's next ``_decrypt_run``."""
-        assert self.header is not None
-        buf = _decrypted.get(run.length)
-        if self._tagger is not None:
-            self._decrypt_tagged(run, buf)
-            return buf
-        with self._codec.sessions.session(self.header.file_id) as session:
-            session.decrypt_file(run.first, self.fd, run.offset, run.length, buf)
-        if run.has_trailer and not is_zero(buf[-TRAILER_SIZE:]):
-            raise TrailerError(
-                f"final page {run.last} failed its check (damaged, truncated or moved)"
-            )
-        return buf
-
     @staticmethod
     def _stored_segments(first: int, length: int) -> list[tuple[int, int, int, int]]:
         """The pages of a run of ``length`` stored bytes from page ``first``,
@@ -327,7 +310,20 @@ class EncryptedFile:
         if end <= offset:
             return b""
         run = pages_for(offset, end, size)
-        return bytes(self._decrypt_run(run)[run.plaintext_slice(offset, end)])  # one copy
+        if self._tagger is not None:
+            buf = _decrypted.get(run.length)
+            self._decrypt_tagged(run, buf)
+            return bytes(buf[run.plaintext_slice(offset, end)])  # one copy
+        assert self.header is not None
+        base = run.first * PAGE_SIZE
+        with self._codec.sessions.session(self.header.file_id) as session:
+            data = session.read_plaintext(run.first, self.fd, run.offset, run.length,
+                                          offset - base, end - base,
+                                          TRAILER_SIZE if run.has_trailer else 0)
+        if data is None:
+            raise TrailerError(
+                f"final page {run.last} failed its check (damaged, truncated or moved)")
+        return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` at ``offset``, extending the file (with a hole) if needed."""

@@ -9,10 +9,8 @@ is using them.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptfs.engines.base import XtsEngine, XtsSession
@@ -27,6 +25,23 @@ class _Entry:
     users: int = 0
 
 
+class _Borrowed:
+    """``with cache.session(file_id) as session``: a plain class, not a
+    generator context manager, which would cost more than a 4 KiB read."""
+
+    __slots__ = ("_cache", "_file_id", "_entry")
+
+    def __init__(self, cache: SessionCache, file_id: bytes) -> None:
+        self._cache, self._file_id = cache, file_id
+
+    def __enter__(self) -> XtsSession:
+        self._entry = self._cache._checkout(self._file_id)
+        return self._entry.session
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._cache._checkin(self._entry)
+
+
 class SessionCache:
     def __init__(self, engine: XtsEngine, keys: KeyRing,
                  capacity: int = DEFAULT_CAPACITY) -> None:
@@ -37,14 +52,9 @@ class SessionCache:
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._retired: list[_Entry] = []  # evicted while in use
 
-    @contextlib.contextmanager
-    def session(self, file_id: bytes) -> Iterator[XtsSession]:
-        """Borrow the session of ``file_id`` for the duration of the block."""
-        entry = self._checkout(file_id)
-        try:
-            yield entry.session
-        finally:
-            self._checkin(entry)
+    def session(self, file_id: bytes) -> _Borrowed:
+        """Borrow the session of ``file_id`` for the duration of a ``with`` block."""
+        return _Borrowed(self, file_id)
 
     def _checkout(self, file_id: bytes) -> _Entry:
         with self._lock:

@@ -28,7 +28,9 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 #define PAGE 4096
 #define MIN_UNIT 16
@@ -229,6 +231,103 @@ done:
     return result;
 }
 
+/* pread exactly n bytes at offset (GIL released by the caller if it wants);
+ * returns 0, or the errno of a failed pread, or -1 if the file ended first. */
+static int
+pread_full(int fd, unsigned char *buf, Py_ssize_t n, long long offset)
+{
+    Py_ssize_t done = 0;
+    while (done < n) {
+        ssize_t got = pread(fd, buf + done, (size_t)(n - done), (off_t)(offset + done));
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (got == 0)
+            return -1;
+        done += got;
+    }
+    return 0;
+}
+
+/* read(first, fd, offset, length, start, end, zero_tail) -> bytes | None
+ *
+ * The read path in one call: pread the run of `length` stored bytes at
+ * `offset`, decrypt it in place with the hole rule, and return plaintext
+ * bytes start..end of it.  None if the run's last `zero_tail` plaintext
+ * bytes are not all zero (the caller's integrity check failed).  The
+ * returned bytes object is the buffer the ciphertext was read into: one
+ * allocation, no copy beyond a shift when start > 0. */
+static PyObject *
+Xts_read(XtsObject *self, PyObject *args)
+{
+    PyObject *first_obj;
+    int fd;
+    long long offset;
+    Py_ssize_t length, start, end, zero_tail;
+    if (!PyArg_ParseTuple(args, "O!iLnnnn:read", &PyLong_Type, &first_obj, &fd, &offset,
+                          &length, &start, &end, &zero_tail))
+        return NULL;
+    unsigned long long first = PyLong_AsUnsignedLongLong(first_obj);
+    if (first == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (length < MIN_UNIT || offset < 0 || start < 0 || end < start || end > length
+        || zero_tail < 0 || zero_tail > length) {
+        PyErr_Format(PyExc_ValueError, "bad run: length %zd, slice %zd..%zd, tail %zd",
+                     length, start, end, zero_tail);
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, length);
+    if (out == NULL)
+        return NULL;
+    unsigned char *buf = (unsigned char *)PyBytes_AS_STRING(out);
+    EVP_CIPHER_CTX *ctx = acquire(self, 0);
+    if (ctx == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    int read_error, failed = 0;
+    if (length >= GIL_RELEASE_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        read_error = pread_full(fd, buf, length, offset);
+        if (!read_error)
+            failed = crypt_run(ctx, first, buf, buf, length, 1);
+        Py_END_ALLOW_THREADS
+    } else {
+        read_error = pread_full(fd, buf, length, offset);
+        if (!read_error)
+            failed = crypt_run(ctx, first, buf, buf, length, 1);
+    }
+    if (failed) {
+        EVP_CIPHER_CTX_free(ctx);
+        Py_DECREF(out);
+        return raise_openssl("decryption");
+    }
+    release(self, 0, ctx);
+    if (read_error) {
+        Py_DECREF(out);
+        if (read_error > 0) {
+            errno = read_error;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        PyErr_Format(PyExc_EOFError, "backing file ended before byte %lld of a %zd-byte run "
+                     "at %lld", offset + length, length, offset);
+        return NULL;
+    }
+    for (Py_ssize_t i = length - zero_tail; i < length; i++) {
+        if (buf[i]) {
+            Py_DECREF(out);
+            Py_RETURN_NONE;
+        }
+    }
+    if (start)
+        memmove(buf, buf + start, (size_t)(end - start));
+    if (end - start != length && _PyBytes_Resize(&out, end - start) < 0)
+        return NULL;
+    return out;
+}
+
 static PyObject *
 Xts_encrypt(XtsObject *self, PyObject *args)
 {
@@ -254,6 +353,10 @@ static PyMethodDef Xts_methods[] = {
     {"decrypt", (PyCFunction)Xts_decrypt, METH_VARARGS,
      "decrypt(first, src, dst, holes=False): decrypt the run src into dst; with holes,\n"
      "units stored as all zeros come out as zeros."},
+    {"read", (PyCFunction)Xts_read, METH_VARARGS,
+     "read(first, fd, offset, length, start, end, zero_tail): pread and decrypt (holes\n"
+     "as zeros) the run of length stored bytes at offset; plaintext bytes start..end,\n"
+     "or None if the run's last zero_tail plaintext bytes are not zero."},
     {"close", (PyCFunction)Xts_close, METH_NOARGS,
      "Free (and so cleanse) the keyed contexts.  Idempotent."},
     {NULL, NULL, 0, NULL},

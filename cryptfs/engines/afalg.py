@@ -40,6 +40,7 @@ from cryptfs.engines.base import (
     group_units,
     is_zero,
     pread_exact,
+    read_plaintext,
     tweak,
     units,
 )
@@ -216,6 +217,10 @@ class AfalgSession:
         out = memoryview(dst)
         self._engine.parallel.run(length, lambda start, end: self._decrypt_file_serial(
             first + start // PAGE_SIZE, fd, offset + start, end - start, out[start:end]))
+
+    def read_plaintext(self, first: int, fd: int, offset: int, length: int,
+                       start: int, end: int, zero_tail: int) -> bytes | None:
+        return read_plaintext(self, first, fd, offset, length, start, end, zero_tail)
 
     def _decrypt_file_serial(self, first: int, fd: int, offset: int, length: int,
                              dst: memoryview) -> None:

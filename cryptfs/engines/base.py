@@ -139,6 +139,21 @@ def pread_exact(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
+_plaintext = Scratch()  # per-thread buffer for runs decrypted by read_plaintext
+
+
+def read_plaintext(session: XtsSession, first: int, fd: int, offset: int, length: int,
+                   start: int, end: int, zero_tail: int) -> bytes | None:
+    """``XtsSession.read_plaintext`` through ``session.decrypt_file`` (for
+    engines without a one-call read path): decrypt into a scratch buffer,
+    then copy the slice out."""
+    buf = _plaintext.get(length)
+    session.decrypt_file(first, fd, offset, length, buf)
+    if zero_tail and not is_zero(buf[length - zero_tail:]):
+        return None
+    return bytes(buf[start:end])
+
+
 class XtsSession(Protocol):
     """AES-256-XTS under one file's key.  Safe to call from several threads."""
 
@@ -152,6 +167,12 @@ class XtsSession(Protocol):
                      dst: memoryview) -> None:
         """Decrypt the run stored at ``offset`` in ``fd`` into ``dst``; units
         stored as all zeros (holes) come out as zeros."""
+
+    def read_plaintext(self, first: int, fd: int, offset: int, length: int,
+                       start: int, end: int, zero_tail: int) -> bytes | None:
+        """The read path in one call: decrypt the run stored at ``offset``
+        (as ``decrypt_file``) and return its plaintext bytes ``start..end``;
+        None if its last ``zero_tail`` plaintext bytes are not all zero."""
 
     def close(self) -> None:
         """Release kernel resources.  Idempotent."""

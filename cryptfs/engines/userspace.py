@@ -21,6 +21,7 @@ from cryptfs.engines.base import (
     Buffer,
     XtsSession,
     is_zero,
+    read_plaintext,
     read_run,
     tweak,
     units,
@@ -102,6 +103,10 @@ class OpenSSLSession:
         if self._aes is None:
             raise ValueError("session is closed")
         self._crypt(False, first, read_run(fd, offset, length), dst, holes=True)
+
+    def read_plaintext(self, first: int, fd: int, offset: int, length: int,
+                       start: int, end: int, zero_tail: int) -> bytes | None:
+        return read_plaintext(self, first, fd, offset, length, start, end, zero_tail)
 
     def close(self) -> None:
         self._aes = None
