@@ -13,7 +13,13 @@ import pytest
 
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, XtsEngine, units
-from cryptfs.engines.parallel import SPLIT_MIN_UNITS, THREADS_ENV, ParallelRuns, split
+from cryptfs.engines.parallel import (
+    SPLIT_MIN_UNITS,
+    THREADS_ENV,
+    ParallelRuns,
+    default_helpers,
+    split,
+)
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
 from tests.conftest import afalg_engine, native_engine
@@ -154,6 +160,13 @@ def test_split_runs_give_serial_bytes(kind, length, tmp_path):
     finally:
         os.close(fd)
     assert set(split_threads()) <= before
+
+
+def test_default_helpers_leave_two_cpus(monkeypatch):
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    for cpus, helpers in [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3), (64, 3)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert default_helpers() == helpers, cpus
 
 
 def test_run_threads_from_the_environment(monkeypatch):

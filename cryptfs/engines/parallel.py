@@ -41,11 +41,13 @@ Work = Callable[[int, int], None]
 
 
 def default_helpers() -> int:
-    """One helper per further CPU this process may use, at most three, or
-    ``CRYPTFS_RUN_THREADS`` - 1."""
+    """``CRYPTFS_RUN_THREADS`` - 1, else one helper per CPU beyond two, at
+    most three: one CPU runs the event loop receiving requests and one the
+    program making them (on 2 CPUs a split measured no faster for 1 MiB
+    writes and slower for 128 KiB reads: the other CPU is never idle)."""
     wanted = os.environ.get(THREADS_ENV)
     if wanted is None:
-        return min(len(os.sched_getaffinity(0)), MAX_THREADS) - 1
+        return max(0, min(len(os.sched_getaffinity(0)) - 1, MAX_THREADS) - 1)
     if not wanted.isdigit() or not 1 <= int(wanted) <= MAX_THREADS:
         raise EngineUnavailableError(
             f"{THREADS_ENV} must be a whole number from 1 to {MAX_THREADS}, not {wanted!r}")
