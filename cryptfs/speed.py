@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from cryptfs.engines import cross_check
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, XtsEngine, aligned_buffer
+from cryptfs.engines.parallel import default_helpers
 from cryptfs.engines.userspace import LABELS, OpenSSLEngine
 from cryptfs.errors import EngineError, EngineUnavailableError
 
@@ -139,8 +140,9 @@ def report(results: list[EngineSpeed]) -> str:
           if best.label.startswith("afalg (sendmsg") else []),
         f"--engine openssl uses {OpenSSLEngine().label} here.",
         "The kernel engine and the native helper run with Python's GIL released, so",
-        f"under parallel load they also scale with cores ({os.cpu_count()} here), and",
-        "runs of 32+ pages are split over threads.",
+        f"under parallel load they also scale with cores ({os.cpu_count()} here); runs of",
+        "64+ pages are " + (f"split over {default_helpers() + 1} threads" if default_helpers()
+                            else "not split here (needs 3+ CPUs)") + " (CRYPTFS_RUN_THREADS).",
         "--engine auto uses the kernel engine whenever it passes its self-test.",
     ]
     return "\n".join(lines)

@@ -18,10 +18,10 @@ from tests.conftest import native_engine
 from tests.t1_engines import BOUNDARY_LENGTHS, PATTERN, V10_CT, V10_KEY, aligned
 
 TAILS = (16, 17, 31, 4095, 4096, 4097, 4111, 4112)
-# single units of every edge size, and runs of 1, 2, 33 and 40 pages ending
-# in each tail size (33+ pages are split over threads)
+# single units of every edge size, and runs of 1, 2, 65 and 72 pages ending
+# in each tail size (64+ pages are split over threads)
 LENGTHS = sorted({*BOUNDARY_LENGTHS,
-                  *(n * PAGE_SIZE + t for n in (0, 1, 2, 33, 40) for t in TAILS)})
+                  *(n * PAGE_SIZE + t for n in (0, 1, 2, 65, 72) for t in TAILS)})
 
 
 def test_this_run_uses_the_native_helper():
