@@ -42,7 +42,12 @@ from cryptfs.metadata import MetadataCipher
 from cryptfs.mount import build_stack, fuse_options, mounted, serve
 from cryptfs.mountlock import lock_cipherdir, wait_released
 from cryptfs.mountopts import parse_mount_options
-from cryptfs.mountpoint import cryptfs_mount_at, prepare_mountpoint, unmount_cryptfs
+from cryptfs.mountpoint import (
+    canonical,
+    cryptfs_mount_at,
+    prepare_mountpoint,
+    unmount_cryptfs,
+)
 from cryptfs.names import DIRIV_NAME, NameCipher, create_diriv
 from cryptfs.password import get_password
 from cryptfs.recovery import decode_recovery_code, encode_recovery_code
@@ -59,6 +64,13 @@ class UsageError(CryptfsError):
 def _kdf(args: argparse.Namespace) -> KdfParams:
     return KdfParams.argon2id(memory_kib=args.argon2_memory * 1024,
                               iterations=args.argon2_passes)
+
+
+def _readahead(text: str) -> int:
+    """--readahead KIB: 0 (the kernel's default) to 16384."""
+    if not text.isdigit() or int(text) > 16384:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of KiB from 0 to 16384")
+    return int(text)
 
 
 def _cipherdir(path: str) -> Path:
@@ -138,16 +150,17 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
     keyfile, keys = _unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
                            inline_max=args.inline_max, dir_fds=args.dir_fds,
-                           xattrs=not args.no_xattr)
+                           xattrs=not args.no_xattr, readahead_kb=args.readahead)
     stack = build_stack(cipherdir, keys, args.engine, options, keyfile.features)
     fsname = args.fsname or os.path.abspath(cipherdir)
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
+    where = canonical(mountpoint)  # before mounting: resolving a mount waits for it
     with mounted(stack, mountpoint, opts):
         log.info("mounted %s on %s", cipherdir, mountpoint)
         if not args.foreground:
             detach()
             keys.lock_memory()  # memory locks are not inherited across fork
-        trio.run(serve, stack, args.idle)
+        trio.run(serve, stack, args.idle, where)
     keys.wipe()
 
 
@@ -343,6 +356,9 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--fsname", help="name shown in /proc/mounts")
     mount.add_argument("--no-xattr", action="store_true",
                        help="refuse all extended attributes (saves a request per write)")
+    mount.add_argument("--readahead", type=_readahead, default=1024, metavar="KIB",
+                       help="kernel read-ahead on the mount, as root (default 1024: "
+                            "1 MiB read requests; 0: the kernel's default)")
     mount.add_argument("--nonempty", action="store_true",
                        help="mount over a non-empty directory (hiding its files)")
     mount.add_argument("-f", "--foreground", action="store_true",

@@ -32,6 +32,7 @@ from cryptfs.fs.workers import WorkerPool
 from cryptfs.keyfile import FEATURE_AUTHENTICATED, remove_stale_copies
 from cryptfs.keys import KeyRing
 from cryptfs.metadata import MetadataCipher
+from cryptfs.mountpoint import FSTYPE, set_readahead
 from cryptfs.names import NameCipher
 
 log = logging.getLogger(__name__)
@@ -139,17 +140,35 @@ def mounted(stack: Stack, mountpoint: Path, opts: set[str]) -> Iterator[None]:
         stack.close()
 
 
-async def serve(stack: Stack, idle: float | None = None) -> None:
+async def serve(stack: Stack, idle: float | None = None, where: str | None = None) -> None:
     """Run the FUSE loop until unmount; SIGINT/SIGTERM unmount cleanly;
     with ``idle``, unmount after that many seconds without any request and
-    with no file open."""
+    with no file open; ``where``: the canonical mount point (for the
+    read-ahead setting)."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
         if idle:
             nursery.start_soon(_stop_when_idle, stack, idle)
+        readahead = stack.operations.options.readahead_kb
+        if where is not None and readahead:
+            nursery.start_soon(apply_readahead, where, readahead)
         notify_ready()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def apply_readahead(where: str, kib: int, fstype: str = FSTYPE) -> None:
+    """Set the mount's read-ahead once the kernel has our INIT reply (which
+    caps it at the 128 KiB the kernel offered): a statfs returns only after
+    that, so ask for one from a thread while this loop answers it."""
+    try:
+        await trio.to_thread.run_sync(os.statvfs, where)
+    except OSError as exc:  # unmounted already
+        log.debug("read-ahead not set: %s", exc)
+        return
+    why = set_readahead(where, kib, fstype)
+    if why is not None:  # not root, say: the kernel's default stays
+        log.debug("read-ahead left at the kernel's default: %s", why)
 
 
 async def _stop_on_signals() -> None:

@@ -20,7 +20,7 @@ class OptionError(CryptfsError):
 
 
 # cryptfs options that take a value, and flags.
-VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname"}
+VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname", "readahead"}
 FLAG_OPTIONS = {"ro", "rw", "allow_other", "recovery", "foreground", "no_xattr",
                 "nonempty"}
 # Mount flags the kernel applies to a FUSE mount (libfuse passes them on).

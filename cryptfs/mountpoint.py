@@ -40,6 +40,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    device: str = ""  # "major:minor", also the name of its bdi in /sys/class/bdi
 
 
 def _unescape(field: str) -> str:
@@ -57,7 +58,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
             continue
         sep = fields.index("-", 6)
         entries.append(MountEntry(_unescape(fields[4]), _unescape(fields[sep + 1]),
-                                  _unescape(fields[sep + 2])))
+                                  _unescape(fields[sep + 2]), fields[2]))
     return entries
 
 
@@ -84,6 +85,25 @@ def canonical(mountpoint: Path) -> str:
     """The path the kernel records (realpath survives a dead mount: it only
     lstat()s, and goes on past errors)."""
     return os.path.realpath(mountpoint)
+
+
+def set_readahead(mountpoint: str, kib: int, fstype: str = FSTYPE) -> str | None:
+    """Let the kernel read ahead ``kib`` KiB on the mount at ``mountpoint``
+    (canonical: resolved *before* mounting) through its FUSE connection's
+    bdi: sequential reads then arrive as fewer, larger requests (up to
+    1 MiB), each costing the daemon its fixed per-request work once.  Found
+    through mountinfo: any stat of the mount point, realpath's included,
+    would wait for the daemon, which is not serving yet.  Needs root;
+    returns why not, else None."""
+    entry = mount_at(mountpoint)
+    if entry is None or entry.fstype != fstype or not entry.device:
+        return "mount not found in /proc/self/mountinfo"
+    try:
+        with open(f"/sys/class/bdi/{entry.device}/read_ahead_kb", "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _is_dead(path: str) -> bool:

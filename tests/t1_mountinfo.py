@@ -9,18 +9,18 @@ from cryptfs.mountpoint import MountEntry, parse_mountinfo
 
 @pytest.mark.parametrize(("line", "entry"), [
     ("36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue",
-     MountEntry("/mnt2", "ext3", "/dev/root")),
+     MountEntry("/mnt2", "ext3", "/dev/root", "98:0")),
     ("45 27 0:40 / /tmp/c/p rw,nosuid,nodev,relatime - fuse.cryptfs /tmp/c/c "
-     "rw,user_id=0,group_id=0", MountEntry("/tmp/c/p", "fuse.cryptfs", "/tmp/c/c")),
+     "rw,user_id=0,group_id=0", MountEntry("/tmp/c/p", "fuse.cryptfs", "/tmp/c/c", "0:40")),
     # no optional fields, and several
-    ("1 0 8:1 / / rw - ext4 /dev/sda1 rw", MountEntry("/", "ext4", "/dev/sda1")),
+    ("1 0 8:1 / / rw - ext4 /dev/sda1 rw", MountEntry("/", "ext4", "/dev/sda1", "8:1")),
     ("2 1 0:5 / /a rw shared:2 master:3 propagate_from:4 - tmpfs tmpfs rw",
-     MountEntry("/a", "tmpfs", "tmpfs")),
+     MountEntry("/a", "tmpfs", "tmpfs", "0:5")),
     # space, tab, newline and backslash are octal escapes
     (r"3 1 0:41 / /home/me/my\040private\011x\012y\134z rw - fuse.cryptfs /c\040d rw",
-     MountEntry("/home/me/my private\tx\ny\\z", "fuse.cryptfs", "/c d")),
+     MountEntry("/home/me/my private\tx\ny\\z", "fuse.cryptfs", "/c d", "0:41")),
     # a mount point named "-" is not the separator
-    ("4 1 0:42 / /- rw - tmpfs none rw", MountEntry("/-", "tmpfs", "none")),
+    ("4 1 0:42 / /- rw - tmpfs none rw", MountEntry("/-", "tmpfs", "none", "0:42")),
 ])
 def test_entries(line, entry):
     assert parse_mountinfo(line + "\n") == [entry]

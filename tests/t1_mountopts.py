@@ -21,6 +21,7 @@ from cryptfs.mountopts import OptionError, parse_mount_options
     ("extpass=echo a=b", {"extpass": "echo a=b"}, set(), set()),
     ("no_xattr,noatime", {}, {"no_xattr"}, {"noatime"}),
     ("nonempty,nodev", {}, {"nonempty"}, {"nodev"}),  # ours, never the kernel's
+    ("readahead=0", {"readahead": "0"}, set(), set()),
 ])
 def test_options(text, values, flags, fuse):
     parsed = parse_mount_options(text)
@@ -41,3 +42,12 @@ def test_helper_form_becomes_mount_arguments():
                     "--fuse-flag=nodev"]
     args = parser().parse_args(argv)
     assert (args.no_xattr, args.ro, args.passfile) == (True, True, "/pw")
+
+
+def test_readahead_values():
+    args = parser().parse_args(mount_helper_args(["/c", "/p", "-o", "readahead=256"]))
+    assert args.readahead == 256
+    assert parser().parse_args(["mount", "/c", "/p"]).readahead == 1024
+    for bad in ("-1", "lots", "16385"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["mount", "/c", "/p", "--readahead", bad])

@@ -1,7 +1,8 @@
 """Requests and syscalls cryptfs saves, and that nothing is lost by it, on
 real mounts with real programs: FLUSH answered ENOSYS (the kernel stops
-sending it; what close(2) guarantees), the ``--no-xattr`` mount option, and
-new files that get their header only when first written."""
+sending it; what close(2) guarantees), the ``--no-xattr`` mount option,
+new files that get their header only when first written, and the mount's
+1 MiB read-ahead (fewer, larger read requests)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,44 @@ def test_no_xattr_cp_a_and_rsync_a_still_copy(no_xattr_mount, tmp_path):
     subprocess.run(["cp", "-a", str(dest / "cp"), str(tmp_path / "back")], check=True,
                    capture_output=True)
     assert (tmp_path / "back" / "a").read_bytes() == b"tagged"
+
+
+# -- read-ahead --------------------------------------------------------------------------
+
+
+def bdi_readahead(mountpoint: Path) -> int:
+    """The kernel's read-ahead (KiB) on a mount, from its bdi in sysfs."""
+    dev = os.stat(mountpoint).st_dev
+    return int(Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text())
+
+
+@pytest.mark.parametrize(("extra", "expected"), [((), 1024), (("--readahead", "0"), 128),
+                                                 (("--readahead", "512"), 512)])
+def test_readahead_is_set_on_the_mount(tmp_path, extra, expected):
+    """As root the mount's bdi reads ahead 1 MiB (or as asked; 0 leaves the
+    kernel's 128 KiB); a file read cold, in 1 MiB requests, is intact."""
+    require_fuse()
+    if os.geteuid() != 0:
+        pytest.skip("only root may set a bdi's read-ahead")
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl",
+                  extra=extra).start()
+    try:
+        deadline = time.monotonic() + 10  # the daemon sets it once serving
+        while bdi_readahead(mount.mountpoint) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bdi_readahead(mount.mountpoint) == expected
+        data = os.urandom(5 * (1 << 20) + 1234)
+        path = mount.mountpoint / "big"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read it from the daemon
+            assert b"".join(iter(lambda: os.read(fd, 1 << 20), b"")) == data
+        finally:
+            os.close(fd)
+    finally:
+        mount.stop()
+    mount.check_log()
