@@ -151,12 +151,24 @@ async def test_xattrs(fs):
     d = (await fs.mkdir(ROOT_INODE, b"d", 0o755, CTX)).st_ino
     await fs.setxattr(d, b"user.dir", b"on a directory", CTX)
     assert await fs.getxattr(d, b"user.dir", CTX) == b"on a directory"
-    # On a symlink itself, never its target: Linux refuses user.* there (EPERM).
+    assert await fs.listxattr(ino, CTX) == []
+
+
+async def test_no_user_xattrs_on_symlinks_and_fifos(fs):
+    """On a symlink itself (never its target) or a fifo, Linux has no user.*
+    attributes: none to read (ENODATA), none may be set or removed (EPERM)."""
+    await create(fs, ROOT_INODE, b"f")
+    await fs.setxattr(await lookup(fs, ROOT_INODE, b"f"), b"user.note", b"target's", CTX)
     link = (await fs.symlink(ROOT_INODE, b"s", b"f", CTX)).st_ino
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await fs.setxattr(link, b"user.note", b"v", CTX)
-    assert fuse_errno(info) == errno.EPERM
-    assert await fs.listxattr(link, CTX) == [] and await fs.listxattr(ino, CTX) == []
+    fifo = (await fs.mknod(ROOT_INODE, b"p", stat.S_IFIFO | 0o644, 0, CTX)).st_ino
+    for ino in (link, fifo):
+        for call, args, code in ((fs.getxattr, (), errno.ENODATA),
+                                 (fs.setxattr, (b"v",), errno.EPERM),
+                                 (fs.removexattr, (), errno.EPERM)):
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await call(ino, b"user.note", *args, CTX)
+            assert fuse_errno(info) == code, call.__name__
+        assert await fs.listxattr(ino, CTX) == []
 
 
 async def test_setattr_symlink_mknod(fs):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.conftest import (
     fsck_problems,
     init_cipherdir,
     init_v1_cipherdir,
+    small_tmpfs,
 )
 
 pytestmark = pytest.mark.fuse
@@ -218,6 +220,46 @@ def test_xattrs_follow_files_through_rename_and_hard_links(fmt):
     os.removexattr(plain / "e" / "link", "user.a")
     assert os.listxattr(plain / "e" / "moved") == ["user.b"]
     raises_errno(errno.ENODATA, os.getxattr, plain / "e" / "moved", "user.a")
+    stop_clean(fmt)
+
+
+def outcome(call: Callable[[], object]) -> object:
+    """What a call returns, or the errno it fails with."""
+    try:
+        return call()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+
+
+def user_xattr_answers(path: Path) -> list[object]:
+    """Every user.* xattr call on ``path`` itself (never a symlink's target)."""
+    return [outcome(lambda: os.getxattr(path, "user.x", follow_symlinks=False)),
+            outcome(lambda: os.listxattr(path, follow_symlinks=False)),
+            outcome(lambda: os.setxattr(path, "user.x", b"v", follow_symlinks=False)),
+            outcome(lambda: os.removexattr(path, "user.x", follow_symlinks=False)),
+            subprocess.run(["getfattr", "-h", "-d", "-m", "-", path],
+                           capture_output=True).returncode]
+
+
+def test_symlinks_and_fifos_answer_xattr_calls_as_linux_does(fmt, tmp_path):
+    """Linux keeps no user.* attributes on symlinks or fifos: reading finds
+    none (ENODATA, an empty list), setting or removing one is EPERM.  Both
+    formats answer as a plain tmpfs does.  (The kernel answers all but
+    listxattr itself before asking the daemon; t3_ops checks the daemon's
+    own answers.)"""
+    fmt.start()
+    with small_tmpfs(tmp_path / "tmpfs", "1M") as plain:
+        expected = {}
+        for where in (plain, fmt.mountpoint):
+            os.symlink("target", where / "s")
+            os.mkfifo(where / "p")
+            (where / "target").write_text("t")
+            os.setxattr(where / "target", "user.x", b"on the target")
+            answers = {name: user_xattr_answers(where / name) for name in ("s", "p")}
+            expected = expected or answers
+            assert answers == expected, where
+    assert expected["s"] == ["ENODATA", [], "EPERM", "EPERM", 0]
+    assert os.getxattr(fmt.mountpoint / "s", "user.x") == b"on the target"  # followed
     stop_clean(fmt)
 
 

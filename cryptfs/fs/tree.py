@@ -283,15 +283,19 @@ class BackingTree:
         with self._entry(ino) as path:  # chmod has no nofollow form that works on Linux
             return apply_attributes(path, mode, uid, gid, times)
 
-    def xattr_owner(self, ino: int, create: bool = False) -> XattrOwner:
+    def xattr_owner(self, ino: int, create: bool = False) -> XattrOwner | None:
         """The owner ``ino``'s bound xattrs are sealed to; with ``create``, a
-        regular file without a header gets one (its ID is the owner)."""
+        regular file without a header gets one (its ID is the owner).  None
+        for an entry that can have none (Linux allows user.* attributes only
+        on regular files and directories)."""
         dir_fd, name = self._locate(ino)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if (st.st_dev, st.st_ino) != self._inodes.get(ino).dev_ino:
             raise StaleInodeError(f"backing entry of inode {ino} was replaced")
         if stat.S_ISDIR(st.st_mode):
             return XattrOwner(OWNER_DIRECTORY, self.diriv(ino))
+        if not stat.S_ISREG(st.st_mode):
+            return None
         owner = read_xattr_owner(dir_fd, name, st, self._codec)
         if create and not owner.identity:
             fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
