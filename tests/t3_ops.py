@@ -7,6 +7,7 @@ reply buffer, which does not exist here): it collects the entries."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,12 +18,15 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
+from cryptfs.content.format import HEADER_SIZE
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions, Operations
+from cryptfs.fsck import Checker
 from cryptfs.keyfile import NEW_FEATURES
 from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
 from cryptfs.metadata import XATTR_SIZE_MAX
 from cryptfs.mount import assemble
+from cryptfs.names import NameCipher
 from tests.t3_tree import new_cipherdir
 
 
@@ -37,6 +41,7 @@ class Ctx:
 
 
 CTX = Ctx()
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -169,6 +174,59 @@ async def test_no_user_xattrs_on_symlinks_and_fifos(fs):
                 await call(ino, b"user.note", *args, CTX)
             assert fuse_errno(info) == code, call.__name__
         assert await fs.listxattr(ino, CTX) == []
+
+
+@contextlib.contextmanager
+def acting_as(uid: int):
+    """Root's process with another user's file access rights for the block."""
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def set_mode(mode: int):
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mode = mode
+    return attr, SimpleNamespace(update_size=False, update_mode=True, update_uid=False,
+                                 update_gid=False, update_atime=False, update_mtime=False)
+
+
+async def test_first_xattr_of_a_file_open_read_only(fs, tmp_path, engine, keys):
+    """An unprivileged daemon opens a read-only file's backing file
+    read-only.  Made writable while open, the still empty (headerless) file
+    takes its first xattr: the header goes through a descriptor of its own
+    (through the read-only one it failed with EBADF).  The attribute and
+    the empty contents outlast the open file and the mount; fsck is clean."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    cipher = tmp_path / "cipher"
+    os.chown(cipher, NOBODY, NOBODY)
+    with acting_as(NOBODY):
+        ino = await create(fs, ROOT_INODE, b"f")
+        await fs.setattr(ino, *set_mode(0o444), None, CTX)
+        fi = await fs.open(ino, os.O_RDONLY, CTX)
+        assert not fs.handles.by_ino(ino).writable  # the case in question
+        with pytest.raises(pyfuse3.FUSEError) as info:  # read-only: as Linux answers
+            await fs.setxattr(ino, b"user.x", b"refused", CTX)
+        assert fuse_errno(info) == errno.EACCES
+        await fs.setattr(ino, *set_mode(0o644), None, CTX)
+        await fs.setxattr(ino, b"user.x", b"first", CTX)
+        assert await fs.getxattr(ino, b"user.x", CTX) == b"first"
+        assert await fs.read(fi.fh, 0, 100) == b""
+        await fs.release(fi.fh)
+    (backing,) = [p for p in cipher.iterdir() if not p.name.startswith("cryptfs.")]
+    assert backing.stat().st_size == HEADER_SIZE  # a header, no page
+    again = assemble(cipher, keys, engine, MountOptions(), NEW_FEATURES)
+    try:
+        ops = again.operations
+        ino = await lookup(ops, ROOT_INODE, b"f")
+        assert await ops.getxattr(ino, b"user.x", CTX) == b"first"
+        assert await read_all(ops, ino) == b"" and (await ops.getattr(ino, CTX)).st_size == 0
+        assert Checker(str(cipher), ops.codec, NameCipher(keys), ops.metadata).run() == []
+    finally:
+        again.close()
 
 
 async def test_setattr_symlink_mknod(fs):

@@ -283,6 +283,26 @@ def test_xattr_on_a_file_without_header(bound):
     assert fsck_problems(bound) == []
 
 
+def test_first_xattr_of_an_empty_file_open_read_only(bound):
+    """The header that a never-written file's first xattr needs is written
+    while the file is open (read-only here) elsewhere; nothing else changes."""
+    bound.start()
+    plain = bound.mountpoint
+    (plain / "empty").touch()
+    fd = os.open(plain / "empty", os.O_RDONLY)
+    try:
+        os.setxattr(plain / "empty", "user.x", b"set while open")
+        assert os.getxattr(plain / "empty", "user.x") == b"set while open"
+        assert os.read(fd, 100) == b"" and os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
+    stop_clean(bound)
+    bound.start()
+    assert os.getxattr(plain / "empty", "user.x") == b"set while open"
+    assert (plain / "empty").read_bytes() == b""
+    stop_clean(bound)
+
+
 def test_interrupted_symlink_rename_leaves_a_reported_temporary(bound):
     """A crash after the re-sealed symlink was made but before it was
     renamed leaves a reserved temporary: listings skip it, fsck reports it."""

@@ -34,7 +34,7 @@ from cryptfs.errors import (
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.handles import DirHandleTable, HandleTable, OpenFile
 from cryptfs.fs.inodes import InodeTable
-from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes
+from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes, ensure_header
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.linux import proc_path
 from cryptfs.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, XattrOwner
@@ -483,7 +483,10 @@ class Operations(pyfuse3.Operations):
             return owner
         if create and opened.file.header is None:
             async with opened.lock:
-                opened.file.ensure_header()
+                if opened.file.header is None:
+                    # Through a descriptor of its own: the open one may be
+                    # read-only (the backing file was read-only when opened).
+                    opened.file.header = ensure_header(self.codec, proc_path(opened.fd))
         header = opened.file.header
         return XattrOwner(OWNER_FILE, header.file_id if header is not None else b"")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cryptfs.content.codec import ContentCodec
-from cryptfs.content.format import HEADER_SIZE
+from cryptfs.content.format import HEADER_SIZE, FileHeader
 from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.inodes import ROOT_INODE, Inode, InodeTable
@@ -105,6 +105,19 @@ def read_xattr_owner(dir_fd: int, name: str, st: os.stat_result,
     finally:
         os.close(fd)
     return XattrOwner(OWNER_FILE, codec.decode_header(data).file_id if data else b"")
+
+
+def ensure_header(codec: ContentCodec, path: str, dir_fd: int | None = None) -> FileHeader:
+    """A regular file's header, written first if it has none, through a
+    descriptor opened read-write for it (the file may be open read-only: a
+    first xattr gives it a header).  ``path``: a name in ``dir_fd`` (not
+    followed if a symlink), or without ``dir_fd`` a ``/proc/self/fd`` path."""
+    nofollow = os.O_NOFOLLOW if dir_fd is not None else 0
+    fd = os.open(path, os.O_RDWR | nofollow | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return codec.open(fd).ensure_header()
+    finally:
+        os.close(fd)
 
 
 class BackingTree:
@@ -298,11 +311,7 @@ class BackingTree:
             return None
         owner = read_xattr_owner(dir_fd, name, st, self._codec)
         if create and not owner.identity:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            try:
-                owner = XattrOwner(OWNER_FILE, self._codec.open(fd).ensure_header().file_id)
-            finally:
-                os.close(fd)
+            owner = XattrOwner(OWNER_FILE, ensure_header(self._codec, name, dir_fd).file_id)
         return owner
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
