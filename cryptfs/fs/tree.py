@@ -300,18 +300,29 @@ class BackingTree:
         """The owner ``ino``'s bound xattrs are sealed to; with ``create``, a
         regular file without a header gets one (its ID is the owner).  None
         for an entry that can have none (Linux allows user.* attributes only
-        on regular files and directories)."""
+        on regular files and directories).
+
+        A file's ID, once it has one, never changes (truncating keeps the
+        header), so the inode keeps it rather than reading the header each
+        time: trusted while the backing entry is the same inode with the same
+        ctime (anything rewritten behind our back changes it).  ``create``
+        (an xattr is about to be sealed) always reads the header."""
         dir_fd, name = self._locate(ino)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if (st.st_dev, st.st_ino) != self._inodes.get(ino).dev_ino:
+        inode = self._inodes.get(ino)
+        if (st.st_dev, st.st_ino) != inode.dev_ino:
             raise StaleInodeError(f"backing entry of inode {ino} was replaced")
         if stat.S_ISDIR(st.st_mode):
             return XattrOwner(OWNER_DIRECTORY, self.diriv(ino))
         if not stat.S_ISREG(st.st_mode):
             return None
+        if not create and inode.file_id is not None and inode.file_id[0] == st.st_ctime_ns:
+            return XattrOwner(OWNER_FILE, inode.file_id[1])
         owner = read_xattr_owner(dir_fd, name, st, self._codec)
         if create and not owner.identity:
             owner = XattrOwner(OWNER_FILE, ensure_header(self._codec, name, dir_fd).file_id)
+        if owner.identity:  # a headerless file has no ID yet: its first write makes one
+            inode.file_id = (st.st_ctime_ns, owner.identity)
         return owner
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
