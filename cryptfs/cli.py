@@ -40,7 +40,13 @@ from cryptfs.keys import KeyRing, protect_process
 from cryptfs.log import setup_logging
 from cryptfs.metadata import MetadataCipher
 from cryptfs.mount import build_stack, fuse_options, mounted, serve
-from cryptfs.mountlock import lock_cipherdir, wait_released
+from cryptfs.mountlock import (
+    AlreadyMountedError,
+    MountLock,
+    lock_cipherdir,
+    lock_for_check,
+    wait_released,
+)
 from cryptfs.mountopts import parse_mount_options
 from cryptfs.mountpoint import (
     canonical,
@@ -270,8 +276,27 @@ class ProblemsFound(CryptfsError):
     exit_code = ExitCode.FSCK_PROBLEMS
 
 
+def _lock_for_fsck(cipherdir: Path, force: bool) -> MountLock:
+    """A mounted directory changes while it is read: a file being written
+    would be reported as damaged.  Refused before the password is asked
+    for, unless ``force``."""
+    try:
+        return lock_for_check(cipherdir)
+    except AlreadyMountedError as exc:
+        if not force:
+            raise AlreadyMountedError(f"{exc}; fsck --force checks it anyway") from exc
+        log.warning("%s; checking it anyway (--force): files being changed may be "
+                    "reported as damaged", exc)
+        return MountLock(None)
+
+
 def cmd_fsck(args: argparse.Namespace) -> None:
     cipherdir = _cipherdir(args.cipherdir)
+    with _lock_for_fsck(cipherdir, args.force):
+        _fsck(cipherdir, args)
+
+
+def _fsck(cipherdir: Path, args: argparse.Namespace) -> None:
     keyfile, keys = _unlock(cipherdir, args)
     sessions = SessionCache(select_engine(args.engine).engine, keys)
     try:
@@ -414,6 +439,9 @@ def parser() -> argparse.ArgumentParser:
     fsck.add_argument("--recovery", action="store_true", help="unlock with the recovery code")
     fsck.add_argument("--engine", choices=ENGINE_NAMES, default="auto")
     fsck.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    fsck.add_argument("--force", action="store_true",
+                      help="check even while it is mounted (changes in progress may show "
+                           "as damage)")
     fsck.set_defaults(func=cmd_fsck)
 
     info = sub.add_parser("info", help="format, key slots and engine (never key material)")

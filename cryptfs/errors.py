@@ -22,7 +22,7 @@ class ExitCode(enum.IntEnum):
     ENGINE = 13  # the requested crypto engine is not usable here
     MOUNT = 14  # the mount itself failed
     BUSY = 15  # unmount refused: a process has a file open or its working directory there
-    MOUNTED = 16  # the cipher directory is already mounted on this machine
+    MOUNTED = 16  # the cipher directory is already mounted on this machine (mount, fsck)
     FSCK_PROBLEMS = 20  # fsck found damage
 
 

@@ -11,7 +11,8 @@ may be synced to others: the refusal finds it in mountinfo instead) and is
 never deleted (a process that opened the old file before the delete would
 lock a different inode from one that creates the new file).  flock is local
 to one machine: two machines sharing a cipher directory over a network
-filesystem are not detected.
+filesystem are not detected.  ``cryptfs fsck`` takes the lock shared for
+its run: it refuses a mounted directory, and no mount starts under it.
 """
 
 from __future__ import annotations
@@ -66,10 +67,36 @@ def lock_cipherdir(cipherdir: Path, read_only: bool) -> MountLock:
         log.info("%s is not writable: mounting read-only without the lock against a "
                  "second mount", cipherdir)
         return MountLock(None)
+    return _take(cipherdir, path, fd, fcntl.LOCK_EX)
+
+
+def lock_for_check(cipherdir: Path) -> MountLock:
+    """A shared lock on ``cipherdir`` while ``cryptfs fsck`` reads it (a
+    mount's exclusive lock cannot be taken meanwhile), or raise
+    ``AlreadyMountedError`` naming where it is mounted.  Nothing is created:
+    without a lock file the directory has never been mounted read-write.
+    Another user's lock file may be unreadable: then nothing can be told."""
+    path = os.path.join(cipherdir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | _FLAGS)
+    except FileNotFoundError:
+        return MountLock(None)
+    except PermissionError as exc:
+        log.warning("cannot open %s (%s): not known whether %s is mounted", path,
+                    exc.strerror, cipherdir)
+        return MountLock(None)
+    except OSError as exc:
+        raise CipherDirError(f"cannot open {path}: {exc.strerror}") from exc
+    return _take(cipherdir, path, fd, fcntl.LOCK_SH)
+
+
+def _take(cipherdir: Path, path: str, fd: int, operation: int) -> MountLock:
+    """flock ``fd`` (``LOCK_EX`` or ``LOCK_SH``) without blocking; closes
+    it if the lock is refused."""
     deadline = time.monotonic() + EXIT_GRACE
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
             return MountLock(fd)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -131,5 +158,5 @@ def _already_mounted(cipherdir: Path) -> str:
                 f"cryptfs unmount {where[-1]})")
     return (f"{cipherdir} is already mounted by another cryptfs process on this machine "
             "(mounted with --fsname, in another mount namespace, or detached with --lazy "
-            "and still in use: cryptfs mounts here: "
+            "and still in use; or being checked by cryptfs fsck: cryptfs mounts here: "
             f"{', '.join(cryptfs_mounts()) or 'none'})")

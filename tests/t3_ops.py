@@ -7,6 +7,7 @@ reply buffer, which does not exist here): it collects the entries."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,12 +18,15 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
+from cryptfs.content.format import HEADER_SIZE
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions, Operations
+from cryptfs.fsck import Checker
 from cryptfs.keyfile import NEW_FEATURES
 from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
 from cryptfs.metadata import XATTR_SIZE_MAX
 from cryptfs.mount import assemble
+from cryptfs.names import NameCipher
 from tests.t3_tree import new_cipherdir
 
 
@@ -37,6 +41,7 @@ class Ctx:
 
 
 CTX = Ctx()
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -97,6 +102,40 @@ async def listdir(fs: Operations, ino: int, monkeypatch, per_reply: int = 1000) 
     return entries
 
 
+async def expect_errno(code: int, call, *args) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await call(*args)
+    assert fuse_errno(info) == code
+
+
+async def append(fs: Operations, ino: int, data: bytes) -> None:
+    fi = await fs.open(ino, os.O_WRONLY, CTX)
+    await fs.write(fi.fh, (await fs.getattr(ino, CTX)).st_size, data)
+    await fs.release(fi.fh)
+
+
+@contextlib.contextmanager
+def acting_as(uid: int):
+    """Root's process with another user's file access rights for the block."""
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def changes(**values):
+    """``setattr``'s attributes and fields for changing ``values`` only
+    (``st_mode=0o644``, ``st_size=0``, ...)."""
+    attr = pyfuse3.EntryAttributes()
+    fields = dict.fromkeys(["update_size", "update_mode", "update_uid", "update_gid",
+                            "update_atime", "update_mtime"], False)
+    for name, value in values.items():
+        setattr(attr, name, value)
+        fields["update_" + name.removeprefix("st_").removesuffix("_ns")] = True
+    return attr, SimpleNamespace(**fields)
+
+
 async def test_create_write_read_lookup(fs):
     data = os.urandom(10000)
     ino = await create(fs, ROOT_INODE, b"f", data)
@@ -151,12 +190,118 @@ async def test_xattrs(fs):
     d = (await fs.mkdir(ROOT_INODE, b"d", 0o755, CTX)).st_ino
     await fs.setxattr(d, b"user.dir", b"on a directory", CTX)
     assert await fs.getxattr(d, b"user.dir", CTX) == b"on a directory"
-    # On a symlink itself, never its target: Linux refuses user.* there (EPERM).
+    assert await fs.listxattr(ino, CTX) == []
+
+
+async def test_xattr_owner_through_first_write_rename_and_replacement(fs):
+    """A closed file's ID (what its bound xattrs are sealed to) is kept by
+    its inode: after its first write gave it one while open, after more
+    writes, a truncation to 0 and a rename; a file renamed over it has its
+    own."""
+    ino = await create(fs, ROOT_INODE, b"f")  # headerless: no ID, no attributes
+    await expect_errno(errno.ENODATA, fs.getxattr, ino, b"user.a", CTX)
+    fi = await fs.open(ino, os.O_RDWR, CTX)
+    await fs.write(fi.fh, 0, b"first write")
+    await fs.setxattr(ino, b"user.a", b"f's", CTX)  # sealed to the open file's new ID
+    await fs.release(fi.fh)
+    assert await fs.getxattr(ino, b"user.a", CTX) == b"f's"
+    await append(fs, ino, b", second write")
+    assert await fs.getxattr(ino, b"user.a", CTX) == b"f's"
+    await fs.rename(ROOT_INODE, b"f", ROOT_INODE, b"g", 0, CTX)
+    assert await lookup(fs, ROOT_INODE, b"g") == ino
+    assert await fs.getxattr(ino, b"user.a", CTX) == b"f's"
+    other = await create(fs, ROOT_INODE, b"h")
+    await fs.setxattr(other, b"user.a", b"h's", CTX)  # its first xattr makes its ID
+    assert await fs.getxattr(other, b"user.a", CTX) == b"h's"
+    await fs.rename(ROOT_INODE, b"h", ROOT_INODE, b"g", 0, CTX)
+    assert await lookup(fs, ROOT_INODE, b"g") == other
+    assert await fs.getxattr(other, b"user.a", CTX) == b"h's"
+    assert await fs.listxattr(other, CTX) == [b"user.a"]
+    await expect_errno(errno.ENOENT, fs.getxattr, ino, b"user.a", CTX)  # no name left
+    await append(fs, other, b"data")
+    await fs.setattr(other, *changes(st_size=0), None, CTX)  # truncating keeps the header
+    assert await fs.getxattr(other, b"user.a", CTX) == b"h's"
+
+
+async def test_xattr_owner_of_a_file_rewritten_behind_the_mount(fs, tmp_path, engine, keys):
+    """A backing file rewritten in place (the same inode) as a copy of
+    another file, attributes included: the ID the inode kept is not used,
+    and an attribute set now is sealed to the ID the file has now."""
+    x = await create(fs, ROOT_INODE, b"x", b"X")
+    y = await create(fs, ROOT_INODE, b"y", b"Y")
+    await fs.setxattr(x, b"user.k", b"x's", CTX)
+    await fs.setxattr(y, b"user.k", b"y's", CTX)
+    assert await fs.getxattr(x, b"user.k", CTX) == b"x's"
+    cipher = tmp_path / "cipher"
+    x_backing, y_backing = (cipher / os.fsdecode(fs.inodes.link(ino)[1]) for ino in (x, y))
+    with open(x_backing, "r+b") as f:
+        f.truncate(0)
+        f.write(y_backing.read_bytes())
+    for name in os.listxattr(x_backing):
+        os.removexattr(x_backing, name)
+    for name in os.listxattr(y_backing):
+        os.setxattr(x_backing, name, os.getxattr(y_backing, name))
+    assert await fs.getxattr(x, b"user.k", CTX) == b"y's"
+    await fs.setxattr(x, b"user.new", b"set now", CTX)
+    assert await fs.getxattr(x, b"user.new", CTX) == b"set now"
+    again = assemble(cipher, keys, engine, MountOptions(), NEW_FEATURES)
+    try:
+        ops = again.operations
+        ino = await lookup(ops, ROOT_INODE, b"x")
+        assert await ops.getxattr(ino, b"user.new", CTX) == b"set now"
+        assert await read_all(ops, ino) == b"Y"
+        assert Checker(str(cipher), ops.codec, NameCipher(keys), ops.metadata).run() == []
+    finally:
+        again.close()
+
+
+async def test_no_user_xattrs_on_symlinks_and_fifos(fs):
+    """On a symlink itself (never its target) or a fifo, Linux has no user.*
+    attributes: none to read (ENODATA), none may be set or removed (EPERM)."""
+    await create(fs, ROOT_INODE, b"f")
+    await fs.setxattr(await lookup(fs, ROOT_INODE, b"f"), b"user.note", b"target's", CTX)
     link = (await fs.symlink(ROOT_INODE, b"s", b"f", CTX)).st_ino
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await fs.setxattr(link, b"user.note", b"v", CTX)
-    assert fuse_errno(info) == errno.EPERM
-    assert await fs.listxattr(link, CTX) == [] and await fs.listxattr(ino, CTX) == []
+    fifo = (await fs.mknod(ROOT_INODE, b"p", stat.S_IFIFO | 0o644, 0, CTX)).st_ino
+    for ino in (link, fifo):
+        await expect_errno(errno.ENODATA, fs.getxattr, ino, b"user.note", CTX)
+        await expect_errno(errno.EPERM, fs.setxattr, ino, b"user.note", b"v", CTX)
+        await expect_errno(errno.EPERM, fs.removexattr, ino, b"user.note", CTX)
+        assert await fs.listxattr(ino, CTX) == []
+
+
+async def test_first_xattr_of_a_file_open_read_only(fs, tmp_path, engine, keys):
+    """An unprivileged daemon opens a read-only file's backing file
+    read-only.  Made writable while open, the still empty (headerless) file
+    takes its first xattr: the header goes through a descriptor of its own
+    (through the read-only one it failed with EBADF).  The attribute and
+    the empty contents outlast the open file and the mount; fsck is clean."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    cipher = tmp_path / "cipher"
+    os.chown(cipher, NOBODY, NOBODY)
+    with acting_as(NOBODY):
+        ino = await create(fs, ROOT_INODE, b"f")
+        await fs.setattr(ino, *changes(st_mode=0o444), None, CTX)
+        fi = await fs.open(ino, os.O_RDONLY, CTX)
+        assert not fs.handles.by_ino(ino).writable  # the case in question
+        # Read-only: refused, as Linux answers.
+        await expect_errno(errno.EACCES, fs.setxattr, ino, b"user.x", b"refused", CTX)
+        await fs.setattr(ino, *changes(st_mode=0o644), None, CTX)
+        await fs.setxattr(ino, b"user.x", b"first", CTX)
+        assert await fs.getxattr(ino, b"user.x", CTX) == b"first"
+        assert await fs.read(fi.fh, 0, 100) == b""
+        await fs.release(fi.fh)
+    (backing,) = [p for p in cipher.iterdir() if not p.name.startswith("cryptfs.")]
+    assert backing.stat().st_size == HEADER_SIZE  # a header, no page
+    again = assemble(cipher, keys, engine, MountOptions(), NEW_FEATURES)
+    try:
+        ops = again.operations
+        ino = await lookup(ops, ROOT_INODE, b"f")
+        assert await ops.getxattr(ino, b"user.x", CTX) == b"first"
+        assert await read_all(ops, ino) == b"" and (await ops.getattr(ino, CTX)).st_size == 0
+        assert Checker(str(cipher), ops.codec, NameCipher(keys), ops.metadata).run() == []
+    finally:
+        again.close()
 
 
 async def test_setattr_symlink_mknod(fs):

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from cryptfs.errors import ExitCode
-from cryptfs.mountlock import LOCK_NAME
+from cryptfs.mountlock import LOCK_NAME, lock_for_check
 from tests.conftest import (
     MOUNT_TIMEOUT,
     Mount,
@@ -202,6 +204,69 @@ def test_second_mount_refused_until_the_first_is_killed(dirs):
     cryptfs("unmount", str(other))
     assert lock_is_free(cipher)
     assert "had died" in cryptfs("unmount", str(plain)).stderr  # the first, dead
+
+
+def fsck_problems(cipher: Path, passfile: Path, *extra: str) -> list:
+    proc = cryptfs("fsck", str(cipher), "--passfile", str(passfile), "--json", *extra)
+    return json.loads(proc.stdout)["problems"]
+
+
+@pytest.mark.fuse
+def test_fsck_refuses_a_mounted_directory(dirs):
+    """A mounted directory changes under fsck's walk: fsck refuses it in
+    one line naming the mount point (before any password is asked for),
+    unless --force.  A never-mounted directory gets no lock file from it."""
+    cipher, plain, _, passfile = dirs
+    assert fsck_problems(cipher, passfile) == []
+    assert not (cipher / LOCK_NAME).exists()
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    (plain / "f").write_text("mounted")
+    proc = cryptfs("fsck", str(cipher), check=False)  # no --passfile, no terminal
+    assert proc.returncode == ExitCode.MOUNTED
+    line = one_line(proc)
+    assert f"is already mounted on {plain}" in line and "fsck --force" in line
+    proc = cryptfs("fsck", str(cipher), "--passfile", str(passfile), "--force")
+    assert f"is already mounted on {plain}" in proc.stderr and "--force" in proc.stderr
+    assert "no problems" in proc.stdout
+    cryptfs("unmount", str(plain))
+    assert fsck_problems(cipher, passfile) == []
+
+
+@pytest.mark.fuse
+def test_no_mount_while_fsck_runs(dirs):
+    """fsck holds the lock shared for its run: a mount is refused (after its
+    grace period for an ending daemon), another fsck is not."""
+    cipher, plain, _, passfile = dirs
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    cryptfs("unmount", str(plain))  # leaves the lock file
+    with lock_for_check(cipher):
+        proc = cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile),
+                       check=False)
+        assert proc.returncode == ExitCode.MOUNTED
+        assert "being checked by cryptfs fsck" in one_line(proc)
+        assert not is_mounted(plain)
+        assert fsck_problems(cipher, passfile) == []
+    cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    cryptfs("unmount", str(plain))
+
+
+def test_fsck_with_a_lock_file_it_cannot_open(caplog):
+    """Another user's lock file (mode 0600) in a directory it can read:
+    fsck's lock cannot tell whether the directory is mounted, says so, and
+    lets the check go on."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    with tempfile.TemporaryDirectory() as where:  # pytest's tmp_path is root's alone
+        cipher = Path(where)
+        cipher.chmod(0o755)
+        (cipher / LOCK_NAME).touch(mode=0o600)
+        os.seteuid(65534)
+        try:
+            with lock_for_check(cipher):
+                pass
+        finally:
+            os.seteuid(0)
+    assert "not known whether" in caplog.text and "Permission denied" in caplog.text
 
 
 @pytest.mark.fuse

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.conftest import (
     fsck_problems,
     init_cipherdir,
     init_v1_cipherdir,
+    small_tmpfs,
 )
 
 pytestmark = pytest.mark.fuse
@@ -221,6 +223,46 @@ def test_xattrs_follow_files_through_rename_and_hard_links(fmt):
     stop_clean(fmt)
 
 
+def outcome(call: Callable[[], object]) -> object:
+    """What a call returns, or the errno it fails with."""
+    try:
+        return call()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+
+
+def user_xattr_answers(path: Path) -> list[object]:
+    """Every user.* xattr call on ``path`` itself (never a symlink's target)."""
+    return [outcome(lambda: os.getxattr(path, "user.x", follow_symlinks=False)),
+            outcome(lambda: os.listxattr(path, follow_symlinks=False)),
+            outcome(lambda: os.setxattr(path, "user.x", b"v", follow_symlinks=False)),
+            outcome(lambda: os.removexattr(path, "user.x", follow_symlinks=False)),
+            subprocess.run(["getfattr", "-h", "-d", "-m", "-", path],
+                           capture_output=True).returncode]
+
+
+def test_symlinks_and_fifos_answer_xattr_calls_as_linux_does(fmt, tmp_path):
+    """Linux keeps no user.* attributes on symlinks or fifos: reading finds
+    none (ENODATA, an empty list), setting or removing one is EPERM.  Both
+    formats answer as a plain tmpfs does.  (The kernel answers all but
+    listxattr itself before asking the daemon; t3_ops checks the daemon's
+    own answers.)"""
+    fmt.start()
+    with small_tmpfs(tmp_path / "tmpfs", "1M") as plain:
+        expected = {}
+        for where in (plain, fmt.mountpoint):
+            os.symlink("target", where / "s")
+            os.mkfifo(where / "p")
+            (where / "target").write_text("t")
+            os.setxattr(where / "target", "user.x", b"on the target")
+            answers = {name: user_xattr_answers(where / name) for name in ("s", "p")}
+            expected = expected or answers
+            assert answers == expected, where
+    assert expected["s"] == ["ENODATA", [], "EPERM", "EPERM", 0]
+    assert os.getxattr(fmt.mountpoint / "s", "user.x") == b"on the target"  # followed
+    stop_clean(fmt)
+
+
 def test_xattr_on_a_file_without_header(bound):
     """A regular file that was never written has no header and so no ID:
     setting an attribute gives it a header first."""
@@ -239,6 +281,26 @@ def test_xattr_on_a_file_without_header(bound):
     assert backing.stat().st_size == 4096
     bound.check_log()
     assert fsck_problems(bound) == []
+
+
+def test_first_xattr_of_an_empty_file_open_read_only(bound):
+    """The header that a never-written file's first xattr needs is written
+    while the file is open (read-only here) elsewhere; nothing else changes."""
+    bound.start()
+    plain = bound.mountpoint
+    (plain / "empty").touch()
+    fd = os.open(plain / "empty", os.O_RDONLY)
+    try:
+        os.setxattr(plain / "empty", "user.x", b"set while open")
+        assert os.getxattr(plain / "empty", "user.x") == b"set while open"
+        assert os.read(fd, 100) == b"" and os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
+    stop_clean(bound)
+    bound.start()
+    assert os.getxattr(plain / "empty", "user.x") == b"set while open"
+    assert (plain / "empty").read_bytes() == b""
+    stop_clean(bound)
 
 
 def test_interrupted_symlink_rename_leaves_a_reported_temporary(bound):

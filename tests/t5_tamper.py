@@ -135,9 +135,13 @@ def test_other_files_and_writes_unaffected(tampered):
 
 def test_fsck_reports_each_kind(tampered):
     mount, _ = tampered
-    proc = subprocess.run(cryptfs_cmd("fsck", str(mount.cipherdir), "--passfile",
-                                      str(mount.passfile), "--json"),
-                          capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    mount.stop()  # fsck refuses a mounted directory
+    try:
+        proc = subprocess.run(cryptfs_cmd("fsck", str(mount.cipherdir), "--passfile",
+                                          str(mount.passfile), "--json"),
+                              capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    finally:
+        mount.start()
     assert proc.returncode == ExitCode.FSCK_PROBLEMS, proc.stderr
     found: dict[str, dict[str, int]] = {}
     for problem in json.loads(proc.stdout)["problems"]:

@@ -36,6 +36,9 @@ class Inode:
     dev_ino: tuple[int, int]
     links: set[Link] = field(default_factory=set)
     lookups: int = 0
+    # A regular file's ID and the backing ctime it was read at: the owner of
+    # its bound xattrs, kept by ``BackingTree.xattr_owner`` for the inode's life.
+    file_id: tuple[int, bytes] | None = None
 
 
 def _ignore(ino: int) -> None:
@@ -162,6 +165,7 @@ class InodeTable:
         if self._by_dev_ino.get(inode.dev_ino) is inode:
             del self._by_dev_ino[inode.dev_ino]
         inode.dev_ino = (st.st_dev, st.st_ino)
+        inode.file_id = None  # (a symlink has none; nothing read from the old entry stays)
         self._by_dev_ino[inode.dev_ino] = inode
 
     def exchange(self, a: Link, b: Link) -> None:

@@ -34,7 +34,7 @@ from cryptfs.errors import (
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.handles import DirHandleTable, HandleTable, OpenFile
 from cryptfs.fs.inodes import InodeTable
-from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes
+from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes, ensure_header
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.linux import proc_path
 from cryptfs.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, XattrOwner
@@ -429,7 +429,7 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         self._check_xattrs()
         self._check_writable()
-        owner = await self._xattr_owner(inode, create=True)
+        owner = await self._xattr_owner(inode, create=True, refused=errno.EPERM)
         sealed_name = self._xattr_name(name, owner)
         sealed = self.metadata.encrypt_xattr_value(sealed_name, value, owner)
         self.tree.set_xattr(inode, sealed_name, sealed)
@@ -450,6 +450,8 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         self._check_xattrs()
         names = []
+        # A symlink's list is empty (Linux stores no user.* attributes
+        # there), so its owner is never asked for.
         stored_names = [n for n in self.tree.list_xattrs(inode) if n.startswith("user.")]
         owner = await self._xattr_owner(inode) if stored_names else None
         for stored in stored_names:
@@ -463,20 +465,31 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         self._check_xattrs()
         self._check_writable()
-        owner = await self._xattr_owner(inode)
+        owner = await self._xattr_owner(inode, refused=errno.EPERM)
         self.tree.remove_xattr(inode, self._xattr_name(name, owner))
 
-    async def _xattr_owner(self, inode: int, create: bool = False) -> XattrOwner | None:
+    async def _xattr_owner(self, inode: int, create: bool = False,
+                           refused: int = errno.ENODATA) -> XattrOwner | None:
         """What the inode's xattrs are sealed to (None: not bound, version 1).
-        An open file's header is in memory; a new header is made under its lock."""
+        An open file's header is in memory; a new header is made under its lock.
+        An entry that can have no user.* attributes (a symlink, a device)
+        raises ``refused``: Linux finds none there (ENODATA) and refuses to
+        set or remove one (EPERM), as a version-1 directory's backing
+        filesystem answers."""
         if not self.metadata.bound:
             return None
         opened = self.handles.by_ino(inode)
         if opened is None:
-            return self.tree.xattr_owner(inode, create)
+            owner = self.tree.xattr_owner(inode, create)
+            if owner is None:
+                raise pyfuse3.FUSEError(refused)
+            return owner
         if create and opened.file.header is None:
             async with opened.lock:
-                opened.file.ensure_header()
+                if opened.file.header is None:
+                    # Through a descriptor of its own: the open one may be
+                    # read-only (the backing file was read-only when opened).
+                    opened.file.header = ensure_header(self.codec, proc_path(opened.fd))
         header = opened.file.header
         return XattrOwner(OWNER_FILE, header.file_id if header is not None else b"")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cryptfs.content.codec import ContentCodec
-from cryptfs.content.format import HEADER_SIZE
+from cryptfs.content.format import HEADER_SIZE, FileHeader
 from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.inodes import ROOT_INODE, Inode, InodeTable
@@ -105,6 +105,19 @@ def read_xattr_owner(dir_fd: int, name: str, st: os.stat_result,
     finally:
         os.close(fd)
     return XattrOwner(OWNER_FILE, codec.decode_header(data).file_id if data else b"")
+
+
+def ensure_header(codec: ContentCodec, path: str, dir_fd: int | None = None) -> FileHeader:
+    """A regular file's header, written first if it has none, through a
+    descriptor opened read-write for it (the file may be open read-only: a
+    first xattr gives it a header).  ``path``: a name in ``dir_fd`` (not
+    followed if a symlink), or without ``dir_fd`` a ``/proc/self/fd`` path."""
+    nofollow = os.O_NOFOLLOW if dir_fd is not None else 0
+    fd = os.open(path, os.O_RDWR | nofollow | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return codec.open(fd).ensure_header()
+    finally:
+        os.close(fd)
 
 
 class BackingTree:
@@ -283,22 +296,33 @@ class BackingTree:
         with self._entry(ino) as path:  # chmod has no nofollow form that works on Linux
             return apply_attributes(path, mode, uid, gid, times)
 
-    def xattr_owner(self, ino: int, create: bool = False) -> XattrOwner:
+    def xattr_owner(self, ino: int, create: bool = False) -> XattrOwner | None:
         """The owner ``ino``'s bound xattrs are sealed to; with ``create``, a
-        regular file without a header gets one (its ID is the owner)."""
+        regular file without a header gets one (its ID is the owner).  None
+        for an entry that can have none (Linux allows user.* attributes only
+        on regular files and directories).
+
+        A file's ID, once it has one, never changes (truncating keeps the
+        header), so the inode keeps it rather than reading the header each
+        time: trusted while the backing entry is the same inode with the same
+        ctime (anything rewritten behind our back changes it).  ``create``
+        (an xattr is about to be sealed) always reads the header."""
         dir_fd, name = self._locate(ino)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if (st.st_dev, st.st_ino) != self._inodes.get(ino).dev_ino:
+        inode = self._inodes.get(ino)
+        if (st.st_dev, st.st_ino) != inode.dev_ino:
             raise StaleInodeError(f"backing entry of inode {ino} was replaced")
         if stat.S_ISDIR(st.st_mode):
             return XattrOwner(OWNER_DIRECTORY, self.diriv(ino))
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if not create and inode.file_id is not None and inode.file_id[0] == st.st_ctime_ns:
+            return XattrOwner(OWNER_FILE, inode.file_id[1])
         owner = read_xattr_owner(dir_fd, name, st, self._codec)
         if create and not owner.identity:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            try:
-                owner = XattrOwner(OWNER_FILE, self._codec.open(fd).ensure_header().file_id)
-            finally:
-                os.close(fd)
+            owner = XattrOwner(OWNER_FILE, ensure_header(self._codec, name, dir_fd).file_id)
+        if owner.identity:  # a headerless file has no ID yet: its first write makes one
+            inode.file_id = (st.st_ctime_ns, owner.identity)
         return owner
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
