@@ -6,6 +6,7 @@ or signalled."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -151,22 +152,21 @@ async def serve(stack: Stack, idle: float | None = None, where: str | None = Non
             nursery.start_soon(_stop_when_idle, stack, idle)
         readahead = stack.operations.options.readahead_kb
         if where is not None and readahead:
-            nursery.start_soon(apply_readahead, where, readahead)
+            stack.operations.after_init = functools.partial(apply_readahead, where, readahead)
         notify_ready()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def apply_readahead(where: str, kib: int, fstype: str = FSTYPE) -> None:
-    """Set the mount's read-ahead once the kernel has our INIT reply (which
-    caps it at the 128 KiB the kernel offered): a statfs returns only after
-    that, so ask for one from a thread while this loop answers it."""
+def apply_readahead(where: str, kib: int, fstype: str = FSTYPE) -> None:
+    """Set the mount's read-ahead; called once the kernel has our INIT reply
+    (which caps it at the 128 KiB the kernel offered: set before, it would
+    be lost).  Nothing here touches the mount, so nothing waits for us.  A
+    trio callback: it must not raise."""
     try:
-        await trio.to_thread.run_sync(os.statvfs, where)
-    except OSError as exc:  # unmounted already
-        log.debug("read-ahead not set: %s", exc)
-        return
-    why = set_readahead(where, kib, fstype)
+        why = set_readahead(where, kib, fstype)
+    except Exception as exc:  # e.g. mountinfo unreadable: the mount works regardless
+        why = str(exc)
     if why is not None:  # not root, say: the kernel's default stays
         log.debug("read-ahead left at the kernel's default: %s", why)
 

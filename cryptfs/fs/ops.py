@@ -16,9 +16,11 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
 
 from cryptfs.content.codec import ContentCodec
 from cryptfs.errors import (
@@ -120,6 +122,18 @@ class Operations(pyfuse3.Operations):
         self._as_root = os.geteuid() == 0
         self._reported: set[tuple[str, str]] = set()  # damaged files already logged
         self.last_activity = time.monotonic()  # for --idle
+        # Run once the kernel has the INIT reply (mount.serve sets it).
+        self.after_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        """pyfuse3 calls this while it answers the kernel's INIT, whose reply
+        is written before this loop runs anything else: ``after_init`` runs
+        then.  Must not raise."""
+        if self.after_init is not None:
+            try:
+                trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
+            except RuntimeError:  # not inside trio (in-process tests)
+                log.exception("after_init not scheduled")
 
     # -- helpers --
 
