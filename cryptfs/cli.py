@@ -381,7 +381,8 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--fsname", help="name shown in /proc/mounts")
     mount.add_argument("--no-xattr", action="store_true",
                        help="refuse all extended attributes (saves a request per write)")
-    mount.add_argument("--readahead", type=_readahead, default=1024, metavar="KIB",
+    mount.add_argument("--readahead", type=_readahead, default=MountOptions.readahead_kb,
+                       metavar="KIB",
                        help="kernel read-ahead on the mount, as root (default 1024: "
                             "1 MiB read requests; 0: the kernel's default)")
     mount.add_argument("--nonempty", action="store_true",

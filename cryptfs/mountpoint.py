@@ -93,8 +93,8 @@ def set_readahead(mountpoint: str, kib: int, fstype: str = FSTYPE) -> str | None
     bdi: sequential reads then arrive as fewer, larger requests (up to
     1 MiB), each costing the daemon its fixed per-request work once.  Found
     through mountinfo: any stat of the mount point, realpath's included,
-    would wait for the daemon, which is not serving yet.  Needs root;
-    returns why not, else None."""
+    is a request to the daemon, which runs this on the very thread that
+    would have to answer it.  Needs root; returns why not, else None."""
     entry = mount_at(mountpoint)
     if entry is None or entry.fstype != fstype or not entry.device:
         return "mount not found in /proc/self/mountinfo"
