@@ -4,10 +4,10 @@ Files: one backing descriptor and lock per inode, shared by handles.
 
 All handles of an inode share one ``OpenFile``: one backing descriptor (so
 size changes are seen by every handle at once), one ``EncryptedFile`` (its
-header read and authenticated once), and one ``trio.Lock`` that serialises
-that file's I/O (writes read-modify-write the edge and final pages, so they
-must not interleave with each other or with reads).  Other files proceed
-in parallel.
+header read and authenticated once), and one ``FileLock``: writes and
+truncates hold it alone (they read-modify-write the edge and final pages,
+so they must not interleave with each other or with reads), reads share
+it.  Other files proceed in parallel.
 
 Directories: a handle remembers its inode and the listing snapshot that
 ``readdir`` continues from.
@@ -22,10 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-import trio
-
 from cryptfs.content.codec import ContentCodec, EncryptedFile
 from cryptfs.errors import StaleHandleError
+from cryptfs.fs.filelock import FileLock
 
 Opener = Callable[[int], int]  # open flags -> backing descriptor
 
@@ -37,7 +36,7 @@ class OpenFile:
     file: EncryptedFile
     writable: bool
     opens: int = 0
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    lock: FileLock = field(default_factory=FileLock)
 
 
 class HandleTable:

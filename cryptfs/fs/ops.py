@@ -347,15 +347,17 @@ class Operations(pyfuse3.Operations):
             log.warning("inode %d, backing file %s: %s", ino, where, exc)
         return pyfuse3.FUSEError(errno.EIO)
 
-    async def _file_io(self, opened: OpenFile, fn, *args, inline: bool = False):
-        """Run a codec call under the file's lock: on a worker thread, or
-        right here if ``inline`` (small and not waiting for a disk)."""
+    async def _file_io(self, opened: OpenFile, fn, *args, inline: bool = False,
+                       exclusive: bool = True):
+        """Run a codec call under the file's lock (shared for reads): on a
+        worker thread, or right here if ``inline`` (small and not waiting
+        for a disk)."""
         try:
-            if inline and not opened.lock.locked():
-                # Runs to completion without yielding: exclusive already,
-                # and skipping the lock's checkpoint saves a scheduler pass.
+            if inline and opened.lock.free(exclusive):
+                # Runs to completion without yielding: holds the lock in
+                # effect, and skipping it saves a scheduler pass.
                 return fn(*args)
-            async with opened.lock:
+            async with opened.lock.exclusive() if exclusive else opened.lock.shared():
                 if inline:
                     return fn(*args)
                 return await self._in_thread(fn, *args)
@@ -369,7 +371,7 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         opened = self.handles.get(fh)
         return await self._file_io(opened, opened.file.read, off, size,
-                                   inline=self._inline(opened, off, size))
+                                   inline=self._inline(opened, off, size), exclusive=False)
 
     @fuse_op
     async def write(self, fh, off, buf):
@@ -499,7 +501,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(refused)
             return owner
         if create and opened.file.header is None:
-            async with opened.lock:
+            async with opened.lock.exclusive():
                 if opened.file.header is None:
                     # Through a descriptor of its own: the open one may be
                     # read-only (the backing file was read-only when opened).
