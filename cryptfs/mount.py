@@ -19,6 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from cryptfs import fuseloop
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.engines import select_engine
@@ -134,10 +135,13 @@ def mounted(stack: Stack, mountpoint: Path, opts: set[str]) -> Iterator[None]:
     except RuntimeError as exc:
         stack.close()
         raise MountError(f"cannot mount on {mountpoint}: {exc}") from exc
+    if os.environ.get("CRYPTFS_PYFUSE3_LOOP") != "1":
+        fuseloop.install()
     try:
         yield
     finally:
         pyfuse3.close(unmount=True)
+        fuseloop.uninstall()
         stack.close()
 
 
@@ -154,7 +158,7 @@ async def serve(stack: Stack, idle: float | None = None, where: str | None = Non
         if where is not None and readahead:
             stack.operations.after_init = functools.partial(apply_readahead, where, readahead)
         notify_ready()
-        await pyfuse3.main()
+        await pyfuse3.main(max_tasks=fuseloop.MAX_TASKS)
         nursery.cancel_scope.cancel()
 
 
@@ -175,7 +179,7 @@ async def _stop_on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            fuseloop.terminate()
             return
 
 
@@ -185,7 +189,7 @@ async def _stop_when_idle(stack: Stack, idle: float) -> None:
         await trio.sleep(max(0.5, min(idle / 4, 30.0)))
         if len(stack.handles) == 0 and time.monotonic() - ops.last_activity >= idle:
             log.info("idle for %g s: unmounting", idle)
-            pyfuse3.terminate()
+            fuseloop.terminate()
             return
 
 

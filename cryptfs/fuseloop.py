@@ -1,0 +1,129 @@
+"""A cheaper wait for the next FUSE request than pyfuse3's own.
+
+pyfuse3's session loop awaits ``_wait_fuse_readable()`` before it reads each
+request: a ``trio.Lock`` and ``trio.lowlevel.wait_readable`` on /dev/fuse,
+so two trips through trio's scheduler and epoll_ctl/epoll_wait calls even
+when the kernel already has the next request queued, as it does through an
+untar or an rm -r (the writeback cache and asynchronous requests keep the
+queue full).  ``install`` replaces that function (pyfuse3 looks it up as a
+module global on every call) with one that first asks ``poll(2)`` with a
+zero timeout: when a request is waiting, the loop reads it without yielding.
+After ``STREAK`` such requests in a row it yields once, so that other tasks
+and the results of worker threads are not held up.
+
+Why it is safe: pyfuse3 reads the request with a blocking read right after
+this returns True, so True must mean "readable now".  Every True here
+follows a ``poll`` that said so, with no yield in between (a task woken by
+trio re-checks: another task may have taken the request meanwhile), and
+only one task at a time parks on the descriptor.  pyfuse3's own wait also
+checks the session's exit flag after taking its lock, which Python cannot
+read: ``terminate`` (use it instead of ``pyfuse3.terminate``) sets ours.
+
+pyfuse3 counts tasks waiting for requests only inside its own wait, so with
+this one it starts a new task for every request until it has
+``max_tasks``: pass a small bound to ``pyfuse3.main`` (``MAX_TASKS``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+
+import pyfuse3
+import trio
+
+log = logging.getLogger(__name__)
+
+STREAK = 32  # requests read without yielding to other tasks
+# Tasks serving requests: enough for every worker thread to be busy and a
+# few requests to wait on file locks while others are served.
+MAX_TASKS = 16
+
+
+class _State:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLIN)
+        self.lock = trio.Lock()  # one task parked on the descriptor at a time
+        self.streak = 0
+        self.closing = False
+
+
+_state: _State | None = None
+_pyfuse3_wait = getattr(pyfuse3, "_wait_fuse_readable", None)
+
+
+def fuse_fd() -> int | None:
+    """The descriptor of /dev/fuse that ``pyfuse3.init`` opened (this
+    process opens no other), or None."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:  # closed since listed (the listing's own descriptor)
+            continue
+    return None
+
+
+def install(fd: int | None = None) -> bool:
+    """Replace pyfuse3's wait (after ``pyfuse3.init``; ``fd``: /dev/fuse's
+    descriptor if not the one found); False, leaving pyfuse3's own in place,
+    if this pyfuse3 has none or no /dev/fuse is open."""
+    global _state
+    if fd is None:
+        fd = fuse_fd()
+    if fd is None or _pyfuse3_wait is None:
+        log.debug("pyfuse3's request loop left as it is")
+        return False
+    _state = _State(fd)
+    pyfuse3._wait_fuse_readable = _wait_readable
+    return True
+
+
+def uninstall() -> None:
+    """Put pyfuse3's own wait back (after ``pyfuse3.close``)."""
+    global _state
+    if _state is not None and _pyfuse3_wait is not None:
+        pyfuse3._wait_fuse_readable = _pyfuse3_wait
+    _state = None
+
+
+def stop() -> None:
+    """Every wait from now on returns False: the session loop ends."""
+    if _state is not None:
+        _state.closing = True
+
+
+def terminate() -> None:
+    """End the session loop: ``pyfuse3.terminate`` and ``stop``."""
+    stop()
+    pyfuse3.terminate()
+
+
+async def _wait_readable() -> bool:
+    state = _state
+    assert state is not None
+    if state.closing:
+        return False
+    if state.streak < STREAK and state.poller.poll(0):
+        state.streak += 1
+        return True
+    state.streak = 0
+    try:  # free (one task at work, none parked): no scheduler pass for it
+        state.lock.acquire_nowait()
+    except trio.WouldBlock:
+        await state.lock.acquire()
+    try:
+        while not state.closing:
+            try:
+                await trio.lowlevel.wait_readable(state.fd)
+            except trio.ClosedResourceError:  # pyfuse3.terminate: the loop ends
+                state.closing = True
+                break
+            if state.poller.poll(0):  # not taken by another task meanwhile
+                return True
+        return False
+    finally:
+        state.lock.release()
