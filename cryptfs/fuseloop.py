@@ -22,6 +22,11 @@ read: ``terminate`` (use it instead of ``pyfuse3.terminate``) sets ours.
 pyfuse3 counts tasks waiting for requests only inside its own wait, so with
 this one it starts a new task for every request until it has
 ``max_tasks``: pass a small bound to ``pyfuse3.main`` (``MAX_TASKS``).
+
+This leans on how pyfuse3's loop uses the function, so it is installed
+only on the pyfuse3 releases whose loop was read (``VERIFIED``); any other
+keeps pyfuse3's own wait (and ``tests/t3_fuseloop.py`` fails, asking for
+the new release's loop to be read).
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ import trio
 
 log = logging.getLogger(__name__)
 
+VERIFIED = ("3.5.",)  # pyfuse3 releases whose _session_loop this matches
 STREAK = 32  # requests read without yielding to other tasks
 # Tasks serving requests: enough for every worker thread to be busy and a
-# few requests to wait on file locks while others are served.
-MAX_TASKS = 16
+# few requests to wait on file locks while others are served (each request
+# goes to the next task in turn, so more only spreads them thinner).
+MAX_TASKS = 8
 
 
 class _State:
@@ -70,12 +77,12 @@ def fuse_fd() -> int | None:
 def install(fd: int | None = None) -> bool:
     """Replace pyfuse3's wait (after ``pyfuse3.init``; ``fd``: /dev/fuse's
     descriptor if not the one found); False, leaving pyfuse3's own in place,
-    if this pyfuse3 has none or no /dev/fuse is open."""
+    on a pyfuse3 release not verified or if no /dev/fuse is open."""
     global _state
     if fd is None:
         fd = fuse_fd()
-    if fd is None or _pyfuse3_wait is None:
-        log.debug("pyfuse3's request loop left as it is")
+    if fd is None or _pyfuse3_wait is None or not pyfuse3.__version__.startswith(VERIFIED):
+        log.debug("pyfuse3 %s: its own request loop is kept", pyfuse3.__version__)
         return False
     _state = _State(fd)
     pyfuse3._wait_fuse_readable = _wait_readable

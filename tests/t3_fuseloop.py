@@ -19,7 +19,9 @@ def channel():
     """(read end installed as the FUSE descriptor, write end)."""
     r, w = os.pipe()
     os.set_blocking(r, False)  # a wait that lied fails the read, not hangs it
-    assert fuseloop.install(r)
+    assert fuseloop.install(r), (
+        f"pyfuse3 {pyfuse3.__version__} is not in fuseloop.VERIFIED: read its "
+        "_session_loop and _wait_fuse_readable, then add it")
     yield r, w
     fuseloop.uninstall()
     os.close(r)
