@@ -3,9 +3,9 @@
 pyfuse3's session loop awaits ``_wait_fuse_readable()`` before it reads each
 request: a ``trio.Lock`` and ``trio.lowlevel.wait_readable`` on /dev/fuse,
 so two trips through trio's scheduler and epoll_ctl/epoll_wait calls even
-when the kernel already has the next request queued, as it does through an
-untar or an rm -r (the writeback cache and asynchronous requests keep the
-queue full).  ``install`` replaces that function (pyfuse3 looks it up as a
+when the kernel already has the next request queued (the writeback cache's
+writes, releases and other asynchronous requests: about one request in six
+during an untar).  ``install`` replaces that function (pyfuse3 looks it up as a
 module global on every call) with one that first asks ``poll(2)`` with a
 zero timeout: when a request is waiting, the loop reads it without yielding.
 After ``STREAK`` such requests in a row it yields once, so that other tasks
