@@ -34,9 +34,6 @@ class FileLock:
     def exclusive(self) -> _Exclusive:
         return _Exclusive(self)
 
-    def locked(self) -> bool:
-        return self._order.locked() or self._readers > 0
-
 
 class _Shared:
     __slots__ = ("_lock",)
