@@ -135,8 +135,7 @@ def mounted(stack: Stack, mountpoint: Path, opts: set[str]) -> Iterator[None]:
     except RuntimeError as exc:
         stack.close()
         raise MountError(f"cannot mount on {mountpoint}: {exc}") from exc
-    if os.environ.get("CRYPTFS_PYFUSE3_LOOP") != "1":
-        fuseloop.install()
+    fuseloop.install()
     try:
         yield
     finally:
