@@ -125,8 +125,9 @@ class OpenSSLEngine:
     # file's syscalls; on the native path the hop costs more than it buys
     # too: the loop thread sits idle while the worker ciphers, and the hop
     # and wake-up add latency to each of the kernel's few reads in flight
-    # (1 MiB requests inline, same run: cold reads 1.85x, sequential writes
-    # 1.2x).  Large runs are split over the engine's own threads instead.
+    # (1 MiB requests inline, scripts/bench same run, 1 GiB: cold reads
+    # 1.55-1.69x, sequential writes 1.25x).  Large runs are split over the
+    # engine's own threads instead.
     inline_max = 1024 * 1024
 
     def __init__(self, path: str | None = None, helpers: int | None = None) -> None:
