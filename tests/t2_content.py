@@ -3,6 +3,7 @@ at every boundary, holes and sparse files, and damaged backing files."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 
@@ -118,6 +119,39 @@ def test_final_page_trailer_spill_is_cleared(codec, backing):
     g.truncate(P)
     g.truncate(2 * P + 3)
     assert g.read(0, 4 * P) == b"b" * P + bytes(P + 3)
+
+
+@pytest.mark.parametrize(("size", "offset"), [
+    (0, 0),  # a new file: header and pages go in one write
+    (0, 3 * P),  # a new file written past a hole
+    (2 * P, 2 * P),  # page-aligned append: the old trailer spilled into the next unit
+    (P + 100, 4 * P),  # past a hole after a partial final page
+])
+def test_full_disk_append_leaves_the_file_as_it_was(codec, tmp_path, size, offset):
+    """Appending writes skip fallocate; when the disk fills half-way through
+    one, the old size and the old trailer bytes are put back: the file reads
+    as before, and writes again once there is room."""
+    with small_tmpfs(tmp_path / "small", "1m") as small:
+        fd = os.open(small / "f", os.O_RDWR | os.O_CREAT, 0o600)
+        filler = os.open(small / "filler", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            data = secrets.token_bytes(size)
+            f = codec.open(fd)
+            f.write(0, data)
+            os.posix_fallocate(filler, 0, (os.statvfs(small).f_bavail - 3) * P)
+            with pytest.raises(OSError) as info:
+                f.write(offset, secrets.token_bytes(8 * P))  # 3 pages fit, not 8
+            assert info.value.errno == errno.ENOSPC
+            assert f.size() == size
+            assert f.read(0, 16 * P) == codec.open(fd).read(0, 16 * P) == data
+            os.ftruncate(filler, 0)
+            more = secrets.token_bytes(8 * P)
+            f.write(offset, more)
+            expected = data.ljust(offset, b"\0") + more
+            assert f.read(0, 16 * P) == codec.open(fd).read(0, 16 * P) == expected
+        finally:
+            os.close(fd)
+            os.close(filler)
 
 
 def test_sparse_file_beyond_4_gib(codec, backing):
