@@ -15,7 +15,8 @@ Why it is safe: pyfuse3 reads the request with a blocking read right after
 this returns True, so True must mean "readable now".  Every True here
 follows a ``poll`` that said so, with no yield in between (a task woken by
 trio re-checks: another task may have taken the request meanwhile), and
-only one task at a time parks on the descriptor.  pyfuse3's own wait also
+only one task at a time parks on the descriptor (the others wait for their
+turn in a parking lot, handed on by the parked task when it leaves).  pyfuse3's own wait also
 checks the session's exit flag after taking its lock, which Python cannot
 read: ``terminate`` (use it instead of ``pyfuse3.terminate``) sets ours.
 
@@ -54,7 +55,12 @@ class _State:
         self.fd = fd
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
-        self.lock = trio.Lock()  # one task parked on the descriptor at a time
+        # One task at a time waits on the descriptor (``parked``); others
+        # queue in ``turns``.  Not a trio.Lock: without its bookkeeping
+        # (owner checks, breaker registration, a parking-lot call per release) an untar
+        # took 7-11 % less daemon CPU (two alternated A/Bs, 10-12 rounds).
+        self.parked = False
+        self.turns = trio.lowlevel.ParkingLot()
         self.streak = 0
         self.closing = False
 
@@ -123,10 +129,9 @@ async def _wait_readable() -> bool:
         state.streak += 1
         return True
     state.streak = 0
-    try:  # free (one task at work, none parked): no scheduler pass for it
-        state.lock.acquire_nowait()
-    except trio.WouldBlock:
-        await state.lock.acquire()
+    while state.parked:  # (none parked: take the turn with no scheduler pass)
+        await state.turns.park()
+    state.parked = True
     try:
         while not state.closing:
             try:
@@ -138,4 +143,6 @@ async def _wait_readable() -> bool:
                 return True
         return False
     finally:
-        state.lock.release()
+        state.parked = False
+        if state.turns:
+            state.turns.unpark()

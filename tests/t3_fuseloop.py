@@ -65,17 +65,44 @@ async def test_it_yields_after_a_streak(channel):
 async def test_each_request_goes_to_one_task_and_stop_ends_all(channel):
     r, w = channel
     got: list = []
-    async with trio.open_nursery() as nursery:
-        for name in "abc":  # one parks on the pipe, two on the lock
-            nursery.start_soon(serve, r, got, name)
-        await trio.testing.wait_all_tasks_blocked()
-        for k in range(5):
-            os.write(w, bytes([k]))
-            with trio.fail_after(10):
-                while len(got) <= k:
-                    await trio.sleep(0.001)
+    with trio.fail_after(30):  # a waiter left behind fails, not hangs
+        async with trio.open_nursery() as nursery:
+            for name in "abc":  # one parks on the pipe, two wait for their turn
+                nursery.start_soon(serve, r, got, name)
             await trio.testing.wait_all_tasks_blocked()
-        assert sorted(data for _, data in got) == [bytes([k]) for k in range(5)]
-        fuseloop.stop()
-        trio.lowlevel.notify_closing(r)  # what pyfuse3.terminate does
+            for k in range(5):
+                os.write(w, bytes([k]))
+                with trio.fail_after(10):
+                    while len(got) <= k:
+                        await trio.sleep(0.001)
+                await trio.testing.wait_all_tasks_blocked()
+            assert sorted(data for _, data in got) == [bytes([k]) for k in range(5)]
+            fuseloop.stop()
+            trio.lowlevel.notify_closing(r)  # what pyfuse3.terminate does
     assert len(got) == 5
+
+
+async def test_a_cancelled_waiter_hands_its_turn_on(channel):
+    r, w = channel
+    got: list = []
+    scopes: dict = {}
+
+    async def cancellable(name: str) -> None:
+        with trio.CancelScope() as scopes[name]:
+            await serve(r, got, name)
+
+    with trio.fail_after(30):  # a waiter left behind fails, not hangs
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancellable, "a")  # parks on the pipe
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(cancellable, "b")  # waits for its turn
+            await trio.testing.wait_all_tasks_blocked()
+            scopes["a"].cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            os.write(w, b"x")
+            with trio.fail_after(10):
+                while not got:
+                    await trio.sleep(0.001)
+            assert got == [("b", b"x")]
+            fuseloop.stop()
+            trio.lowlevel.notify_closing(r)
