@@ -122,15 +122,16 @@ def test_final_page_trailer_spill_is_cleared(codec, backing):
 
 
 @pytest.mark.parametrize(("size", "offset"), [
-    (0, 0),  # a new file: header and pages go in one write
+    (0, 0),  # a new file: header and pages in one write
     (0, 3 * P),  # a new file written past a hole
     (2 * P, 2 * P),  # page-aligned append: the old trailer spilled into the next unit
     (P + 100, 4 * P),  # past a hole after a partial final page
 ])
 def test_full_disk_append_leaves_the_file_as_it_was(codec, tmp_path, size, offset):
-    """Appending writes skip fallocate; when the disk fills half-way through
-    one, the old size and the old trailer bytes are put back: the file reads
-    as before, and writes again once there is room."""
+    """A full disk fails an appending write (a new file's first, whose
+    header goes out with its pages; past a hole; page-aligned, over the old
+    trailer's spill) before the file changes: it reads as before, and takes
+    the write once there is room."""
     with small_tmpfs(tmp_path / "small", "1m") as small:
         fd = os.open(small / "f", os.O_RDWR | os.O_CREAT, 0o600)
         filler = os.open(small / "filler", os.O_RDWR | os.O_CREAT, 0o600)
@@ -149,6 +150,29 @@ def test_full_disk_append_leaves_the_file_as_it_was(codec, tmp_path, size, offse
             f.write(offset, more)
             expected = data.ljust(offset, b"\0") + more
             assert f.read(0, 16 * P) == codec.open(fd).read(0, 16 * P) == expected
+        finally:
+            os.close(fd)
+            os.close(filler)
+
+
+def test_new_file_whose_header_finds_no_room_stays_empty(codec, tmp_path):
+    """A new file's header goes out with its first pages, after only the
+    pages were reserved: with room for exactly those, the write fails with
+    ENOSPC and leaves the file empty (not a file without its header)."""
+    with small_tmpfs(tmp_path / "small", "1m") as small:
+        fd = os.open(small / "f", os.O_RDWR | os.O_CREAT, 0o600)
+        filler = os.open(small / "filler", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            f = codec.open(fd)
+            data = secrets.token_bytes(8 * P)  # 8 pages and a trailer: 9 units
+            os.posix_fallocate(filler, 0, (os.statvfs(small).f_bavail - 9) * P)
+            with pytest.raises(OSError) as info:
+                f.write(0, data)
+            assert info.value.errno == errno.ENOSPC
+            assert os.fstat(fd).st_size == 0 and f.size() == 0 and f.header is None
+            os.ftruncate(filler, 0)
+            f.write(0, data)
+            assert f.read(0, 9 * P) == codec.open(fd).read(0, 9 * P) == data
         finally:
             os.close(fd)
             os.close(filler)

@@ -254,18 +254,14 @@ class EncryptedFile:
 
     def _write_run(self, first: int, length: int,
                    pieces: list[tuple[int, bytes | bytearray | memoryview]],
-                   size: int, backing_end: int | None = None) -> None:
+                   size: int) -> None:
         """Encrypt the run of ``length`` stored bytes starting at page
         ``first`` and write it in place (then its tags, in authenticated
         mode; ``size`` is the file's size once written).  Its plaintext is
-        zero except for ``pieces``: (offset in the run, bytes).
-
-        ``backing_end`` (the backing size before a write) lets a run that
-        starts at the old end skip ``reserve``: see ``_append``."""
-        start = self._layout.unit_offset(first)
-        appending = (self._tagger is None and backing_end is not None
-                     and backing_end - start <= TRAILER_SIZE)
-        with_header = appending and self.header is None and first == 0
+        zero except for ``pieces``: (offset in the run, bytes)."""
+        where = self._layout.unit_offset(first)
+        # A new file's first pages go out in one write with its header.
+        with_header = self._tagger is None and self.header is None and first == 0
         header = self._codec.new_header() if with_header else self.ensure_header()
         plain = _plaintext.get(length)  # page-aligned: the kernel engine vmsplices it
         filled = 0
@@ -277,17 +273,12 @@ class EncryptedFile:
         out = _ciphertext.get(length)
         with self._codec.sessions.session(header.file_id) as session:
             session.encrypt(first, plain, out)
-        if with_header:  # a new file: header and first pages in one write
-            self._append(0, [self._codec.encode_header(header), out], 0)
-            self.header = header
-            return
-        if appending:
-            assert backing_end is not None
-            self._append(start, [out], max(backing_end, HEADER_SIZE))
-            return
         if self._tagger is None:
-            reserve(self.fd, start, length)
-            pwrite_all(self.fd, out, start)
+            reserve(self.fd, where, length)
+            if with_header:
+                self._write_first(header, out)
+            else:
+                pwrite_all(self.fd, out, where)
             return
         parts = self._stored_segments(first, length)
         for a, b, start, end in parts:  # a full disk fails here, before any byte changes
@@ -299,22 +290,15 @@ class EncryptedFile:
             pwrite_all(self.fd, self._tagger.tags(header.file_id, a, size, out[start:end]),
                        tag_offset(a))
 
-    def _append(self, at: int, parts: list[bytes | bytearray | memoryview],
-                backing_end: int) -> None:
-        """Write ``parts`` at ``at``, where the backing file ends
-        (``backing_end``) or at most a trailer's length before it, without
-        ``reserve``: no stored page is overwritten, only the bytes of the old
-        final page's trailer that spilled past its unit.  If the write fails
-        (a full disk), those bytes and the old size are put back, so the file
-        reads as before.  Saves a fallocate per appending write (~13 % of a
-        sequential write's time in process; the bulk of a new file's write)."""
-        kept = os.pread(self.fd, backing_end - at, at) if backing_end > at else b""
+    def _write_first(self, header: FileHeader, units: memoryview) -> None:
+        """Write a new (empty) file's header and first units in one call,
+        saving a syscall per new file; a failed write leaves it empty."""
         try:
-            pwritev_all(self.fd, parts, at)
+            pwritev_all(self.fd, [self._codec.encode_header(header), units], 0)
         except OSError:
-            os.ftruncate(self.fd, backing_end)  # shrinking needs no space
-            pwrite_all(self.fd, kept, at)
+            os.ftruncate(self.fd, 0)
             raise
+        self.header = header
 
     def _reserve_tags(self, first: int, last: int) -> None:
         """Allocate the tag slots of pages ``first..last`` (see ``reserve``)."""
@@ -375,8 +359,7 @@ class EncryptedFile:
         length = len(data)
         if not length:
             return 0
-        stored = os.fstat(self.fd).st_size
-        old = self._layout.plaintext_size(stored)
+        old = self.size()
         end = offset + length
         new = max(old, end)
         run = pages_for(offset, end, new)
@@ -392,8 +375,7 @@ class EncryptedFile:
             self._reserve_tags(holes_from, run.first - 1)
 
         self._write_run(run.first, run.length,
-                        [(0, head), (offset - page_start, data), (end - page_start, tail)], new,
-                        backing_end=stored)
+                        [(0, head), (offset - page_start, data), (end - page_start, tail)], new)
         if stale is not None:
             self._retire_final(stale, stale_plain, old, new, clear_spill=run.first > stale + 1)
         self._write_hole_tags(holes_from, run.first - 1, new)
