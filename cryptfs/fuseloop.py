@@ -16,9 +16,10 @@ this returns True, so True must mean "readable now".  Every True here
 follows a ``poll`` that said so, with no yield in between (a task woken by
 trio re-checks: another task may have taken the request meanwhile), and
 only one task at a time parks on the descriptor (the others wait for their
-turn in a parking lot, handed on by the parked task when it leaves).  pyfuse3's own wait also
-checks the session's exit flag after taking its lock, which Python cannot
-read: ``terminate`` (use it instead of ``pyfuse3.terminate``) sets ours.
+turn in a parking lot, handed on by the parked task when it leaves).
+pyfuse3's own wait also checks the session's exit flag after taking its
+lock, which Python cannot read: ``terminate`` (use it instead of
+``pyfuse3.terminate``) sets ours.
 
 pyfuse3 counts tasks waiting for requests only inside its own wait, so with
 this one it starts a new task for every request until it has
