@@ -259,7 +259,6 @@ class EncryptedFile:
         ``first`` and write it in place (then its tags, in authenticated
         mode; ``size`` is the file's size once written).  Its plaintext is
         zero except for ``pieces``: (offset in the run, bytes)."""
-        where = self._layout.unit_offset(first)
         # A new file's first pages go out in one write with its header.
         with_header = self._tagger is None and self.header is None and first == 0
         header = self._codec.new_header() if with_header else self.ensure_header()
@@ -274,6 +273,7 @@ class EncryptedFile:
         with self._codec.sessions.session(header.file_id) as session:
             session.encrypt(first, plain, out)
         if self._tagger is None:
+            where = self._layout.unit_offset(first)
             reserve(self.fd, where, length)
             if with_header:
                 self._write_first(header, out)
