@@ -398,28 +398,3 @@ def test_mmap_shared_and_private(mnt):
             assert m[P - 2:P + 2] == b"WXYZ"
     data = path.read_bytes()
     assert data[P - 2:P + 2] == b"WXYZ" and data[:4] == b"aaaa"
-
-
-def test_daemon_does_not_leak_descriptors(cryptfs_mount, mnt):
-    def daemon_fds() -> int:
-        return len(os.listdir(f"/proc/{cryptfs_mount.proc.pid}/fd"))
-
-    for i in range(20):  # warm up: sessions and channels reach their steady state
-        (mnt / f"w{i}").write_bytes(b"x" * 5000)
-    before = daemon_fds()
-    for i in range(300):
-        path, data = mnt / f"f{i}", os.urandom(5000)
-        path.write_bytes(data)
-        assert path.read_bytes() == data
-        os.unlink(path)
-    from cryptfs.content.sessions import DEFAULT_CAPACITY
-    from cryptfs.engines.afalg import MAX_IDLE_CHANNELS
-
-    # Only the session LRU holds descriptors (kernel engine: a tfm socket and
-    # up to two channels of three each per session); nothing per file.
-    per_session = 1 + 3 * MAX_IDLE_CHANNELS if cryptfs_mount.engine == "afalg" else 0
-    bound = before + DEFAULT_CAPACITY * per_session + 8
-    assert daemon_fds() <= bound
-    for i in range(300):
-        (mnt / f"again{i}").write_bytes(b"y")
-    assert daemon_fds() <= bound

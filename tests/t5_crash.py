@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ENGINE_PARAMS, Mount, init_cipherdir, mount_engine_param, require_fuse
+from tests.conftest import MOUNT_ENGINES, Mount, init_cipherdir, mount_engine_param, require_fuse
 
 WRITER = r"""
 import hashlib, os, sys
@@ -42,7 +42,7 @@ with open(journal, "a") as log:
 """
 
 
-@pytest.fixture(params=ENGINE_PARAMS)
+@pytest.fixture(params=MOUNT_ENGINES)
 def engine(request):
     require_fuse()
     return mount_engine_param(request)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    ENGINE_PARAMS,
+    MOUNT_ENGINES,
     Mount,
     init_cipherdir,
     mount_engine_param,
@@ -24,7 +24,7 @@ from tests.conftest import (
 MARKER = "ZEBRA-MARKER-7731"
 
 
-@pytest.fixture(params=ENGINE_PARAMS)
+@pytest.fixture(params=MOUNT_ENGINES)
 def fresh(request, tmp_path):
     """A cipher directory and an unmounted Mount for it (tests damage the
     backing files between mounts)."""

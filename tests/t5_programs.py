@@ -1,5 +1,9 @@
 """Real programs on a real mount: git, tar, sqlite3, rsync, cp -a, mmap,
-and a sparse file beyond 4 GiB."""
+a sparse file beyond 4 GiB, and the daemon's descriptors after them.
+
+This is the one module that mounts on every engine in both modes (default
+and ``--authenticated``): in the kernel VM it is the kernel engine's
+end-to-end check, with real programs as the workload."""
 
 from __future__ import annotations
 
@@ -13,8 +17,33 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import module_mount
+
 # A real tree of thousands of files: this interpreter's standard library.
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+AFALG = pytest.mark.afalg
+MOUNT_KINDS = [
+    pytest.param(("openssl", ()), id="openssl"),
+    pytest.param(("openssl", ("--authenticated",)), id="openssl-authenticated"),
+    pytest.param(("afalg", ()), id="afalg", marks=AFALG),
+    pytest.param(("afalg", ("--authenticated",)), id="afalg-authenticated", marks=AFALG),
+]
+
+
+@pytest.fixture(scope="module", params=MOUNT_KINDS)
+def program_mount(request, tmp_path_factory):
+    """This module's mount: every engine, in both modes."""
+    engine, init_extra = request.param
+    yield from module_mount(engine, tmp_path_factory, *init_extra)
+
+
+@pytest.fixture
+def mnt(program_mount, request) -> Path:
+    path = program_mount.mountpoint / request.node.name.replace("[", "-").replace("]", "")
+    path.mkdir()
+    return path
 
 
 def run(*cmd: str, cwd: Path | None = None) -> str:
@@ -179,3 +208,28 @@ def test_large_sequential_copy(mnt, tmp_path, size):
     shutil.copyfile(src, mnt / "copy")
     assert hashlib.sha256((mnt / "copy").read_bytes()).digest() == \
         hashlib.sha256(src.read_bytes()).digest()
+
+
+def test_daemon_does_not_leak_descriptors(program_mount, mnt):
+    def daemon_fds() -> int:
+        return len(os.listdir(f"/proc/{program_mount.proc.pid}/fd"))
+
+    for i in range(20):  # warm up: sessions and channels reach their steady state
+        (mnt / f"w{i}").write_bytes(b"x" * 5000)
+    before = daemon_fds()
+    for i in range(300):
+        path, data = mnt / f"f{i}", os.urandom(5000)
+        path.write_bytes(data)
+        assert path.read_bytes() == data
+        os.unlink(path)
+    from cryptfs.content.sessions import DEFAULT_CAPACITY
+    from cryptfs.engines.afalg import MAX_IDLE_CHANNELS
+
+    # Only the session LRU holds descriptors (kernel engine: a tfm socket and
+    # up to two channels of three each per session); nothing per file.
+    per_session = 1 + 3 * MAX_IDLE_CHANNELS if program_mount.engine == "afalg" else 0
+    bound = before + DEFAULT_CAPACITY * per_session + 8
+    assert daemon_fds() <= bound
+    for i in range(300):
+        (mnt / f"again{i}").write_bytes(b"y")
+    assert daemon_fds() <= bound

@@ -15,7 +15,7 @@ import pytest
 from cryptfs.content.tags import backing_size, tag_offset, unit_offset
 from cryptfs.errors import ExitCode
 from tests.conftest import (
-    ENGINE_PARAMS,
+    MOUNT_ENGINES,
     MOUNT_TIMEOUT,
     Mount,
     cryptfs_cmd,
@@ -55,7 +55,7 @@ def zero(path: Path, at: int, size: int) -> None:
         os.pwrite(f.fileno(), bytes(size), at)
 
 
-@pytest.fixture(scope="module", params=ENGINE_PARAMS)
+@pytest.fixture(scope="module", params=MOUNT_ENGINES)
 def tampered(request, tmp_path_factory):
     """An authenticated cipher directory with one file per kind of damage
     (and a healthy one), damaged while unmounted, then mounted again."""
