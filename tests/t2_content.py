@@ -242,14 +242,15 @@ def test_which_bytes_of_a_final_unit_are_checked(engine, backing, r):
     caught only in its last ``16 + r mod 16`` bytes: the trailer block, and
     with ciphertext stealing (``r`` not a multiple of 16) the stolen partial
     block too; every other byte decrypts on its own, garbled, unnoticed.
-    (Fixed keys and file ID: a flip in the partial block misses the check
-    with probability 2^-8(16 - r mod 16); pinned, not left to chance.)"""
+    (Fixed keys, file ID and plaintext: a flip in the partial block misses
+    the check with probability 2^-8(16 - r mod 16); pinned, not left to
+    chance.)"""
     keys = KeyRing(bytes(range(32)))
     sessions = SessionCache(engine, keys)
     try:
         codec = ContentCodec(keys, sessions)
         codec.new_header = lambda: FileHeader(bytes(range(16, 32)))
-        codec.open(backing).write(0, bytes(range(256)) * 16 + secrets.token_bytes(r))
+        codec.open(backing).write(0, (bytes(range(256)) * 33)[:P + r])
         unit = 2 * P  # page 1, the final page: r + 16 bytes
         detected = set()
         for at in range(r + TRAILER_SIZE):
