@@ -158,6 +158,15 @@ def test_damaged_file_reads_eio(tampered, name):
     assert info.value.errno == errno.EIO
 
 
+def test_cut_to_header_is_logged_with_its_backing_path(tampered):
+    mount, backing = tampered
+    with pytest.raises(OSError) as info:
+        open(mount.mountpoint / "cut-to-header", "rb").close()
+    assert info.value.errno == errno.EIO
+    (line,) = [line for line in mount.log().splitlines() if "cut to its header" in line]
+    assert backing["cut-to-header"].name in line
+
+
 @pytest.mark.parametrize("name", sorted(INTACT))
 def test_emptied_and_shortened_files_read_back(tampered, name):
     mount, backing = tampered

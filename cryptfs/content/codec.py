@@ -108,7 +108,9 @@ def refuse_stale_tags(header: bytes) -> None:
     cut to its header outside cryptfs, which no final page's tag can show."""
     if any(memoryview(header)[HEADER_FIELDS:]):
         raise PageTagError("the file was cut to its header: its tags describe pages "
-                           "that are gone (truncated outside cryptfs)", "truncated")
+                           "that are gone (truncated outside cryptfs, or a power loss "
+                           "while it was being emptied); delete it or restore it",
+                           "truncated")
 
 
 def reserve(fd: int, offset: int, length: int) -> None:
@@ -411,10 +413,10 @@ class EncryptedFile:
         if size == old:
             return
         if size == 0:
-            # Tags first: a crash in between leaves pages without tags (their
-            # reads fail, and truncating again repairs the file), never a
-            # header-only file with tags, which reads as cut short behind
-            # cryptfs's back (refuse_stale_tags).
+            # Tags first: if the daemon dies in between, pages are left
+            # without tags (their reads fail, emptying again repairs the
+            # file), not a header-only file with tags, which is refused as
+            # cut short behind cryptfs's back (refuse_stale_tags).
             if self._tagger is not None and self.header is not None:
                 pwrite_all(self.fd, bytes(HEADER_SIZE - HEADER_FIELDS), HEADER_FIELDS)
             os.ftruncate(self.fd, HEADER_SIZE if self.header is not None else 0)
