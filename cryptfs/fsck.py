@@ -59,7 +59,8 @@ MOVED_CANDIDATES = 256  # failing pages kept to look for pages moved elsewhere
 class Problem:
     kind: str  # diriv, name, sidecar, symlink, xattr, size, header, header-mac,
     #            version, final-page, io, stale-keyfile, leftover; authenticated
-    #            directories also tag-missing, page-zeroed, page-moved, page-tag
+    #            directories also tag-missing, page-zeroed, page-moved, page-tag,
+    #            truncated
     #            (stable: scripts read --json)
     backing: str
     plaintext: str | None
@@ -302,7 +303,9 @@ class Checker:
                 file.read(offset, CHUNK, size)
                 self.progress.add(nbytes=min(CHUNK, size - offset))
         except CryptfsError as exc:
-            self.report(CONTENT_KINDS.get(type(exc), "content"), child, plain, str(exc))
+            kind = exc.kind if isinstance(exc, PageTagError) else \
+                CONTENT_KINDS.get(type(exc), "content")
+            self.report(kind, child, plain, str(exc))
         except OSError as exc:
             self.report("io", child, plain, str(exc))
         finally:

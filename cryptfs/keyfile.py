@@ -77,6 +77,17 @@ def _unb64(text: Any, what: str) -> bytes:
         raise KeyFileCorruptError(f"key file: {what} is not valid base64") from exc
 
 
+def refuse_unknown_fields(obj: dict[str, Any], known: set[str], where: str) -> None:
+    """Fields outside the MAC and the slots' associated data must not exist:
+    a later version that gave one a meaning would read it unauthenticated.
+    New meaning comes with a feature flag or a new version instead."""
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise UnsupportedFeatureError(
+            f"key file: {where} has fields this cryptfs does not know: {', '.join(unknown)} "
+            "(written by a newer cryptfs, or edited)")
+
+
 def canonical_json(obj: Any) -> bytes:
     """The byte string that checksums, MACs and associated data are computed over."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
@@ -129,6 +140,8 @@ class KdfParams:
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             raise KeyFileCorruptError("key file: a slot's kdf is malformed")
         name = obj["name"]
+        if name in _KDF_FIELDS:
+            refuse_unknown_fields(obj, _KDF_FIELDS[name], f"the {name} parameters")
         salt = _unb64(obj.get("salt"), "kdf salt")
         if len(salt) < 16:
             raise KeyFileCorruptError("key file: kdf salt is shorter than 16 bytes")
@@ -160,6 +173,10 @@ class KdfParams:
         return kdf.derive(secret)
 
 
+_KDF_FIELDS = {"argon2id": {"name", "salt", "memory_kib", "iterations", "lanes"},
+               "scrypt": {"name", "salt", "log2_n", "r", "p"}}
+
+
 def _int(obj: dict[str, Any], key: str) -> int:
     value = obj.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -168,6 +185,10 @@ def _int(obj: dict[str, Any], key: str) -> int:
 
 
 # --- slots ------------------------------------------------------------------
+
+
+_SLOT_FIELDS = {"id", "kind", "label", "kdf", "nonce", "wrapped_key"}
+_FILE_FIELDS = {"format", "version", "features", "content", "names", "slots", "mac"}
 
 
 @dataclass(frozen=True)
@@ -193,6 +214,7 @@ class KeySlot:
     def from_json(cls, obj: Any) -> KeySlot:
         if not isinstance(obj, dict):
             raise KeyFileCorruptError("key file: a slot is not an object")
+        refuse_unknown_fields(obj, _SLOT_FIELDS, "a slot")
         slot_id, kind, label = obj.get("id"), obj.get("kind"), obj.get("label", "")
         if not isinstance(slot_id, int) or not isinstance(kind, str) or not isinstance(label, str):
             raise KeyFileCorruptError("key file: a slot lacks id, kind or label")
@@ -355,6 +377,7 @@ class KeyFile:
         checksum = obj.pop("checksum", None)
         if checksum != hashlib.sha256(canonical_json(obj)).hexdigest():
             raise KeyFileCorruptError("key file checksum mismatch: the file is damaged")
+        refuse_unknown_fields(obj, _FILE_FIELDS, "the file")
         features = obj.get("features")
         if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
             raise KeyFileCorruptError("key file: features is not a list of strings")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
+import unicodedata
 
 import pytest
 
@@ -20,6 +22,7 @@ from cryptfs.errors import (
     WrongPasswordError,
 )
 from cryptfs.keyfile import KEYFILE_NAME, KdfParams, KeyFile, canonical_json, write_atomic
+from cryptfs.password import from_file
 
 
 def fast() -> KdfParams:
@@ -122,6 +125,51 @@ def test_unknown_feature_flag(created):
     path.write_bytes(reseal(path.read_bytes(), lambda o: o.update(features=["hctr2"])))
     with pytest.raises(UnsupportedFeatureError, match="hctr2"):
         KeyFile.load(created[0])
+
+
+@pytest.mark.parametrize(("where", "edit"), [
+    ("the file", lambda o: o.update(comment="x")),
+    ("a slot", lambda o: o["slots"][0].update(hint="x")),
+    ("the argon2id parameters", lambda o: o["slots"][0]["kdf"].update(r=8)),
+])
+def test_unknown_fields_are_refused(created, where, edit):
+    """Neither the MAC nor a slot's associated data covers a field this
+    version does not know (the checksum does, but anyone can recompute
+    it): refused rather than ignored, so that no later version can be fed
+    one unauthenticated.  What cryptfs writes has no other fields."""
+    path = created[0] / KEYFILE_NAME
+    assert KeyFile.load(created[0]).unlock(b"correct horse")
+    path.write_bytes(reseal(path.read_bytes(), edit))
+    with pytest.raises(UnsupportedFeatureError, match=f"{where} has fields .*: (comment|hint|r) "):
+        KeyFile.load(created[0])
+
+
+def test_binary_fields_are_standard_base64_with_padding(created):
+    """docs/format.md §2: salt, nonce, wrapped key and MAC are RFC 4648 §4
+    base64 (``+`` and ``/``, ``=`` padding); other characters are refused."""
+    path = created[0] / KEYFILE_NAME
+    obj = json.loads(path.read_bytes())
+    slot = obj["slots"][0]
+    for text in (obj["mac"], slot["nonce"], slot["wrapped_key"], slot["kdf"]["salt"]):
+        assert re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", text) and len(text) % 4 == 0
+    assert obj["mac"].endswith("=")  # 32 bytes: padded
+    data = path.read_bytes()
+    for bad in ("-" + obj["mac"][1:], "_" + obj["mac"][1:], obj["mac"].rstrip("=")):
+        path.write_bytes(reseal(data, lambda o, bad=bad: o.update(mac=bad)))
+        with pytest.raises(KeyFileCorruptError, match="base64"):
+            KeyFile.load(created[0])
+
+
+def test_password_bytes_from_a_file(tmp_path):
+    """docs/format.md §2.1: the first line without its trailing CR/LF bytes,
+    spaces kept, no Unicode normalisation (an NFD password stays NFD)."""
+    nfd = unicodedata.normalize("NFD", "café").encode()
+    for text, password in ((b" pass word \r\n2nd line\n", b" pass word "),
+                           (b"pw\r\r\n", b"pw"), (nfd + b"\n", nfd)):
+        (tmp_path / "pw").write_bytes(text)
+        (tmp_path / "pw").chmod(0o600)
+        assert from_file(str(tmp_path / "pw")) == password
+    assert nfd != unicodedata.normalize("NFC", "café").encode()
 
 
 def test_new_key_files_require_bound_metadata(created, monkeypatch):

@@ -11,13 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cryptfs.content.codec import in_memory_filesystem, page_cached
+from cryptfs.content.codec import ContentCodec, in_memory_filesystem, page_cached
 from cryptfs.content.format import (
     HEADER_SIZE,
+    TRAILER_SIZE,
     FileHeader,
     backing_size,
     plaintext_size,
 )
+from cryptfs.content.sessions import SessionCache
 from cryptfs.engines.base import PAGE_SIZE
 from cryptfs.errors import (
     BackingSizeError,
@@ -232,6 +234,37 @@ def test_truncated_or_damaged_final_page(codec, backing):
         codec.open(backing).read(0, 4 * P)
     with pytest.raises(TrailerError):  # a write that must re-read it refuses too
         codec.open(backing).write(3 * P + 5, b"z")
+
+
+@pytest.mark.parametrize("r", [1, 8, 15, 16, 17, 904, 4080, 4095, 4096])
+def test_which_bytes_of_a_final_unit_are_checked(engine, backing, r):
+    """docs/format.md §4.4: damage to a final unit of ``r + 16`` bytes is
+    caught only in its last ``16 + r mod 16`` bytes: the trailer block, and
+    with ciphertext stealing (``r`` not a multiple of 16) the stolen partial
+    block too; every other byte decrypts on its own, garbled, unnoticed.
+    (Fixed keys, file ID and plaintext: a flip in the partial block misses
+    the check with probability 2^-8(16 - r mod 16); pinned, not left to
+    chance.)"""
+    keys = KeyRing(bytes(range(32)))
+    sessions = SessionCache(engine, keys)
+    try:
+        codec = ContentCodec(keys, sessions)
+        codec.new_header = lambda: FileHeader(bytes(range(16, 32)))
+        codec.open(backing).write(0, (bytes(range(256)) * 33)[:P + r])
+        unit = 2 * P  # page 1, the final page: r + 16 bytes
+        detected = set()
+        for at in range(r + TRAILER_SIZE):
+            (byte,) = os.pread(backing, 1, unit + at)
+            os.pwrite(backing, bytes([byte ^ 0x80]), unit + at)
+            try:
+                codec.open(backing).read(P, r)
+            except TrailerError:
+                detected.add(at)
+            os.pwrite(backing, bytes([byte]), unit + at)
+        checked = TRAILER_SIZE + r % 16
+        assert detected == set(range(r + TRAILER_SIZE - checked, r + TRAILER_SIZE))
+    finally:
+        sessions.close()
 
 
 @pytest.mark.parametrize("stored", [1, HEADER_SIZE - 1, HEADER_SIZE + 10])

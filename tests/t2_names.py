@@ -81,6 +81,14 @@ def test_length_padding_hides_exact_length():
     assert len(NAMES.to_backing(IV, b"a").name) == len(NAMES.to_backing(IV, b"a" * 15).name)
 
 
+def test_padding_adds_1_to_16_bytes():
+    """docs/format.md §5.2, §7: lengths 1..15 look alike, then 16..31 (a
+    16-byte name is padded to 32 bytes), 32..47, ..."""
+    sizes = {n: len(unb64url(NAMES.to_backing(IV, b"n" * n).name)) for n in range(1, 64)}
+    assert all(sizes[n] == 16 * (n // 16 + 1) + 16 for n in sizes)  # + the 16-byte SIV
+    assert sizes[15] < sizes[16] == sizes[31] < sizes[32]
+
+
 def test_long_names_up_to_255_bytes():
     for length in (159, 160, 200, 255):
         backing = NAMES.to_backing(IV, b"n" * length)

@@ -187,6 +187,49 @@ def test_truncation_at_a_16_byte_boundary(auth, backing, cut):
                                                     "final-page"}
 
 
+@pytest.mark.parametrize("size", [1, P, G * P + 1])
+def test_truncation_to_the_header(auth, backing, size):
+    """A backing file cut to its header page has no final page whose tag
+    could show it, but its header still holds the tags of the lost pages
+    (page 0's at least): refused when opened.  Cut to 0 bytes, nothing is
+    left to show it: an empty file that was never written (format.md §4.6)."""
+    written(auth, backing, secrets.token_bytes(size))
+    os.ftruncate(backing, HEADER_SIZE)
+    with pytest.raises(PageTagError, match="cut to its header") as info:
+        auth.open(backing)
+    assert info.value.kind == "truncated"
+    os.ftruncate(backing, 0)
+    assert auth.open(backing).read(0, P) == b""
+
+
+@pytest.mark.parametrize("size", [1, P, G * P + 1])
+def test_emptied_files_are_not_taken_for_truncated_ones(auth, backing, size):
+    """Emptying a file through cryptfs clears its tag slots: it opens, reads
+    as empty, and grows again; so does a header written for an attribute."""
+    f = auth.open(backing)
+    f.ensure_header()
+    assert auth.open(backing).size() == 0
+    f.write(0, secrets.token_bytes(size))
+    f.truncate(0)
+    assert os.fstat(backing).st_size == HEADER_SIZE
+    g = auth.open(backing)
+    assert g.read(0, P) == b"" and g.bad_pages(0) == []
+    g.write(5, b"again")
+    assert auth.open(backing).read(0, P) == bytes(5) + b"again"
+
+
+def test_emptying_interrupted_after_clearing_the_tags(auth, backing):
+    """Emptying clears the tags before it cuts the file: a crash in between
+    leaves pages without tags, which fail to read but still open, so that
+    emptying the file again repairs it."""
+    written(auth, backing, secrets.token_bytes(3 * P))
+    os.pwrite(backing, bytes(P - 64), 64)  # the first step alone reached the disk
+    assert refused(auth, backing, "tag-missing") == {0: "tag-missing", 1: "tag-missing",
+                                                     2: "final-page"}
+    auth.open(backing).truncate(0)
+    assert auth.open(backing).read(0, P) == b""
+
+
 def test_zeroed_final_page(auth, backing):
     written(auth, backing, secrets.token_bytes(2 * P + 500))
     os.pwrite(backing, bytes(516), tags.unit_offset(2))

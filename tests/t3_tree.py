@@ -71,6 +71,36 @@ def test_long_name_sidecar_lives_and_dies_with_its_entry(stack):
     assert backing(stack) == set()
 
 
+def test_every_long_name_has_its_own_plain_sidecar(stack):
+    """docs/format.md §1, §5.3: each entry is a backing node of its own type;
+    every kind of entry with a long name, and every hard-link name, has a
+    sidecar of mode 0600 holding the encoded name, no trailing newline."""
+    tree = stack.tree
+    sub = tree.mkdir(ROOT_INODE, b"sub", 0o755)[0].ino
+    made = {b"F": touch(stack, ROOT_INODE, LONG)}
+    made[b"D"] = tree.mkdir(ROOT_INODE, LONG[:-1], 0o755)[0].ino
+    made[b"S"] = tree.symlink(ROOT_INODE, LONG[:-2], b"target")[0].ino
+    made[b"P"] = tree.create_entry(ROOT_INODE, LONG[:-3], lambda fd, name: os.mknod(
+        name, stat.S_IFIFO | 0o644, dir_fd=fd))[1].ino
+    tree.link(made[b"F"], sub, LONG)  # a second name of the same file
+    for parent, name, kind in ((ROOT_INODE, LONG, stat.S_IFREG), (sub, LONG, stat.S_IFREG),
+                               (ROOT_INODE, LONG[:-1], stat.S_IFDIR),
+                               (ROOT_INODE, LONG[:-2], stat.S_IFLNK),
+                               (ROOT_INODE, LONG[:-3], stat.S_IFIFO)):
+        entry = tree.entry(parent, name)
+        fd = tree.open_dir(parent)
+        try:
+            assert stat.S_IFMT(os.stat(entry.name, dir_fd=fd, follow_symlinks=False).st_mode) \
+                == kind
+            st = os.stat(entry.sidecar_name, dir_fd=fd)
+            assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+            with open(os.open(entry.sidecar_name, os.O_RDONLY, dir_fd=fd), "rb") as f:
+                assert f.read() == entry.sidecar.encode("ascii")  # no newline
+        finally:
+            os.close(fd)
+    assert len([n for n in backing(stack, sub) if n.endswith(".name")]) == 1
+
+
 def test_failed_create_keeps_the_existing_entry_and_its_sidecar(stack):
     touch(stack, ROOT_INODE, LONG)
     before = backing(stack)

@@ -1,6 +1,8 @@
 """Authenticated mode through a real mount, on both engines: every kind of
 tampering with a backing file (or a write torn by a crash) reads as EIO for
-that file only, and ``cryptfs fsck`` reports each with its kind."""
+that file only, and ``cryptfs fsck`` reports each with its kind; files
+emptied or shortened through the mount are not taken for tampered ones, and
+a backing file cut to 0 bytes (undetectable) reads as empty."""
 
 from __future__ import annotations
 
@@ -38,9 +40,17 @@ EXPECTED = {
     "swapped-a": {"page-moved": 1},
     "swapped-b": {"page-moved": 1},
     "torn": {"page-tag": 1},
+    "cut-to-header": {"truncated": 1},  # backing file cut to its 4096-byte header
 }
+# Files that must read back without an error and that fsck must not report:
+# emptied or shortened through the mount in every way, never written, and
+# the one cut that nothing in the file can show (to 0 bytes: an empty file
+# that was never written, docs/format.md §4.6).
+INTACT = {"emptied-truncate": b"", "emptied-ftruncate": b"", "emptied-otrunc": b"",
+          "emptied-regrown": b"x", "one-page": None, "never-written": b"",
+          "cut-to-zero": b""}
 LOGGED = ("does not match the file size", "failed its tag check", "overwritten with zeros",
-          "has no tag")
+          "has no tag", "cut to its header")
 
 
 def swap(a: Path, a_at: int, b: Path, b_at: int, size: int) -> None:
@@ -67,12 +77,13 @@ def tampered(request, tmp_path_factory):
     mount = Mount(cipher, base / "plain", passfile, engine).start()
     backing: dict[str, Path] = {}
 
-    def make(name: str, data: bytes, at: int = 0) -> None:
+    def make(name: str, data: bytes | None, at: int = 0) -> None:
         before = set(cipher.iterdir())
         with open(mount.mountpoint / name, "wb") as f:
-            f.write(b"a" * 100)
-            f.seek(at)
-            f.write(data)
+            if data is not None:
+                f.write(b"a" * 100)
+                f.seek(at)
+                f.write(data)
         (backing[name],) = set(cipher.iterdir()) - before
 
     try:
@@ -85,6 +96,27 @@ def tampered(request, tmp_path_factory):
         for name in ("zeroed-middle", "zeroed-tag", "swapped-within", "swapped-a", "swapped-b",
                      "torn"):
             make(name, os.urandom(300 * P))
+        make("cut-to-header", os.urandom(5000))
+        make("cut-to-zero", os.urandom(5000))
+        make("never-written", None)
+        emptied = mount.mountpoint / "emptied-truncate"
+        make("emptied-truncate", os.urandom(300 * P))
+        os.truncate(emptied, 0)  # by path: no handle open
+        make("emptied-ftruncate", None)
+        with open(mount.mountpoint / "emptied-ftruncate", "r+b") as f:
+            f.write(os.urandom(2 * P))
+            f.flush()
+            os.fsync(f.fileno())  # on the backing file: not only in the kernel's cache
+            os.ftruncate(f.fileno(), 0)  # through the open handle
+        make("emptied-otrunc", os.urandom(5000))
+        open(mount.mountpoint / "emptied-otrunc", "wb").close()  # O_TRUNC
+        make("emptied-regrown", os.urandom(5000))
+        with open(mount.mountpoint / "emptied-regrown", "r+b") as f:
+            f.truncate(0)
+            f.write(b"x")
+        make("one-page", os.urandom(300 * P))
+        INTACT["one-page"] = (mount.mountpoint / "one-page").read_bytes()[:P]
+        os.truncate(mount.mountpoint / "one-page", P)
         torn_before = backing["torn"].read_bytes()
         with open(mount.mountpoint / "torn", "r+b") as f:  # the write a crash tears
             f.seek(P + 10)
@@ -107,6 +139,8 @@ def tampered(request, tmp_path_factory):
         swap(backing["swapped-a"], at, backing["swapped-b"], at, size)
     with open(backing["torn"], "r+b") as f:  # new tag reached the disk, new data did not
         os.pwrite(f.fileno(), torn_before[unit_offset(1):unit_offset(2)], unit_offset(1))
+    os.truncate(backing["cut-to-header"], P)
+    os.truncate(backing["cut-to-zero"], 0)
 
     mount.start()
     try:
@@ -124,13 +158,32 @@ def test_damaged_file_reads_eio(tampered, name):
     assert info.value.errno == errno.EIO
 
 
+def test_cut_to_header_is_logged_with_its_backing_path(tampered):
+    mount, backing = tampered
+    with pytest.raises(OSError) as info:
+        open(mount.mountpoint / "cut-to-header", "rb").close()
+    assert info.value.errno == errno.EIO
+    (line,) = [line for line in mount.log().splitlines() if "cut to its header" in line]
+    assert backing["cut-to-header"].name in line
+
+
+@pytest.mark.parametrize("name", sorted(INTACT))
+def test_emptied_and_shortened_files_read_back(tampered, name):
+    mount, backing = tampered
+    assert (mount.mountpoint / name).read_bytes() == INTACT[name]
+    assert backing[name].stat().st_size == (backing_size(len(INTACT[name]))
+                                            if name not in ("never-written", "cut-to-zero")
+                                            else 0)
+
+
 def test_other_files_and_writes_unaffected(tampered):
     mount, _ = tampered
     assert len((mount.mountpoint / "healthy").read_bytes()) == 300 * P
     data = os.urandom(600 * P + 5)
     (mount.mountpoint / "new").write_bytes(data)
     assert (mount.mountpoint / "new").read_bytes() == data
-    assert sorted(os.listdir(mount.mountpoint)) == sorted([*EXPECTED, "healthy", "new"])
+    assert sorted(os.listdir(mount.mountpoint)) == sorted([*EXPECTED, *INTACT, "healthy",
+                                                           "new"])
 
 
 def test_fsck_reports_each_kind(tampered):

@@ -77,6 +77,30 @@ def test_appended_zeros_grow_the_file(fresh):
     assert out[2 * PAGE:] == bytes(len(out) - 2 * PAGE)
 
 
+def test_appended_zeros_after_a_full_final_page(fresh):
+    """An old final unit of exactly 4096 + 16 bytes spilled its trailer into
+    the next page.  Zeros appended past that page: the page holding the
+    spilled 16 bytes is a full page now and decrypts to garbage (no check);
+    the page itself reads back whole."""
+    data = os.urandom(PAGE)
+    backing = write_files(fresh, {"f": data})["f"]
+    with open(backing, "ab") as f:
+        f.write(bytes(2 * PAGE))
+    out = read_back(fresh, "f")
+    assert len(out) == 3 * PAGE and out[:PAGE] == data
+    assert any(out[PAGE:PAGE + 16]) and any(out[PAGE + 16:2 * PAGE])  # not its trailer
+    assert out[2 * PAGE:] == bytes(PAGE)
+
+
+@pytest.mark.parametrize("cut", [PAGE, 0])
+def test_truncation_to_the_header_or_to_nothing(fresh, cut):
+    """A backing file cut to its header page or to 0 bytes is an empty file
+    (§4.2), with nothing left to check."""
+    backing = write_files(fresh, {"f": os.urandom(5000)})["f"]
+    os.truncate(backing, cut)
+    assert read_back(fresh, "f") == b""
+
+
 def test_few_appended_zeros_fail_the_trailer_check(fresh):
     """Zeros that leave the final page where it was land in its unit: EIO."""
     backing = write_files(fresh, {"f": os.urandom(5000)})["f"]

@@ -46,7 +46,7 @@ from cryptfs.engines.base import (
     pread_into,
     unit_count,
 )
-from cryptfs.errors import HeaderCorruptError, TrailerError
+from cryptfs.errors import HeaderCorruptError, PageTagError, TrailerError
 from cryptfs.keys import FILE_ID_LEN, KeyRing
 from cryptfs.linux import FALLOC_FL_KEEP_SIZE, fallocate, filesystem_type, page_cached
 
@@ -99,6 +99,18 @@ class ContentCodec:
     def open(self, fd: int) -> EncryptedFile:
         """Wrap ``fd``; its header is read (and authenticated) now if present."""
         return EncryptedFile(self, fd)
+
+
+def refuse_stale_tags(header: bytes) -> None:
+    """Authenticated mode: a header-only backing file is an empty file only
+    if its tag slots are zero (cryptfs clears them when it empties a file).
+    A tag left in them belongs to a page past the end: the backing file was
+    cut to its header outside cryptfs, which no final page's tag can show."""
+    if any(memoryview(header)[HEADER_FIELDS:]):
+        raise PageTagError("the file was cut to its header: its tags describe pages "
+                           "that are gone (truncated outside cryptfs, or a power loss "
+                           "while it was being emptied); delete it or restore it",
+                           "truncated")
 
 
 def reserve(fd: int, offset: int, length: int) -> None:
@@ -161,6 +173,8 @@ class EncryptedFile:
             if len(data) < HEADER_SIZE:
                 raise HeaderCorruptError(f"backing file is only {len(data)} bytes")
             self.header = codec.decode_header(data)
+            if stored == HEADER_SIZE and self._tagger is not None:
+                refuse_stale_tags(data)
 
     # -- scheduling --
 
@@ -399,9 +413,13 @@ class EncryptedFile:
         if size == old:
             return
         if size == 0:
-            os.ftruncate(self.fd, HEADER_SIZE if self.header is not None else 0)
+            # Tags first: if the daemon dies in between, pages are left
+            # without tags (their reads fail, emptying again repairs the
+            # file), not a header-only file with tags, which is refused as
+            # cut short behind cryptfs's back (refuse_stale_tags).
             if self._tagger is not None and self.header is not None:
                 pwrite_all(self.fd, bytes(HEADER_SIZE - HEADER_FIELDS), HEADER_FIELDS)
+            os.ftruncate(self.fd, HEADER_SIZE if self.header is not None else 0)
             return
         if size < old or final_page(size) == final_page(old):
             # The new final page is an existing page: re-encrypt it with a trailer.
