@@ -351,16 +351,21 @@ class Operations(pyfuse3.Operations):
                        exclusive: bool = True):
         """Run a codec call under the file's lock (shared for reads): on a
         worker thread, or right here if ``inline`` (small and not waiting
-        for a disk)."""
+        for a disk).  Across its awaits it holds ``opened``: a RELEASE
+        meanwhile leaves the descriptor open until it is done."""
         try:
             if inline and opened.lock.free(exclusive):
                 # Runs to completion without yielding: holds the lock in
                 # effect, and skipping it saves a scheduler pass.
                 return fn(*args)
-            async with opened.lock.exclusive() if exclusive else opened.lock.shared():
-                if inline:
-                    return fn(*args)
-                return await self._in_thread(fn, *args)
+            self.handles.hold(opened)
+            try:
+                async with opened.lock.exclusive() if exclusive else opened.lock.shared():
+                    if inline:
+                        return fn(*args)
+                    return await self._in_thread(fn, *args)
+            finally:
+                self.handles.drop(opened)
         except ContentError as exc:
             raise self._content_error(opened.ino, exc) from exc
 
@@ -395,7 +400,11 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def fsync(self, fh, datasync):
         opened = self.handles.get(fh)
-        await self._in_thread(os.fdatasync if datasync else os.fsync, opened.fd)
+        self.handles.hold(opened)
+        try:
+            await self._in_thread(os.fdatasync if datasync else os.fsync, opened.fd)
+        finally:
+            self.handles.drop(opened)
 
     # -- directories --
 
@@ -501,11 +510,15 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(refused)
             return owner
         if create and opened.file.header is None:
-            async with opened.lock.exclusive():
-                if opened.file.header is None:
-                    # Through a descriptor of its own: the open one may be
-                    # read-only (the backing file was read-only when opened).
-                    opened.file.header = ensure_header(self.codec, proc_path(opened.fd))
+            self.handles.hold(opened)  # its descriptor stays open while we wait
+            try:
+                async with opened.lock.exclusive():
+                    if opened.file.header is None:
+                        # Through a descriptor of its own: the open one may be
+                        # read-only (the backing file was read-only when opened).
+                        opened.file.header = ensure_header(self.codec, proc_path(opened.fd))
+            finally:
+                self.handles.drop(opened)
         header = opened.file.header
         return XattrOwner(OWNER_FILE, header.file_id if header is not None else b"")
 
