@@ -106,3 +106,35 @@ async def test_a_cancelled_waiter_hands_its_turn_on(channel):
             assert got == [("b", b"x")]
             fuseloop.stop()
             trio.lowlevel.notify_closing(r)
+
+
+async def test_a_dead_connection_is_readable_so_the_read_reports_it(channel):
+    """A hung-up descriptor (after an unmount /dev/fuse answers POLLERR;
+    a pipe whose writer is gone, POLLHUP) is "readable": the read returns at
+    once with the error (here: end of file) instead of the wait spinning on
+    a condition that never clears.  With a request there, it is read first."""
+    r, w = channel
+    os.write(w, b"last")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, w)  # the pipe's writer is gone (w, now /dev/null, stays open)
+    os.close(null)
+    assert await pyfuse3._wait_fuse_readable()
+    assert os.read(r, 10) == b"last"
+    with trio.fail_after(30):  # a wait that ignored POLLHUP would spin, not return
+        for _ in range(fuseloop.STREAK + 1):  # the fast path, then the parked one
+            assert await pyfuse3._wait_fuse_readable()
+            assert os.read(r, 1) == b""
+
+
+async def test_a_closed_descriptor_ends_the_wait():
+    """POLLNVAL (the descriptor is not open): no read can succeed, so the
+    wait answers False (pyfuse3's loop then ends) and keeps doing so."""
+    r, w = os.pipe()
+    assert fuseloop.install(r)
+    try:
+        os.close(r)
+        assert not await pyfuse3._wait_fuse_readable()
+        assert not await pyfuse3._wait_fuse_readable()
+    finally:
+        fuseloop.uninstall()
+        os.close(w)
