@@ -101,6 +101,21 @@ def fuse_op(method):
     return wrapper
 
 
+def no_reply_op(method):
+    """For handlers the kernel expects no reply from (FORGET): nothing may
+    escape, not even ``FUSEError`` (there is no reply to carry it, and an
+    exception ends pyfuse3's main loop): a bug is logged and the loop goes on."""
+
+    @functools.wraps(method)
+    async def wrapper(self, *args):
+        try:
+            await method(self, *args)
+        except Exception:
+            log.exception("internal error in %s", method.__name__)
+
+    return wrapper
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
@@ -205,6 +220,7 @@ class Operations(pyfuse3.Operations):
         inode, st = found
         return self._attrs(inode.ino, st)
 
+    @no_reply_op
     async def forget(self, inode_list):
         for ino, count in inode_list:
             self.inodes.forget(ino, count)  # its on_gone clears the per-inode caches
