@@ -10,6 +10,7 @@ thread; metadata operations are a few syscalls and run inline.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -287,7 +288,23 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         inode, st = self.tree.mkdir(parent_inode, name, stat.S_IMODE(mode & ~ctx.umask),
                                     self._owner(ctx))
+        await self._sync_diriv(parent_inode, name, inode.ino)
         return self._attrs(inode.ino, st)
+
+    async def _sync_diriv(self, parent: int, name: bytes, ino: int) -> None:
+        """A new directory's IV is on disk before mkdir returns (no name in it
+        could be read without it), fsynced on a worker (it waits for the
+        disk); if that fails the directory is removed again."""
+        try:
+            fd = self.tree.open_diriv(ino)
+            try:
+                await self._in_thread(os.fsync, fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the fsync's error is the one to report
+                self.tree.rmdir(parent, name)
+            raise
 
     @fuse_op
     async def symlink(self, parent_inode, name, target, ctx):
