@@ -35,8 +35,9 @@ this one it starts a new task for every request until it has
 ``max_tasks``: pass a small bound to ``pyfuse3.main`` (``MAX_TASKS``).
 
 This leans on how pyfuse3's loop uses the function, so it is installed
-only on the pyfuse3 releases whose loop was read (``VERIFIED``); any other
-keeps pyfuse3's own wait (and ``tests/t3_fuseloop.py`` fails, asking for
+only on the pyfuse3 releases whose loop was read (``VERIFIED``, the only
+ones pyproject.toml admits); any other, if forced in, keeps pyfuse3's own
+wait (and ``tests/t3_fuseloop.py`` fails, asking for
 the new release's loop to be read).
 """
 

@@ -5,11 +5,14 @@ one already is; one parked task per descriptor; every waiter ends on stop."""
 from __future__ import annotations
 
 import os
+import tomllib
+from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
 import trio.testing
+from packaging.requirements import Requirement
 
 from cryptfs import fuseloop
 
@@ -138,3 +141,16 @@ async def test_a_closed_descriptor_ends_the_wait():
     finally:
         fuseloop.uninstall()
         os.close(w)
+
+
+def test_pyproject_admits_only_the_verified_pyfuse3_releases():
+    """The request loop is verified on the releases in fuseloop.VERIFIED:
+    pyproject.toml admits those and no others, and they are what runs."""
+    with open(Path(__file__).parent.parent / "pyproject.toml", "rb") as f:
+        dependencies = [Requirement(d) for d in tomllib.load(f)["project"]["dependencies"]]
+    (pyfuse3_dep,) = [d for d in dependencies if d.name == "pyfuse3"]
+    for version in ("3.2.0", "3.3.0", "3.4.0", "3.4.9", "3.5.0", "3.5.7", "3.6.0", "4.0.0"):
+        assert pyfuse3_dep.specifier.contains(version) == version.startswith(fuseloop.VERIFIED), (
+            f"pyproject.toml's {pyfuse3_dep} and fuseloop.VERIFIED {fuseloop.VERIFIED} "
+            f"disagree on pyfuse3 {version}")
+    assert pyfuse3.__version__.startswith(fuseloop.VERIFIED)
