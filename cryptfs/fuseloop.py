@@ -21,13 +21,23 @@ pyfuse3's own wait also checks the session's exit flag after taking its
 lock, which Python cannot read: ``terminate`` (use it instead of
 ``pyfuse3.terminate``) sets ours.
 
+What "readable" means: ``poll`` reports POLLIN (a request is waiting), or
+POLLERR or POLLHUP (the connection is gone: the kernel answers every read
+of /dev/fuse with ENODEV after an unmount or an abort, on which libfuse
+ends the session, and pyfuse3's loop with it).  Both make the read return
+at once, so both are True: pyfuse3's read reports a dead connection.  A
+wait that answered False to them would only be woken again at once by the
+same condition, never ending.  POLLNVAL (the descriptor is not open)
+cannot be read at all: the wait ends with False, and so does the loop.
+
 pyfuse3 counts tasks waiting for requests only inside its own wait, so with
 this one it starts a new task for every request until it has
 ``max_tasks``: pass a small bound to ``pyfuse3.main`` (``MAX_TASKS``).
 
 This leans on how pyfuse3's loop uses the function, so it is installed
-only on the pyfuse3 releases whose loop was read (``VERIFIED``); any other
-keeps pyfuse3's own wait (and ``tests/t3_fuseloop.py`` fails, asking for
+only on the pyfuse3 releases whose loop was read (``VERIFIED``, the only
+ones pyproject.toml admits); any other, if forced in, keeps pyfuse3's own
+wait (and ``tests/t3_fuseloop.py`` fails, asking for
 the new release's loop to be read).
 """
 
@@ -49,6 +59,8 @@ STREAK = 32  # requests read without yielding to other tasks
 # few requests to wait on file locks while others are served (each request
 # goes to the next task in turn, so more only spreads them thinner).
 MAX_TASKS = 8
+# poll's answers on which pyfuse3's read returns at once (see above)
+_READ_RETURNS = select.POLLIN | select.POLLERR | select.POLLHUP
 
 
 class _State:
@@ -127,10 +139,12 @@ async def _wait_readable() -> bool:
     assert state is not None
     if state.closing:
         return False
-    if state.streak < STREAK and state.poller.poll(0):
+    if state.streak < STREAK and _read_returns(state):
         state.streak += 1
         return True
     state.streak = 0
+    if state.closing:  # POLLNVAL
+        return False
     while state.parked:  # (none parked: take the turn with no scheduler pass)
         await state.turns.park()
     state.parked = True
@@ -141,10 +155,21 @@ async def _wait_readable() -> bool:
             except trio.ClosedResourceError:  # pyfuse3.terminate: the loop ends
                 state.closing = True
                 break
-            if state.poller.poll(0):  # not taken by another task meanwhile
+            if _read_returns(state):  # not taken by another task meanwhile
                 return True
         return False
     finally:
         state.parked = False
         if state.turns:
             state.turns.unpark()
+
+
+def _read_returns(state: _State) -> bool:
+    """True if a read of the descriptor returns now (a request, or the
+    error of a dead connection); on POLLNVAL, False and the loop ends."""
+    for _, revents in state.poller.poll(0):
+        if revents & select.POLLNVAL:
+            state.closing = True
+            return False
+        return bool(revents & _READ_RETURNS)
+    return False

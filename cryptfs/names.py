@@ -207,14 +207,16 @@ class NameCipher:
 # --- directory IVs ---------------------------------------------------------------
 
 
-def create_diriv(dir_fd: int) -> bytes:
-    """Write a fresh directory IV into the (new, empty) backing directory."""
+def create_diriv(dir_fd: int, sync: bool = True) -> bytes:
+    """Write a fresh directory IV into the (new, empty) backing directory;
+    ``sync=False``: the caller fsyncs it (the mount does, off its event loop)."""
     dir_iv = secrets.token_bytes(DIRIV_LEN)
     fd = os.open(DIRIV_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440,
                  dir_fd=dir_fd)
     try:
         os.write(fd, dir_iv)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     return dir_iv

@@ -8,13 +8,20 @@ the parent's queue may be mid-use).  ``None`` on the queue stops one thread.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 Serve = Callable[[queue.SimpleQueue], None]
+# Seconds ``close`` waits for its threads in all: one stuck on a backing
+# filesystem that does not answer must not hang the unmount.
+CLOSE_TIMEOUT = 10.0
 
 
 class LazyThreads:
@@ -44,13 +51,21 @@ class LazyThreads:
 
     def close(self) -> None:
         """Stop the threads after the queued jobs (idempotent; a later
-        ``queue()`` starts them again)."""
+        ``queue()`` starts them again), waiting at most ``CLOSE_TIMEOUT``
+        seconds: threads still busy then are logged and left behind (they
+        are daemon threads, so they do not keep the process alive)."""
         with self._lock:
             if self._pid != os.getpid():
                 return  # none started in this process
             for _ in self._threads:
                 self._jobs.put(None)
+            deadline = time.monotonic() + CLOSE_TIMEOUT
             for thread in self._threads:
-                thread.join()
+                thread.join(max(0.0, deadline - time.monotonic()))
+            left = [thread.name for thread in self._threads if thread.is_alive()]
+            if left:
+                log.warning("%d thread(s) still busy after %g s, left behind (a backing "
+                            "filesystem not answering?): %s", len(left), CLOSE_TIMEOUT,
+                            ", ".join(left))
             self._threads = []
             self._pid = 0

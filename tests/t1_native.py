@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +19,10 @@ from cryptfs.engines.base import PAGE_SIZE, aligned_buffer, units
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
 from tests.conftest import native_engine
+from tests.helpers import gate_fuse
 from tests.t1_engines import BOUNDARY_LENGTHS, PATTERN, V10_CT, V10_KEY, aligned
 
+HELPERS = Path(__file__).parent / "helpers"
 TAILS = (16, 17, 31, 4095, 4096, 4097, 4111, 4112)
 # single units of every edge size, and runs of 1, 2, 65 and 72 pages ending
 # in each tail size (64+ pages are split over threads)
@@ -221,3 +227,43 @@ def test_mounts_use_the_checked_helper(caplog):
     assert choice.engine.path == "direct"
     if os.environ.get(native.NO_NATIVE_ENV) != "1":
         assert "native AES-XTS helper failed its self-test" in caplog.text
+
+
+@pytest.mark.fuse
+def test_a_small_read_waits_for_its_backing_file_without_the_gil(tmp_path):
+    """A 4 KiB read (the size that keeps the GIL for its deciphering) whose
+    backing file does not answer: while its pread waits, another Python
+    thread runs.  The backing file is on a FUSE filesystem that holds the
+    read until this thread, which needs the GIL to get there, says go (a
+    reader that held the GIL would leave it waiting until its failsafe)."""
+    mnt = tmp_path / "gate"
+    mnt.mkdir()
+    server = subprocess.Popen([sys.executable, str(HELPERS / "gate_fuse.py"), str(mnt)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    fd = -1
+    try:
+        assert server.stdout.readline() == "mounted\n"
+        engine = native_engine()
+        session = engine.open_session(secrets.token_bytes(64))
+        fd = os.open(mnt / "f", os.O_RDONLY)
+        got: list[bytes | None] = []
+        reader = threading.Thread(target=lambda: got.append(
+            session.read_plaintext(0, fd, 0, PAGE_SIZE, 0, PAGE_SIZE, 0)))
+        reader.start()
+        assert server.stdout.readline() == "read\n"  # its pread waits in the server
+        server.stdin.write("go\n")  # this thread got the GIL while it waits
+        server.stdin.flush()
+        assert server.stdout.readline() == "go\n", "the read was only let go by the failsafe"
+        reader.join(gate_fuse.FAILSAFE * 3)
+        expected = bytearray(PAGE_SIZE)
+        session.decrypt(0, gate_fuse.CONTENT[:PAGE_SIZE], memoryview(expected))
+        assert got == [bytes(expected)]
+        session.close()
+        engine.close()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        server.stdin.close()
+        server.wait(60)
+        server.stdout.close()

@@ -5,11 +5,14 @@ one already is; one parked task per descriptor; every waiter ends on stop."""
 from __future__ import annotations
 
 import os
+import tomllib
+from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
 import trio.testing
+from packaging.requirements import Requirement
 
 from cryptfs import fuseloop
 
@@ -106,3 +109,48 @@ async def test_a_cancelled_waiter_hands_its_turn_on(channel):
             assert got == [("b", b"x")]
             fuseloop.stop()
             trio.lowlevel.notify_closing(r)
+
+
+async def test_a_dead_connection_is_readable_so_the_read_reports_it(channel):
+    """A hung-up descriptor (after an unmount /dev/fuse answers POLLERR;
+    a pipe whose writer is gone, POLLHUP) is "readable": the read returns at
+    once with the error (here: end of file) instead of the wait spinning on
+    a condition that never clears.  With a request there, it is read first."""
+    r, w = channel
+    os.write(w, b"last")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, w)  # the pipe's writer is gone (w, now /dev/null, stays open)
+    os.close(null)
+    assert await pyfuse3._wait_fuse_readable()
+    assert os.read(r, 10) == b"last"
+    with trio.fail_after(30):  # a wait that ignored POLLHUP would spin, not return
+        for _ in range(fuseloop.STREAK + 1):  # the fast path, then the parked one
+            assert await pyfuse3._wait_fuse_readable()
+            assert os.read(r, 1) == b""
+
+
+async def test_a_closed_descriptor_ends_the_wait():
+    """POLLNVAL (the descriptor is not open): no read can succeed, so the
+    wait answers False (pyfuse3's loop then ends) and keeps doing so."""
+    r, w = os.pipe()
+    assert fuseloop.install(r)
+    try:
+        os.close(r)
+        assert not await pyfuse3._wait_fuse_readable()
+        assert not await pyfuse3._wait_fuse_readable()
+    finally:
+        fuseloop.uninstall()
+        os.close(w)
+
+
+def test_pyproject_admits_only_the_verified_pyfuse3_releases():
+    """The request loop is verified on the releases in fuseloop.VERIFIED:
+    pyproject.toml admits those and no others, and they are what runs."""
+    with open(Path(__file__).parent.parent / "pyproject.toml", "rb") as f:
+        dependencies = [Requirement(d) for d in tomllib.load(f)["project"]["dependencies"]]
+    (pyfuse3_dep,) = [d for d in dependencies if d.name == "pyfuse3"]
+    for version in ("3.2.0", "3.3.0", "3.4.0", "3.4.9", "3.5.0", "3.5.7", "3.6.0", "4.0.0"):
+        assert pyfuse3_dep.specifier.contains(version) == version.startswith(fuseloop.VERIFIED), (
+            f"pyproject.toml's {pyfuse3_dep} and fuseloop.VERIFIED {fuseloop.VERIFIED} "
+            f"disagree on pyfuse3 {version}")
+    assert pyfuse3.__version__.startswith(fuseloop.VERIFIED)

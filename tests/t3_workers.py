@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
 import trio
 
+from cryptfs import threads
 from cryptfs.fs.workers import WorkerPool
 
 
@@ -84,3 +86,33 @@ def test_close_after_the_loop_is_gone():
     pool.close()
     pool.close()  # idempotent
     assert results == [3]
+
+
+def test_close_leaves_a_stuck_thread_behind_and_says_so(monkeypatch, caplog):
+    """A worker stuck on something that does not answer (here an event
+    this test holds) does not hang close(), which unmount waits for: the
+    thread is named in a warning and left to finish on its own."""
+    monkeypatch.setattr(threads, "CLOSE_TIMEOUT", 0.1, raising=False)
+    pool = WorkerPool(2)
+    stuck, started = threading.Event(), threading.Event()
+
+    def job():
+        started.set()
+        stuck.wait(60)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run, job)
+            try:
+                await trio.to_thread.run_sync(started.wait, 10)
+                # close from another thread: the stuck call's caller waits for it
+                closer = threading.Thread(target=pool.close)
+                with caplog.at_level(logging.WARNING, logger="cryptfs.threads"):
+                    closer.start()
+                    await trio.to_thread.run_sync(closer.join, 30)
+                assert not closer.is_alive(), "close() waited for the stuck thread"
+            finally:
+                stuck.set()
+
+    trio.run(main)
+    assert "still busy" in caplog.text and "cryptfs-worker-" in caplog.text

@@ -6,7 +6,8 @@
  * a fraction of OpenSSL's speed on one core.  This helper keys OpenSSL's EVP
  * cipher once per file key and, per unit, re-sets only the tweak
  * (EVP_CipherInit_ex(ctx, NULL, NULL, NULL, tweak, -1)), with the GIL
- * released for runs large enough to be worth it.
+ * released for runs large enough to be worth it.  Reads never wait with the
+ * GIL held: a small run's read takes only what is in memory with it.
  *
  * The unit rules are those of cryptfs/engines/base.py and docs/format.md:
  * every unit is 4096 bytes except the last (16..4112 bytes, ciphertext
@@ -29,7 +30,10 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <errno.h>
+#include <linux/magic.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -251,6 +255,64 @@ pread_full(int fd, unsigned char *buf, Py_ssize_t n, long long offset)
     return 0;
 }
 
+/* Read the prefix of n bytes at offset that is in memory, without waiting
+ * (preadv2 with RWF_NOWAIT), so it may run with the GIL held; returns the
+ * bytes read (it stops at the first page not in memory, at the end of the
+ * file, or on an error, which the blocking read then reports), or -1 if
+ * the filesystem cannot read without waiting. */
+static Py_ssize_t
+pread_nowait(int fd, unsigned char *buf, Py_ssize_t n, long long offset)
+{
+#ifdef RWF_NOWAIT
+    Py_ssize_t done = 0;
+    while (done < n) {
+        struct iovec iov = {buf + done, (size_t)(n - done)};
+        ssize_t got = preadv2(fd, &iov, 1, (off_t)(offset + done), RWF_NOWAIT);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (done == 0 && (errno == EOPNOTSUPP || errno == EINVAL))
+                return -1;
+            break;
+        }
+        if (got == 0)
+            break;
+        done += got;
+    }
+    return done;
+#else
+    return -1;
+#endif
+}
+
+/* tmpfs or ramfs (which cannot answer RWF_NOWAIT): reads never wait for a disk. */
+static int
+in_memory(int fd)
+{
+    struct statfs st;
+    return fstatfs(fd, &st) == 0 && (st.f_type == TMPFS_MAGIC || st.f_type == RAMFS_MAGIC);
+}
+
+/* pread exactly n bytes at offset, never waiting with the GIL held: what is
+ * in memory is read with it, anything that may wait (a disk, a backing
+ * filesystem that does not answer) without it.  Returns as pread_full. */
+static int
+pread_gil_held(int fd, unsigned char *buf, Py_ssize_t n, long long offset)
+{
+    int read_error = 0;
+    Py_ssize_t done = pread_nowait(fd, buf, n, offset);
+    if (done < 0 && in_memory(fd))
+        return pread_full(fd, buf, n, offset);
+    if (done < 0)
+        done = 0;
+    if (done < n) {
+        Py_BEGIN_ALLOW_THREADS
+        read_error = pread_full(fd, buf + done, n - done, offset + done);
+        Py_END_ALLOW_THREADS
+    }
+    return read_error;
+}
+
 /* read(first, fd, offset, length, start, end, zero_tail) -> bytes | None
  *
  * The read path in one call: pread the run of `length` stored bytes at
@@ -294,8 +356,8 @@ Xts_read(XtsObject *self, PyObject *args)
         if (!read_error)
             failed = crypt_run(ctx, first, buf, buf, length, 1);
         Py_END_ALLOW_THREADS
-    } else {
-        read_error = pread_full(fd, buf, length, offset);
+    } else {  /* deciphered with the GIL held; the read never waits with it */
+        read_error = pread_gil_held(fd, buf, length, offset);
         if (!read_error)
             failed = crypt_run(ctx, first, buf, buf, length, 1);
     }

@@ -9,6 +9,14 @@ truncates hold it alone (they read-modify-write the edge and final pages,
 so they must not interleave with each other or with reads), reads share
 it.  Other files proceed in parallel.
 
+An ``OpenFile`` is counted: each handle holds a reference, and so does each
+request that uses it across an await (``hold``/``drop``), such as a
+truncate by path or a first xattr of an open file.  Its descriptor closes
+only when the count reaches zero: a RELEASE while such a request waits
+would otherwise close a descriptor the request is about to use, whose
+number the next open may already have reused for another file, and a new
+open of the inode would get a second lock.
+
 Directories: a handle remembers its inode and the listing snapshot that
 ``readdir`` continues from.
 """
@@ -35,7 +43,7 @@ class OpenFile:
     fd: int
     file: EncryptedFile
     writable: bool
-    opens: int = 0
+    refs: int = 0  # open handles plus requests using it now (closed at zero)
     lock: FileLock = field(default_factory=FileLock)
 
 
@@ -67,7 +75,7 @@ class HandleTable:
             keep_cache = self._closed_state.pop(ino, None) == (st.st_mtime_ns, st.st_size)
         else:
             keep_cache = True  # open already: the kernel's cache is current
-        current.opens += 1
+        current.refs += 1
         return self._new_fh(current), current, keep_cache
 
     def _open_backing(self, opener: Opener, write: bool) -> int:
@@ -90,8 +98,20 @@ class HandleTable:
         return opened
 
     def create_handle(self, opened: OpenFile) -> int:
-        opened.opens += 1
+        opened.refs += 1
         return self._new_fh(opened)
+
+    def hold(self, opened: OpenFile) -> None:
+        """Keep ``opened`` (its descriptor, its lock) for a request that uses
+        it across an await, even if its last handle is released meanwhile;
+        ``drop`` when done."""
+        opened.refs += 1
+
+    def drop(self, opened: OpenFile) -> None:
+        """End a ``hold`` (or a handle): the last one closes the descriptor."""
+        opened.refs -= 1
+        if opened.refs == 0:
+            self._close(opened)
 
     def _new_fh(self, opened: OpenFile) -> int:
         fh = self._next_fh
@@ -115,11 +135,14 @@ class HandleTable:
     def release(self, fh: int) -> None:
         opened = self.get(fh)
         del self._by_fh[fh]
-        opened.opens -= 1
-        if opened.opens == 0:
+        self.drop(opened)
+
+    def _close(self, opened: OpenFile) -> None:
+        del self._by_ino[opened.ino]
+        try:
             st = os.fstat(opened.fd)
             self._closed_state[opened.ino] = (st.st_mtime_ns, st.st_size)
-            del self._by_ino[opened.ino]
+        finally:
             os.close(opened.fd)
 
     def forget(self, ino: int) -> None:

@@ -10,6 +10,7 @@ thread; metadata operations are a few syscalls and run inline.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -97,6 +98,21 @@ def fuse_op(method):
         except Exception as exc:
             log.exception("internal error in %s", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from exc
+
+    return wrapper
+
+
+def no_reply_op(method):
+    """For handlers the kernel expects no reply from (FORGET): nothing may
+    escape, not even ``FUSEError`` (there is no reply to carry it, and an
+    exception ends pyfuse3's main loop): a bug is logged and the loop goes on."""
+
+    @functools.wraps(method)
+    async def wrapper(self, *args):
+        try:
+            await method(self, *args)
+        except Exception:
+            log.exception("internal error in %s", method.__name__)
 
     return wrapper
 
@@ -205,6 +221,7 @@ class Operations(pyfuse3.Operations):
         inode, st = found
         return self._attrs(inode.ino, st)
 
+    @no_reply_op
     async def forget(self, inode_list):
         for ino, count in inode_list:
             self.inodes.forget(ino, count)  # its on_gone clears the per-inode caches
@@ -271,7 +288,23 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         inode, st = self.tree.mkdir(parent_inode, name, stat.S_IMODE(mode & ~ctx.umask),
                                     self._owner(ctx))
+        await self._sync_diriv(parent_inode, name, inode.ino)
         return self._attrs(inode.ino, st)
+
+    async def _sync_diriv(self, parent: int, name: bytes, ino: int) -> None:
+        """A new directory's IV is on disk before mkdir returns (no name in it
+        could be read without it), fsynced on a worker (it waits for the
+        disk); if that fails the directory is removed again."""
+        try:
+            fd = self.tree.open_diriv(ino)
+            try:
+                await self._in_thread(os.fsync, fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the fsync's error is the one to report
+                self.tree.rmdir(parent, name)
+            raise
 
     @fuse_op
     async def symlink(self, parent_inode, name, target, ctx):
@@ -351,16 +384,21 @@ class Operations(pyfuse3.Operations):
                        exclusive: bool = True):
         """Run a codec call under the file's lock (shared for reads): on a
         worker thread, or right here if ``inline`` (small and not waiting
-        for a disk)."""
+        for a disk).  Across its awaits it holds ``opened``: a RELEASE
+        meanwhile leaves the descriptor open until it is done."""
         try:
             if inline and opened.lock.free(exclusive):
                 # Runs to completion without yielding: holds the lock in
                 # effect, and skipping it saves a scheduler pass.
                 return fn(*args)
-            async with opened.lock.exclusive() if exclusive else opened.lock.shared():
-                if inline:
-                    return fn(*args)
-                return await self._in_thread(fn, *args)
+            self.handles.hold(opened)
+            try:
+                async with opened.lock.exclusive() if exclusive else opened.lock.shared():
+                    if inline:
+                        return fn(*args)
+                    return await self._in_thread(fn, *args)
+            finally:
+                self.handles.drop(opened)
         except ContentError as exc:
             raise self._content_error(opened.ino, exc) from exc
 
@@ -395,7 +433,11 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def fsync(self, fh, datasync):
         opened = self.handles.get(fh)
-        await self._in_thread(os.fdatasync if datasync else os.fsync, opened.fd)
+        self.handles.hold(opened)
+        try:
+            await self._in_thread(os.fdatasync if datasync else os.fsync, opened.fd)
+        finally:
+            self.handles.drop(opened)
 
     # -- directories --
 
@@ -501,11 +543,15 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(refused)
             return owner
         if create and opened.file.header is None:
-            async with opened.lock.exclusive():
-                if opened.file.header is None:
-                    # Through a descriptor of its own: the open one may be
-                    # read-only (the backing file was read-only when opened).
-                    opened.file.header = ensure_header(self.codec, proc_path(opened.fd))
+            self.handles.hold(opened)  # its descriptor stays open while we wait
+            try:
+                async with opened.lock.exclusive():
+                    if opened.file.header is None:
+                        # Through a descriptor of its own: the open one may be
+                        # read-only (the backing file was read-only when opened).
+                        opened.file.header = ensure_header(self.codec, proc_path(opened.fd))
+            finally:
+                self.handles.drop(opened)
         header = opened.file.header
         return XattrOwner(OWNER_FILE, header.file_id if header is not None else b"")
 

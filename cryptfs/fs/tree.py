@@ -212,6 +212,11 @@ class BackingTree:
 
     # -- directory IVs and names --
 
+    def open_diriv(self, ino: int) -> int:
+        """A new descriptor of directory ``ino``'s IV file, to fsync it (the
+        caller closes it)."""
+        return os.open(DIRIV_NAME, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir_fd(ino))
+
     def diriv(self, dir_ino: int) -> bytes:
         iv = self.dirs.iv(dir_ino)
         if iv is None:
@@ -437,7 +442,7 @@ class BackingTree:
             try:
                 fd = os.open(backing, _DIR_READ, dir_fd=dir_fd)
                 try:
-                    iv = create_diriv(fd)
+                    iv = create_diriv(fd, sync=False)  # the caller fsyncs it: sync_diriv
                     os.fchmod(fd, mode)
                 except BaseException:
                     with contextlib.suppress(OSError):
