@@ -213,6 +213,7 @@ def create_diriv(dir_fd: int) -> bytes:
     fd = os.open(DIRIV_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440,
                  dir_fd=dir_fd)
     try:
+        os.fchmod(fd, 0o440)  # whatever the daemon's umask
         os.write(fd, dir_iv)
         os.fsync(fd)
     finally:

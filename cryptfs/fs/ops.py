@@ -263,7 +263,7 @@ class Operations(pyfuse3.Operations):
         _, inode, st = self.tree.create_entry(
             parent_inode, name,
             lambda dir_fd, backing: os.mknod(backing, mode & ~ctx.umask, rdev, dir_fd=dir_fd),
-            self._owner(ctx))
+            self._owner(ctx), stat.S_IMODE(mode & ~ctx.umask))
         return self._attrs(inode.ino, st)
 
     @fuse_op
