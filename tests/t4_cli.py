@@ -116,6 +116,25 @@ def test_init_mount_write_unmount_remount_read(setup):
 
 
 @pytest.mark.fuse
+def test_success_is_quiet_and_verbose_names_the_engine(setup):
+    """A mount or fsck that works says one short line at most (as mount(8)
+    and gocryptfs); which engine and why is for -v and ``cryptfs info``."""
+    cipher, plain, passfile, _ = setup
+    mount = cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    assert mount.stdout == ""
+    assert mount.stderr.splitlines() == [f"cryptfs: mounted {cipher} on {plain}"]
+    unmount(plain)
+    wait_unmounted(plain)
+    fsck = cryptfs("fsck", str(cipher), "--passfile", str(passfile))
+    assert fsck.stderr == "" and len(fsck.stdout.splitlines()) == 1, fsck
+    for verbose in (["fsck", "-v"], ["-v", "fsck"]):
+        loud = cryptfs(*verbose, str(cipher), "--passfile", str(passfile))
+        assert "engine" in loud.stderr and len(loud.stderr.splitlines()) == 1, loud
+    info = cryptfs("info", str(cipher))
+    assert info.stderr == "" and "engine here:" in info.stdout
+
+
+@pytest.mark.fuse
 def test_mount_t_fuse_cryptfs_and_umount(setup, helpers):
     cipher, plain, passfile, _ = setup
     subprocess.run(["mount", "-t", "fuse.cryptfs", str(cipher), str(plain),
