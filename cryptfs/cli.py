@@ -67,6 +67,27 @@ class UsageError(CryptfsError):
     exit_code = ExitCode.USAGE
 
 
+FUSE_CONF = Path("/etc/fuse.conf")  # where fusermount3 reads user_allow_other
+
+
+def check_allow_other(euid: int, conf: Path = FUSE_CONF) -> None:
+    """Refuse ``--allow-other`` for a user fusermount3 will refuse it to,
+    before the password is asked for: one line saying what to add, instead
+    of fusermount3's and libfuse's lines after it.  Read as fusermount3
+    reads it: comments and blanks stripped, a last line without its
+    newline ignored."""
+    if euid == 0:
+        return
+    try:
+        lines = conf.read_text(errors="replace").split("\n")[:-1]
+    except OSError:
+        lines = []
+    if any(line.split("#", 1)[0].strip() == "user_allow_other" for line in lines):
+        return
+    raise UsageError(f"--allow-other needs the line 'user_allow_other' in {conf} "
+                     "(add it as root), or mount as root")
+
+
 def _kdf(args: argparse.Namespace) -> KdfParams:
     return KdfParams.argon2id(memory_kib=args.argon2_memory * 1024,
                               iterations=args.argon2_passes)
@@ -142,6 +163,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> None:
     cipherdir, mountpoint = _cipherdir(args.cipherdir), Path(args.mountpoint)
+    if args.allow_other:
+        check_allow_other(os.geteuid())
     KeyFile.load(cipherdir)  # a cipher directory, before a lock file goes into it
     if not args.ro:
         _check_writable(cipherdir, hint=" (mount it with --ro)")
