@@ -548,7 +548,8 @@ def test_allow_other_as_a_user_follows_fuse_conf(conf):
         dev.mkdir()
         script = (f"mount --bind {outside}/fuse.conf /etc/fuse.conf && "
                   f"mount -t tmpfs -o size=1m cryptfs-test-dev {dev} && "
-                  f"mknod -m 666 {dev}/fuse c {os.major(rdev)} {os.minor(rdev)} && mount --bind {dev}/fuse /dev/fuse && "
+                  f"mknod -m 666 {dev}/fuse c {os.major(rdev)} {os.minor(rdev)} && "
+                  f"mount --bind {dev}/fuse /dev/fuse && "
                   f"cd / && "
                   f"{{ {cli} init {outside}/cipher --passfile {outside}/pw "
                   f"--no-recovery-code {' '.join(FAST_KDF)} >/dev/null || exit 99; }} && "

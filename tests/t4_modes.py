@@ -180,28 +180,27 @@ def test_backing_files_keep_their_fixed_modes(setup, daemon_umask):
 
 # -- setuid and setgid --
 
-KILL_MODES = (0o4777, 0o2777, 0o6777, 0o2767, 0o4767, 0o777)
+KILL_MODES = (0o4777, 0o2777, 0o6777, 0o2767, 0o4767, 0o6767, 0o777)
 
 # ``python -c PREPARE params root``, as root: one file per (action, mode), owned
-# by root, or by nobody for the owner's actions (chown first: it clears
-# setuid), then given its mode.
+# by root, or by nobody for the owner's actions, or in nobody's group for the
+# member's (chown first: it clears setuid), then given its mode.
 PREPARE = r"""
 import json, os, sys
 P, root = json.loads(sys.argv[1]), sys.argv[2]
 os.mkdir(root)
 os.chmod(root, 0o777)
-for action in ("write", "truncate", "ftruncate", "chown", "owner-write", "owner-chown",
+for action in ("write", "truncate", "ftruncate", "otrunc", "chown", "member-write",
+               "member-truncate", "owner-write", "owner-chown",
                "root-chown", "root-chgrp", "root-write"):
     for mode in P["kill_modes"]:
-        if mode == 0o2767 and action in ("write", "truncate", "ftruncate"):
-            # A write or truncate by someone outside the file's group: ext4
-            # drops this setgid (no group-exec); the kernel's FUSE keeps it.
-            continue
         path = f"{root}/{action}-{mode:o}"
         with open(path, "wb") as f:
             f.write(b"data")
         if action.startswith("owner"):
             os.chown(path, P["nobody"], P["nobody"])
+        elif action.startswith("member"):  # nobody is in the file's group
+            os.chown(path, 0, P["nobody"])
         os.chmod(path, mode)
 """
 
@@ -214,11 +213,14 @@ def act(action, path):
     if action.endswith("write"):
         with open(path, "ab") as f:
             f.write(b"more")
-    elif action == "truncate":
-        os.truncate(path, 2)
-    elif action == "ftruncate":
+    elif action.endswith("ftruncate"):
         with open(path, "r+b") as f:
             os.ftruncate(f.fileno(), 1)
+    elif action.endswith("truncate"):
+        os.truncate(path, 2)
+    elif action == "otrunc":
+        with open(path, "wb") as f:
+            f.write(b"new")
     elif action == "root-chgrp":
         os.chown(path, -1, P["nobody"])
     else:
@@ -239,12 +241,13 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("user, prefix", [
-    (NOBODY, "write-"), (NOBODY, "truncate-"), (NOBODY, "ftruncate-"), (NOBODY, "chown-"),
+    (NOBODY, "write-"), (NOBODY, "truncate-"), (NOBODY, "ftruncate-"), (NOBODY, "otrunc-"),
+    (NOBODY, "chown-"), (NOBODY, "member-"),
     (NOBODY, "owner-"), (0, "root-")])
 def test_setuid_and_setgid_are_cleared_as_on_ext4(setup, user, prefix):
     """A write, truncate or chown by someone without CAP_FSETID clears
-    setuid, and setgid where group-exec is set; root's write keeps them,
-    root's chown clears them."""
+    setuid, and setgid where group-exec is set or the writer is outside the
+    file's group; root's write keeps them, root's chown clears them."""
     oracle, mount = setup
     results = []
     for root in (oracle, mount.mountpoint):

@@ -101,6 +101,21 @@ def fuse_op(method):
     return wrapper
 
 
+def _groups(ctx) -> set[int]:
+    """The groups of a request's caller: its gid, and its supplementary
+    groups while its process can still be read."""
+    groups = {ctx.gid}
+    try:
+        with open(f"/proc/{ctx.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except (OSError, ValueError):
+        pass
+    return groups
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
@@ -219,6 +234,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             await self._truncate(inode, attr.st_size)
         mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
+        mode = self._without_setgid(inode, mode, fields, ctx)
         uid = attr.st_uid if fields.update_uid else -1
         gid = attr.st_gid if fields.update_gid else -1
         times = (attr.st_atime_ns if fields.update_atime else None,
@@ -231,6 +247,25 @@ class Operations(pyfuse3.Operations):
         else:
             st = self.tree.set_attributes(inode, mode, uid, gid, times)
         return self._attrs(inode, st)
+
+    def _without_setgid(self, inode: int, mode: int | None, fields, ctx) -> int | None:
+        """``mode`` (None: unchanged) without a setgid bit that has no
+        group-exec, if the request comes from a write or truncate by a
+        caller outside the file's group and not root: the VFS drops that bit
+        on ext4.  The kernel's FUSE code drops setuid, and setgid with
+        group-exec, itself (a mode without ctime, which chmod(2) always
+        sets), but keeps this one; a write with nothing else to drop comes
+        as a request with no field at all."""
+        if ctx.uid == 0 or fields.update_uid or fields.update_gid or fields.update_atime:
+            return mode
+        if fields.update_ctime and not fields.update_size:
+            return mode  # chmod, utimes, or the times of a write
+        st = self._stat(inode)
+        current = stat.S_IMODE(st.st_mode) if mode is None else mode
+        if not stat.S_ISREG(st.st_mode) or current & (stat.S_ISGID | stat.S_IXGRP) \
+                != stat.S_ISGID or st.st_gid in _groups(ctx):
+            return mode
+        return current & ~stat.S_ISGID
 
     async def _truncate(self, ino: int, size: int) -> None:
         opened = self.handles.by_ino(ino)
