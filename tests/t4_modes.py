@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -159,6 +160,44 @@ def test_new_entries_get_the_modes_ext4_gives(setup, user, mask):
     assert sorted(got) == sorted(expected)
     wrong = {n: (got[n], expected[n]) for n in expected if got[n] != expected[n]}
     assert not wrong, f"(cryptfs, ext4) where they differ: {wrong}"
+
+
+def default_acl(user: int, group: int, other: int) -> bytes:
+    """A ``system.posix_acl_default`` value with only the three base
+    entries (the kernel's xattr form: version 2, then tag, perm, id)."""
+    entries = ((0x01, user), (0x04, group), (0x20, other))  # USER_OBJ, GROUP_OBJ, OTHER
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+                                           for tag, perm in entries)
+
+
+@pytest.mark.parametrize("engine", ["openssl"])
+def test_default_acls_around_the_mount_change_nothing(ext4, engine):
+    """A default ACL (u::rwx,g::-,o::-) on the directory holding the cipher
+    directory and the mount point: it is inherited by every backing entry
+    (where it replaces the daemon's umask) but must not change the modes
+    callers get, and the key file and IVs keep theirs."""
+    base = ext4 / "acl"
+    base.mkdir(0o755)
+    os.setxattr(base, "system.posix_acl_default", default_acl(7, 0, 0))
+    oracle = ext4 / "acl-oracle"
+    oracle.mkdir()
+    oracle.chmod(0o777)
+    init_cipherdir(base / "cipher", base / "password")
+    mount = Mount(base / "cipher", base / "plain", base / "password", engine,
+                  ("--allow-other",)).start()
+    try:
+        mount.mountpoint.chmod(0o777)
+        for mask in (0o000, 0o022):
+            name = f"acl-{mask:o}"
+            expected = json.loads(run(CREATE, str(oracle / name), mask=mask))
+            got = json.loads(run(CREATE, str(mount.mountpoint / name), mask=mask))
+            wrong = {n: (got[n], expected[n]) for n in expected if got.get(n) != expected[n]}
+            assert not wrong, f"(cryptfs, ext4) where they differ: {wrong}"
+        ivs = [p for p in mount.cipherdir.rglob(DIRIV_NAME)]
+        assert ivs and all(stat.S_IMODE(p.stat().st_mode) == 0o440 for p in ivs)
+    finally:
+        mount.stop()
+    mount.check_log(allowed=("password file",))
 
 
 def test_backing_files_keep_their_fixed_modes(setup, daemon_umask):
