@@ -256,10 +256,12 @@ class Operations(pyfuse3.Operations):
         group-exec, itself (a mode without ctime, which chmod(2) always
         sets), but keeps this one; a write with nothing else to drop comes
         as a request with no field at all."""
+        if ctx.uid == 0:
+            return mode
         other = (fields.update_uid, fields.update_gid, fields.update_atime,
                  fields.update_mtime, fields.update_ctime)
-        if ctx.uid == 0 or not (fields.update_size or not any(other)):
-            return mode  # root, or a chmod, chown or utimes (never without ctime)
+        if not fields.update_size and any(other):
+            return mode  # a chmod, chown or utimes (never without ctime)
         st = self._stat(inode)
         current = stat.S_IMODE(st.st_mode) if mode is None else mode
         if not stat.S_ISREG(st.st_mode) or current & (stat.S_ISGID | stat.S_IXGRP) \
