@@ -67,6 +67,27 @@ class UsageError(CryptfsError):
     exit_code = ExitCode.USAGE
 
 
+FUSE_CONF = Path("/etc/fuse.conf")  # where fusermount3 reads user_allow_other
+
+
+def check_allow_other(euid: int, conf: Path = FUSE_CONF) -> None:
+    """Refuse ``--allow-other`` for a user fusermount3 will refuse it to,
+    before the password is asked for: one line saying what to add, instead
+    of fusermount3's and libfuse's lines after it.  Read as fusermount3
+    reads it: comments and blanks stripped, a last line without its
+    newline ignored."""
+    if euid == 0:
+        return
+    try:
+        lines = conf.read_text(errors="replace").split("\n")[:-1]
+    except OSError:
+        lines = []
+    if any(line.split("#", 1)[0].strip() == "user_allow_other" for line in lines):
+        return
+    raise UsageError(f"--allow-other needs the line 'user_allow_other' in {conf} "
+                     "(add it as root), or mount as root")
+
+
 def _kdf(args: argparse.Namespace) -> KdfParams:
     return KdfParams.argon2id(memory_kib=args.argon2_memory * 1024,
                               iterations=args.argon2_passes)
@@ -142,6 +163,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> None:
     cipherdir, mountpoint = _cipherdir(args.cipherdir), Path(args.mountpoint)
+    if args.allow_other:
+        check_allow_other(os.geteuid())
     KeyFile.load(cipherdir)  # a cipher directory, before a lock file goes into it
     if not args.ro:
         _check_writable(cipherdir, hint=" (mount it with --ro)")
@@ -166,6 +189,8 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
         if not args.foreground:
             detach()
             keys.lock_memory()  # memory locks are not inherited across fork
+        # For the log (syslog once detached), not the terminal: see select_engine.
+        log.info("engine: %s", stack.sessions.engine.describe())
         trio.run(serve, stack, args.idle, where)
     keys.wipe()
 
@@ -348,10 +373,17 @@ def _kdf_args(p: argparse.ArgumentParser) -> None:
                    help="Argon2id passes (default 3)")
 
 
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also say which crypto engine is used and why")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="cryptfs", description="An encrypted FUSE filesystem.")
     top.add_argument("--version", action="version", version=f"cryptfs {__version__}")
-    top.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    top.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    top.add_argument("-v", "--verbose", action="store_true",
+                     help="also say which crypto engine is used and why")
     sub = top.add_subparsers(dest="command", required=True)
 
     init = sub.add_parser("init", help="create a new cipher directory")
@@ -390,7 +422,8 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="stay in the foreground and log to stderr")
     mount.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="verbose logs (also accepted before the subcommand)")
+                       help="debug logs (also accepted before the subcommand)")
+    _verbose_arg(mount)
     mount.add_argument("--fuse-flag", action="append", dest="fuse_flags", default=[],
                        help=argparse.SUPPRESS)  # kernel mount flags from -o (nodev, ...)
     mount.add_argument("--inline-max", type=int, default=None,
@@ -443,6 +476,7 @@ def parser() -> argparse.ArgumentParser:
     fsck.add_argument("--force", action="store_true",
                       help="check even while it is mounted (changes in progress may show "
                            "as damage)")
+    _verbose_arg(fsck)
     fsck.set_defaults(func=cmd_fsck)
 
     info = sub.add_parser("info", help="format, key slots and engine (never key material)")
@@ -497,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cryptfs: {exc}", file=sys.stderr)
         return exc.exit_code
     args = parser().parse_args(argv)
-    setup_logging(args.debug)
+    setup_logging(args.debug, args.verbose)
     try:
         args.func(args)
     except CryptfsError as exc:

@@ -214,6 +214,7 @@ def create_diriv(dir_fd: int, sync: bool = True) -> bytes:
     fd = os.open(DIRIV_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440,
                  dir_fd=dir_fd)
     try:
+        os.fchmod(fd, 0o440)  # whatever the daemon's umask
         os.write(fd, dir_iv)
         if sync:
             os.fsync(fd)

@@ -246,7 +246,7 @@ def kernel_has_afalg() -> bool:
 # (AF_ALG present: the kernel engine), hence the afalg mark.
 @pytest.mark.afalg
 def test_selection_auto_matches_the_kernel(caplog):
-    caplog.set_level("INFO", logger="cryptfs")
+    caplog.set_level("DEBUG", logger="cryptfs")
     choice = select_engine("auto")
     if kernel_has_afalg():
         assert choice.engine.name == "afalg"

@@ -129,10 +129,11 @@ def changes(**values):
     (``st_mode=0o644``, ``st_size=0``, ...)."""
     attr = pyfuse3.EntryAttributes()
     fields = dict.fromkeys(["update_size", "update_mode", "update_uid", "update_gid",
-                            "update_atime", "update_mtime"], False)
+                            "update_atime", "update_mtime", "update_ctime"], False)
     for name, value in values.items():
         setattr(attr, name, value)
         fields["update_" + name.removeprefix("st_").removesuffix("_ns")] = True
+    fields["update_ctime"] = True  # the kernel sends it with every change a caller asks for
     return attr, SimpleNamespace(**fields)
 
 
@@ -309,7 +310,8 @@ async def test_setattr_symlink_mknod(fs):
     attr = pyfuse3.EntryAttributes()
     attr.st_mode, attr.st_size, attr.st_mtime_ns = 0o600, 4, 123_000_000_000
     fields = SimpleNamespace(update_size=True, update_mode=True, update_uid=False,
-                             update_gid=False, update_atime=False, update_mtime=True)
+                             update_gid=False, update_atime=False, update_mtime=True,
+                             update_ctime=True)
     out = await fs.setattr(ino, attr, fields, None, CTX)
     assert (stat.S_IMODE(out.st_mode), out.st_size, out.st_mtime_ns) == \
         (0o600, 4, 123_000_000_000)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.errors import ExitCode
+from cryptfs.cli import check_allow_other
+from cryptfs.errors import CryptfsError, ExitCode
 from tests.conftest import (
     MOUNT_TIMEOUT,
     PASSWORD,
@@ -113,6 +114,25 @@ def test_init_mount_write_unmount_remount_read(setup):
     assert (plain / "big").read_bytes() == big and len(big) == 3 << 20
     cryptfs("unmount", str(plain))
     wait_unmounted(plain)
+
+
+@pytest.mark.fuse
+def test_success_is_quiet_and_verbose_names_the_engine(setup):
+    """A mount or fsck that works says one short line at most (as mount(8)
+    and gocryptfs); which engine and why is for -v and ``cryptfs info``."""
+    cipher, plain, passfile, _ = setup
+    mount = cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
+    assert mount.stdout == ""
+    assert mount.stderr.splitlines() == [f"cryptfs: mounted {cipher} on {plain}"]
+    unmount(plain)
+    wait_unmounted(plain)
+    fsck = cryptfs("fsck", str(cipher), "--passfile", str(passfile))
+    assert fsck.stderr == "" and len(fsck.stdout.splitlines()) == 1, fsck
+    for verbose in (["fsck", "-v"], ["-v", "fsck"]):
+        loud = cryptfs(*verbose, str(cipher), "--passfile", str(passfile))
+        assert "engine" in loud.stderr and len(loud.stderr.splitlines()) == 1, loud
+    info = cryptfs("info", str(cipher))
+    assert info.stderr == "" and "engine here:" in info.stdout
 
 
 @pytest.mark.fuse
@@ -472,3 +492,82 @@ def test_allow_other_keeps_permission_checks(setup):
     finally:
         unmount(plain)
         shutil.rmtree(outside)
+
+
+@pytest.mark.parametrize("text, allowed", [
+    ("user_allow_other\n", True),
+    ("# comment\n  user_allow_other   # allowed\n", True),
+    ("#user_allow_other\nmount_max = 1000\n", False),
+    ("user_allow_other", False),  # fusermount3 ignores a last line without its newline
+    ("user_allow_other_x\n", False),
+    (None, False),  # no file
+])
+def test_allow_other_check_reads_fuse_conf_as_fusermount3_does(tmp_path, text, allowed):
+    conf = tmp_path / "fuse.conf"
+    if text is not None:
+        conf.write_text(text)
+    check_allow_other(0, conf)  # root may always
+    if allowed:
+        check_allow_other(1000, conf)
+    else:
+        with pytest.raises(CryptfsError) as info:
+            check_allow_other(1000, conf)
+        assert info.value.exit_code == ExitCode.USAGE and "user_allow_other" in str(info.value)
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("conf", ["#user_allow_other\nmount_max = 1000\n", "user_allow_other\n"],
+                         ids=["without", "with"])
+def test_allow_other_as_a_user_follows_fuse_conf(conf):
+    """An ordinary user mounting with --allow-other: without user_allow_other
+    in /etc/fuse.conf, one line saying what to add and USAGE, before the
+    password is read; with it, a working mount.  Real fusermount3 and
+    /etc/fuse.conf, the latter a private copy bind-mounted in a private
+    mount namespace (the machine's files are never touched)."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
+        pytest.skip("needs root, unshare and setpriv to act as another user")
+    import tempfile
+
+    outside = Path(tempfile.mkdtemp(prefix="cryptfs-user-", dir="/tmp"))
+    try:
+        outside.chmod(0o755)  # pytest's own tmp dirs are 0700: nobody cannot enter
+        (outside / "fuse.conf").write_text(conf)
+        for name in ("cipher", "plain"):
+            (outside / name).mkdir()
+        (outside / "pw").write_text(PASSWORD + "\n")
+        (outside / "pw").chmod(0o600)
+        for path in (outside / "cipher", outside / "plain", outside / "pw"):
+            os.chown(path, 65534, 65534)
+        # setpriv runs each step itself: a shell running as nobody may not
+        # exec this Python (the venv's interpreter can sit in root's home).
+        nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups"
+        cli = f"{nobody} {' '.join(cryptfs_cmd())}"
+        # /dev/fuse as distributions ship it (0666: any user may mount
+        # through fusermount3), also in the namespace only.
+        dev, rdev = outside / "dev", os.stat("/dev/fuse").st_rdev
+        dev.mkdir()
+        script = (f"mount --bind {outside}/fuse.conf /etc/fuse.conf && "
+                  f"mount -t tmpfs -o size=1m cryptfs-test-dev {dev} && "
+                  f"mknod -m 666 {dev}/fuse c {os.major(rdev)} {os.minor(rdev)} && "
+                  f"mount --bind {dev}/fuse /dev/fuse && "
+                  f"cd / && "
+                  f"{{ {cli} init {outside}/cipher --passfile {outside}/pw "
+                  f"--no-recovery-code {' '.join(FAST_KDF)} >/dev/null || exit 99; }} && "
+                  f"{cli} mount {outside}/cipher {outside}/plain --passfile {outside}/pw "
+                  f"--allow-other && "
+                  f"{nobody} sh -c 'echo hello > {outside}/plain/f' && "
+                  f"{nobody} cat {outside}/plain/f && "
+                  f"cat {outside}/plain/f && "  # root, another user, gets in
+                  f"{cli} unmount {outside}/plain")
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               script], capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    finally:
+        shutil.rmtree(outside)
+    if conf.startswith("#"):
+        assert proc.returncode == ExitCode.USAGE, proc.stderr
+        assert proc.stderr.splitlines() == [
+            "cryptfs: --allow-other needs the line 'user_allow_other' in /etc/fuse.conf "
+            "(add it as root), or mount as root"], proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "hello\nhello\n"

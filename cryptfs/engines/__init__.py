@@ -93,5 +93,7 @@ def select_engine(name: str = "auto") -> EngineChoice:
 
 
 def _chosen(engine: XtsEngine, reason: str) -> EngineChoice:
-    log.info("using the %s engine, %s: %s", engine.name, engine.describe(), reason)
+    # Debug level: a command that works says at most one short line; this
+    # detail is for ``-v``, ``cryptfs info`` and the daemon's log.
+    log.debug("using the %s engine, %s: %s", engine.name, engine.describe(), reason)
     return EngineChoice(engine, reason)

@@ -117,6 +117,21 @@ def no_reply_op(method):
     return wrapper
 
 
+def _groups(ctx) -> set[int]:
+    """The groups of a request's caller: its gid, and its supplementary
+    groups while its process can still be read."""
+    groups = {ctx.gid}
+    try:
+        with open(f"/proc/{ctx.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except (OSError, ValueError):
+        pass
+    return groups
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
@@ -236,6 +251,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             await self._truncate(inode, attr.st_size)
         mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
+        mode = self._without_setgid(inode, mode, fields, ctx)
         uid = attr.st_uid if fields.update_uid else -1
         gid = attr.st_gid if fields.update_gid else -1
         times = (attr.st_atime_ns if fields.update_atime else None,
@@ -248,6 +264,27 @@ class Operations(pyfuse3.Operations):
         else:
             st = self.tree.set_attributes(inode, mode, uid, gid, times)
         return self._attrs(inode, st)
+
+    def _without_setgid(self, inode: int, mode: int | None, fields, ctx) -> int | None:
+        """``mode`` (None: unchanged) without a setgid bit that has no
+        group-exec, if the request comes from a write or truncate by a
+        caller outside the file's group and not root: the VFS drops that bit
+        on ext4.  The kernel's FUSE code drops setuid, and setgid with
+        group-exec, itself (a mode without ctime, which chmod(2) always
+        sets), but keeps this one; a write with nothing else to drop comes
+        as a request with no field at all."""
+        if ctx.uid == 0:
+            return mode
+        other = (fields.update_uid, fields.update_gid, fields.update_atime,
+                 fields.update_mtime, fields.update_ctime)
+        if not fields.update_size and any(other):
+            return mode  # a chmod, chown or utimes (never without ctime)
+        st = self._stat(inode)
+        current = stat.S_IMODE(st.st_mode) if mode is None else mode
+        if not stat.S_ISREG(st.st_mode) or current & (stat.S_ISGID | stat.S_IXGRP) \
+                != stat.S_ISGID or st.st_gid in _groups(ctx):
+            return mode
+        return current & ~stat.S_ISGID
 
     async def _truncate(self, ino: int, size: int) -> None:
         opened = self.handles.by_ino(ino)
@@ -280,7 +317,7 @@ class Operations(pyfuse3.Operations):
         _, inode, st = self.tree.create_entry(
             parent_inode, name,
             lambda dir_fd, backing: os.mknod(backing, mode & ~ctx.umask, rdev, dir_fd=dir_fd),
-            self._owner(ctx))
+            self._owner(ctx), stat.S_IMODE(mode & ~ctx.umask))
         return self._attrs(inode.ino, st)
 
     @fuse_op

@@ -349,12 +349,15 @@ class BackingTree:
     # -- creating entries --
 
     def create_entry(self, parent: int, name: bytes, make: Callable[[int, str], T],
-                     owner: Owner = None) -> tuple[T, Inode, os.stat_result]:
+                     owner: Owner = None,
+                     mode: int | None = None) -> tuple[T, Inode, os.stat_result]:
         """Create ``name`` in ``parent`` with ``make(dir_fd, backing_name)``
         (mknod, symlink, open with O_CREAT), its long-name sidecar first;
-        on failure neither is left behind."""
+        on failure neither is left behind.  ``mode``: its permission bits
+        exactly (None: a symlink's, which has none)."""
         entry = self.entry(parent, name)
-        return self._make(parent, self._dir_fd(parent), entry, make, owner, fresh=True)
+        return self._make(parent, self._dir_fd(parent), entry, make, owner, fresh=True,
+                          mode=mode)
 
     def create_file(self, parent: int, name: bytes, mode: int,
                     owner: Owner = None) -> tuple[int, Inode, os.stat_result]:
@@ -367,7 +370,7 @@ class BackingTree:
             return opened[0]
 
         try:
-            return self.create_entry(parent, name, make, owner)
+            return self.create_entry(parent, name, make, owner, mode)
         except BaseException:
             for fd in opened:
                 os.close(fd)
@@ -412,15 +415,22 @@ class BackingTree:
         return inode, new_st
 
     def _make(self, parent: int, dir_fd: int, entry: BackingName,
-              make: Callable[[int, str], T], owner: Owner,
-              fresh: bool) -> tuple[T, Inode, os.stat_result]:
+              make: Callable[[int, str], T], owner: Owner, fresh: bool,
+              mode: int | None = None) -> tuple[T, Inode, os.stat_result]:
+        """Create ``entry`` with ``make``, then give it ``owner`` and, after
+        that (chown clears setuid and setgid), exactly the permission bits
+        ``mode``: the daemon's umask (or a default ACL on the backing
+        directory) must not change what the caller asked for, and the
+        kernel has applied the caller's umask already."""
         new_sidecar = self._add_sidecar(dir_fd, entry)
         try:
             result = make(dir_fd, entry.name)
             try:
                 if owner is not None:
-                    os.chown(entry.name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+                    _chown_new(dir_fd, entry.name, owner)
                 st = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
+                if mode is not None:
+                    st = _set_new_mode(dir_fd, entry.name, st, mode)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.name, dir_fd=dir_fd)
@@ -438,12 +448,12 @@ class BackingTree:
         made: list[bytes] = []  # the new directory's IV, once it is complete
 
         def make(dir_fd: int, backing: str) -> None:
-            os.mkdir(backing, 0o700, dir_fd=dir_fd)  # owner-writable until its IV is in
+            # Owner-writable until its IV is in; _make then sets ``mode``.
+            os.mkdir(backing, 0o700, dir_fd=dir_fd)
             try:
                 fd = os.open(backing, _DIR_READ, dir_fd=dir_fd)
                 try:
                     iv = create_diriv(fd, sync=False)  # the caller fsyncs it: sync_diriv
-                    os.fchmod(fd, mode)
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(DIRIV_NAME, dir_fd=fd)
@@ -458,7 +468,8 @@ class BackingTree:
 
         dir_fd = self._dir_fd(parent)
         try:
-            _, inode, st = self._make(parent, dir_fd, entry, make, owner, fresh=True)
+            _, inode, st = self._make(parent, dir_fd, entry, make, owner, fresh=True,
+                                      mode=mode)
         except BaseException:
             if made:  # chown or stat failed after it was made: _make unlinks no directory
                 with contextlib.suppress(OSError):
@@ -672,10 +683,39 @@ def apply_attributes(target: int | str, mode: int | None, uid: int, gid: int,
     return os.stat(target, **at)
 
 
+def _chown_new(dir_fd: int, name: str, owner: tuple[int, int]) -> None:
+    """Give a new entry to ``owner``, except its group in a setgid
+    directory: there the backing filesystem gave it the directory's."""
+    uid, gid = owner
+    if os.fstat(dir_fd).st_mode & stat.S_ISGID:
+        gid = -1
+    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _set_new_mode(dir_fd: int, name: str, st: os.stat_result, mode: int) -> os.stat_result:
+    """Give the new entry ``name`` (attributes ``st``) the permission bits
+    ``mode``, plus the setgid bit a directory inherited from a setgid
+    parent; its attributes afterwards."""
+    if stat.S_ISDIR(st.st_mode):
+        mode |= st.st_mode & stat.S_ISGID
+    if stat.S_IMODE(st.st_mode) == mode:
+        return st
+    fd = os.open(name, _ENTRY_PATH, dir_fd=dir_fd)
+    try:  # through the descriptor: the entry we made, never a symlink's target
+        made = os.fstat(fd)
+        if (made.st_dev, made.st_ino) != (st.st_dev, st.st_ino):
+            raise OSError(errno.EIO, f"new backing entry {name!r} was replaced")
+        os.chmod(proc_path(fd), mode)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def _restore_diriv(dir_fd: int, saved: bytes) -> None:
     fd = os.open(DIRIV_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440,
                  dir_fd=dir_fd)
     try:
+        os.fchmod(fd, 0o440)  # whatever the daemon's umask
         os.write(fd, saved)
     finally:
         os.close(fd)
