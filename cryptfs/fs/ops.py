@@ -143,7 +143,7 @@ class Operations(pyfuse3.Operations):
     def _attrs(self, ino: int, st: os.stat_result):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
-        attr.generation = 0
+        attr.generation = self.inodes.generation(ino)
         attr.entry_timeout = self.options.entry_timeout
         attr.attr_timeout = self.options.attr_timeout
         attr.st_mode = st.st_mode
