@@ -2,7 +2,8 @@
 inode number when the kernel forgets its inode and across remounts (so
 ``git status`` after a remount reads no file), on the cipher directory's
 device and on another one mounted below it; a file handle of a deleted
-file does not open the file that got its number."""
+file does not open the file that got its number; ``ls -a`` shows ``.`` and
+``..`` with the right numbers."""
 
 from __future__ import annotations
 
@@ -161,6 +162,70 @@ def test_a_device_below_the_cipher_directory_gets_its_namespace(tmp_path):
     finally:
         mount.stop()
     mount.check_log()
+
+
+# -- ls -a: "." and ".." -----------------------------------------------------------------
+
+
+class Dirent64(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+def raw_listing(path: Path) -> list[tuple[str, int]]:
+    """(name, d_ino) of every entry readdir(3) returns, ``.`` and ``..``
+    included (os.scandir hides them)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir64.restype = ctypes.POINTER(Dirent64)
+    libc.readdir64.argtypes = [ctypes.c_void_p]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    handle = libc.opendir(os.fsencode(path))
+    assert handle, os.strerror(ctypes.get_errno())
+    entries = []
+    try:
+        while True:
+            entry = libc.readdir64(handle)
+            if not entry:
+                break
+            entries.append((os.fsdecode(entry.contents.d_name), entry.contents.d_ino))
+    finally:
+        libc.closedir(handle)
+    return entries
+
+
+def test_ls_a_shows_dot_entries_with_their_numbers(fresh):
+    plain = fresh.mountpoint
+    names = {f"{i:03d}" + "n" * 150 for i in range(300)}  # many replies of one page each
+    (plain / "d").mkdir()
+    for name in names:
+        (plain / "d" / name).touch()
+    listed = raw_listing(plain / "d")
+    assert listed[:2] == [(".", os.stat(plain / "d").st_ino), ("..", os.stat(plain).st_ino)]
+    assert sorted(name for name, _ in listed[2:]) == sorted(names)  # each once
+    assert {name: ino for name, ino in listed[2:]} == {
+        name: os.lstat(plain / "d" / name).st_ino for name in names}
+    (plain / "d2" / "e").mkdir(parents=True)
+    assert raw_listing(plain / "d2" / "e") == [(".", os.stat(plain / "d2" / "e").st_ino),
+                                               ("..", os.stat(plain / "d2").st_ino)]
+    os.rmdir(plain / "d2" / "e")
+    os.rmdir(plain / "d2")
+    # The mount root's ".." is the root itself, as on ext4.
+    assert raw_listing(plain)[:2] == [(".", os.stat(plain).st_ino), ("..", os.stat(plain).st_ino)]
+    ls = subprocess.run(["ls", "-a", str(plain)], check=True, capture_output=True, text=True)
+    assert ls.stdout.split() == [".", "..", "d"]
+    # The kernel takes no lookup for "." and "..": listing again and again,
+    # then forgetting, leaves the directory and its entries working.
+    number = os.stat(plain / "d").st_ino
+    for _ in range(20):
+        raw_listing(plain / "d")
+    drop_caches()
+    assert os.stat(plain / "d").st_ino == number
+    assert raw_listing(plain / "d")[:2] == [(".", number), ("..", os.stat(plain).st_ino)]
+    assert sorted(os.listdir(plain / "d")) == sorted(names)  # Python hides them
+    with os.scandir(plain) as entries:
+        assert [e.name for e in entries] == ["d"]
 
 
 # -- file handles: a reused inode number does not open another file ---------------------
