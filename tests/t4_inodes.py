@@ -123,6 +123,31 @@ def test_git_status_after_a_remount_reads_no_file(fresh, tmp_path):
     assert not read, f"git status re-read {sorted(read)}"
 
 
+def test_tar_incremental_after_a_remount_archives_no_file(fresh, tmp_path):
+    """GNU tar's incremental mode (``-g``) takes a directory whose inode
+    number changed for a new one and archives all of its files again.
+    ``--no-check-device``: a FUSE mount's device number may change between
+    mounts (as an NFS mount's)."""
+    if shutil.which("tar") is None:
+        pytest.skip("needs GNU tar")
+    data = fresh.mountpoint / "data"
+    for sub in ("a", "b", "c"):
+        (data / sub).mkdir(parents=True)
+        for i in range(5):
+            (data / sub / f"f{i}").write_bytes(b"x" * i)
+    snapshot = tmp_path / "snapshot"
+
+    def tar(archive: str) -> list[str]:
+        return subprocess.run(
+            ["tar", "-C", str(fresh.mountpoint), "-c", "-v", "-f", str(tmp_path / archive),
+             "-g", str(snapshot), "--no-check-device", "data"],
+            check=True, capture_output=True, text=True).stdout.split()
+
+    assert len(tar("full.tar")) == 1 + 3 + 15
+    fresh.restart()
+    assert sorted(tar("incremental.tar")) == ["data/", "data/a/", "data/b/", "data/c/"]
+
+
 def test_a_device_below_the_cipher_directory_gets_its_namespace(tmp_path):
     """A file system mounted below the cipher directory (here a tmpfs on a
     cryptfs directory's backing directory): its inodes are numbered in the
