@@ -10,6 +10,7 @@ import os
 from cryptfs.fs.inodes import (
     INO_BITS,
     INO_LIMIT,
+    NAMESPACES,
     ROOT_INODE,
     SPILL_START,
     InodeTable,
@@ -77,6 +78,8 @@ def test_other_devices_get_a_namespace_from_their_device_number():
     there = table.remember(ROOT_INODE, b"b", fake_stat(77, 5))
     assert here.ino == 5
     assert there.ino == device_namespace(77) << INO_BITS | 5
+    assert {device_namespace(dev) for dev in range(1 << 20)} == set(range(1, NAMESPACES))
+    assert (NAMESPACES - 1) << INO_BITS | (INO_LIMIT - 1) < SPILL_START  # no overlap
     # Another mount meets the devices in the other order: the same numbers.
     remounted = InodeTable((ROOT_DEV, 2))
     assert remounted.remember(ROOT_INODE, b"b", fake_stat(77, 5)).ino == there.ino

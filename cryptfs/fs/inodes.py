@@ -38,26 +38,28 @@ ROOT_INODE = pyfuse3.ROOT_INODE
 
 Link = tuple[int, bytes]  # (parent inode, backing name)
 
-# Node IDs: the top 16 bits are a namespace, the rest a backing inode number.
+# Node IDs, as gocryptfs's inomap lays them out: bit 63 clear, a 15-bit
+# namespace, a 48-bit backing inode number; or bit 63 set, a spill number.
 # Namespace 0 is the cipher directory's device (node ID = backing st_ino),
-# 1..0xFFFE other devices below it (bind mounts, btrfs subvolumes), chosen
-# by a hash of st_dev so they do not depend on the order devices are met;
-# 0xFFFF is the spill range.
+# 1..0x7FFF other devices below it (bind mounts, btrfs subvolumes), chosen
+# by a hash of st_dev (gocryptfs: in the order devices are met) so a device
+# has the same namespace in every mount.  Derived numbers stay below 2^63,
+# so programs that keep inode numbers signed see them positive.
 INO_BITS = 48
 INO_LIMIT = 1 << INO_BITS
-SPILL_NAMESPACE = 0xFFFF
-SPILL_START = SPILL_NAMESPACE << INO_BITS
+NAMESPACES = 1 << 15
+SPILL_START = 1 << 63
 
 
 def device_namespace(dev: int) -> int:
-    """The namespace (1..0xFFFE) of a device other than the cipher
+    """The namespace (1..0x7FFF) of a device other than the cipher
     directory's: a fixed mix of ``st_dev`` (splitmix64's finalizer), the same
     in every mount."""
     x = dev & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     x ^= x >> 31
-    return 1 + x % (SPILL_NAMESPACE - 1)
+    return 1 + x % (NAMESPACES - 1)
 
 
 @dataclass(slots=True)
