@@ -95,8 +95,10 @@ def git(repo: Path, *args: str, strace_log: Path | None = None) -> str:
 
 
 def opened_files(strace_log: Path) -> set[str]:
-    """Paths that open(2)/openat(2) opened successfully in an strace log."""
-    pattern = re.compile(r'open(?:at)?\((?:[^,]+, )?"([^"]*)",.*\) = \d+')
+    """Paths given to open(2)/openat(2) in an strace log, whatever the
+    result (a call another thread interrupts has its result on a later
+    line)."""
+    pattern = re.compile(r'open(?:at)?\((?:[^,"]+, )?"([^"]*)"')
     return {m.group(1) for m in map(pattern.search, strace_log.read_text().splitlines()) if m}
 
 
