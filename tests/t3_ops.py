@@ -77,8 +77,10 @@ async def lookup(fs: Operations, parent: int, name: bytes) -> int:
     return attr.st_ino
 
 
-async def listdir(fs: Operations, ino: int, monkeypatch, per_reply: int = 1000) -> list:
-    """Every entry, fetched ``per_reply`` at a time as the kernel would."""
+async def listdir(fs: Operations, ino: int, monkeypatch, per_reply: int = 1000,
+                  dots: bool = False) -> list:
+    """Every entry (``.`` and ``..`` only with ``dots``), fetched
+    ``per_reply`` at a time as the kernel would."""
     fh = await fs.opendir(ino, CTX)
     entries: list = []
     batch: list = []
@@ -99,7 +101,7 @@ async def listdir(fs: Operations, ino: int, monkeypatch, per_reply: int = 1000) 
         entries += batch
         start = batch[-1][2]
     await fs.releasedir(fh)
-    return entries
+    return entries if dots else [e for e in entries if e[0] not in (b".", b"..")]
 
 
 async def expect_errno(code: int, call, *args) -> None:
@@ -158,6 +160,27 @@ async def test_readdir_in_batches_counts_lookups(fs, monkeypatch):
         assert fs.inodes.get(ino).lookups == 1
         await fs.forget([(ino, 1)])
         assert ino not in fs.inodes
+
+
+async def test_readdir_dot_entries_count_no_lookups(fs, monkeypatch):
+    """``.`` and ``..`` come first with the directory's and its parent's
+    numbers (the root's ``..`` is the root), across partial replies; the
+    kernel takes no lookup for them (fs/fuse/readdir.c), so listing a
+    directory again and again leaves it forgettable."""
+    d = (await fs.mkdir(ROOT_INODE, b"d", 0o755, CTX)).st_ino
+    f = await create(fs, d, b"f")
+    await fs.forget([(f, 1)])
+    for per_reply in (1, 2, 1000):
+        entries = await listdir(fs, d, monkeypatch, per_reply=per_reply, dots=True)
+        assert [(name, ino) for name, ino, _ in entries] == [(b".", d), (b"..", ROOT_INODE),
+                                                              (b"f", f)]
+        assert [next_id for _, _, next_id in entries] == [1, 2, 3]
+        await fs.forget([(f, 1)])  # the kernel let go of the entry it took
+    root = await listdir(fs, ROOT_INODE, monkeypatch, per_reply=1, dots=True)
+    assert [(name, ino) for name, ino, _ in root[:2]] == [(b".", ROOT_INODE), (b"..", ROOT_INODE)]
+    assert fs.inodes.get(d).lookups == 2  # mkdir's and the root listing's
+    await fs.forget([(d, 2)])
+    assert d not in fs.inodes and f not in fs.inodes
 
 
 async def test_rename_within_and_across_directories(fs, monkeypatch):

@@ -1,11 +1,19 @@
 """The inode table: FUSE inode numbers <-> backing directory entries.
 
-FUSE inode numbers are ours (1 is the root); each stands for one backing
-inode, identified by ``(st_dev, st_ino)``, so every hard link of a file has
-the same inode number, as POSIX requires.  For each inode we remember the
-directory entries we know it by, as ``(parent inode, backing name)`` pairs;
-the backing tree reaches an entry through its parent's directory
-descriptor, so renaming a directory changes one pair and nothing below it.
+Each FUSE inode stands for one backing inode, identified by ``(st_dev,
+st_ino)``, so every hard link of a file has the same inode number, as POSIX
+requires.  pyfuse3 reports the FUSE node ID as ``st_ino``, so the node ID
+itself is derived from the backing inode number (``number_for``): a file
+keeps its number when the kernel forgets its inode and across remounts,
+which git's index, incremental backups and ``find -inum`` rely on.  1 is
+the cipher directory.  A number that cannot be derived, or that a
+different inode the kernel still holds has, comes from a spill range: such
+a number lasts while the kernel holds the inode.
+
+For each inode we remember the directory entries we know it by, as
+``(parent inode, backing name)`` pairs; the backing tree reaches an entry
+through its parent's directory descriptor, so renaming a directory changes
+one pair and nothing below it.
 
 An inode lives while the kernel holds lookups on it (``forget`` drops them).
 This table is the only place that counts lookups and edits links.  When an
@@ -17,6 +25,7 @@ drop their entries in one place.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +38,29 @@ ROOT_INODE = pyfuse3.ROOT_INODE
 
 Link = tuple[int, bytes]  # (parent inode, backing name)
 
+# Node IDs, as gocryptfs's inomap lays them out: bit 63 clear, a 15-bit
+# namespace, a 48-bit backing inode number; or bit 63 set, a spill number.
+# Namespace 0 is the cipher directory's device (node ID = backing st_ino),
+# 1..0x7FFF other devices below it (bind mounts, btrfs subvolumes), chosen
+# by a hash of st_dev (gocryptfs: in the order devices are met) so a device
+# has the same namespace in every mount.  Derived numbers stay below 2^63,
+# so programs that keep inode numbers signed see them positive.
+INO_BITS = 48
+INO_LIMIT = 1 << INO_BITS
+NAMESPACES = 1 << 15
+SPILL_START = 1 << 63
+
+
+def device_namespace(dev: int) -> int:
+    """The namespace (1..0x7FFF) of a device other than the cipher
+    directory's: a fixed mix of ``st_dev`` (splitmix64's finalizer), the same
+    in every mount."""
+    x = dev & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return 1 + x % (NAMESPACES - 1)
+
 
 @dataclass(slots=True)
 class Inode:
@@ -36,6 +68,10 @@ class Inode:
     dev_ino: tuple[int, int]
     links: set[Link] = field(default_factory=set)
     lookups: int = 0
+    # Differs between any two inodes that had the same number in this mount
+    # (a number is reused once the kernel forgot its inode): the kernel
+    # checks it when it resolves a file handle (open_by_handle_at, NFS).
+    generation: int = 0
     # A regular file's ID and the backing ctime it was read at: the owner of
     # its bound xattrs, kept by ``BackingTree.xattr_owner`` for the inode's life.
     file_id: tuple[int, bytes] | None = None
@@ -52,7 +88,10 @@ class InodeTable:
         self._by_ino: dict[int, Inode] = {}
         self._by_dev_ino: dict[tuple[int, int], Inode] = {}
         self._by_link: dict[Link, Inode] = {}
-        self._next = ROOT_INODE + 1
+        self._root_dev = root_dev_ino[0]
+        self._namespaces: dict[int, int] = {}  # namespace -> the device that has it
+        self._spill = itertools.count(SPILL_START)
+        self._generations = itertools.count(1)
         root_inode = Inode(ROOT_INODE, root_dev_ino, lookups=1)
         self._by_ino[ROOT_INODE] = root_inode
         self._by_dev_ino[root_dev_ino] = root_inode
@@ -107,8 +146,7 @@ class InodeTable:
             self._by_dev_ino.pop(dev_ino, None)
         inode = self._by_dev_ino.get(dev_ino)
         if inode is None:
-            inode = Inode(self._next, dev_ino)
-            self._next += 1
+            inode = Inode(self._number(dev_ino), dev_ino, generation=next(self._generations))
             self._by_ino[inode.ino] = inode
             self._by_dev_ino[dev_ino] = inode
         stale = self._by_link.get(link)
@@ -119,6 +157,35 @@ class InodeTable:
         if lookup:
             inode.lookups += 1
         return inode
+
+    def number_for(self, dev_ino: tuple[int, int]) -> int | None:
+        """The node ID derived from a backing inode, the same in every mount;
+        None if it has none: inode number 0 or 1 on the cipher directory's
+        device (0 is no node, 1 the root), a number of 48 bits or more, or
+        a device whose namespace another device took first in this mount."""
+        dev, ino = dev_ino
+        if ino >= INO_LIMIT:
+            return None
+        if dev == self._root_dev:
+            return ino if ino > ROOT_INODE else None
+        namespace = device_namespace(dev)
+        if self._namespaces.setdefault(namespace, dev) != dev:
+            return None
+        return namespace << INO_BITS | ino
+
+    def _number(self, dev_ino: tuple[int, int]) -> int:
+        """The node ID for a new inode: derived, unless there is none or a
+        different inode the kernel still holds has it (the backing inode
+        number was reused after a delete, or a re-sealed symlink kept its
+        old number); else the next spill number (never reused in a mount)."""
+        number = self.number_for(dev_ino)
+        if number is None or number in self._by_ino:
+            return next(self._spill)
+        return number
+
+    def generation(self, ino: int) -> int:
+        inode = self._by_ino.get(ino)
+        return 0 if inode is None else inode.generation
 
     # -- readdir: entries are remembered first, counted once the kernel took them --
 

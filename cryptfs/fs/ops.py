@@ -36,7 +36,7 @@ from cryptfs.errors import (
 )
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.handles import DirHandleTable, HandleTable, OpenFile
-from cryptfs.fs.inodes import InodeTable
+from cryptfs.fs.inodes import ROOT_INODE, InodeTable
 from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes, ensure_header
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.linux import proc_path
@@ -174,7 +174,7 @@ class Operations(pyfuse3.Operations):
     def _attrs(self, ino: int, st: os.stat_result):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
-        attr.generation = 0
+        attr.generation = self.inodes.generation(ino)
         attr.entry_timeout = self.options.entry_timeout
         attr.attr_timeout = self.options.attr_timeout
         attr.st_mode = st.st_mode
@@ -485,16 +485,43 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def readdir(self, fh, start_id, token):
+        """``.`` and ``..`` first (offsets 1 and 2), then the listing: entry
+        ``i`` of the snapshot has offset ``i + 3``."""
         ino = self.dir_handles.ino(fh)
         listing = self.dir_handles.listing(fh, start_id, self.tree.listdir)
-        for index in range(start_id, len(listing)):
+        dots = ((b".", ino), (b"..", self._parent(ino)))
+        for index in range(start_id, len(dots)):
+            name, dot_ino = dots[index]
+            if not pyfuse3.readdir_reply(token, name, self._dot_attrs(dot_ino), index + 1):
+                return
+        for index in range(max(start_id - len(dots), 0), len(listing)):
             item = listing[index]
             inode = self.inodes.remember(ino, item.backing, item.stat, lookup=False)
             attr = self._attrs(inode.ino, item.stat)
-            if not pyfuse3.readdir_reply(token, item.name, attr, index + 1):
+            if not pyfuse3.readdir_reply(token, item.name, attr, index + len(dots) + 1):
                 self.inodes.drop_unused(inode)
                 break
             self.inodes.count_lookup(inode)
+
+    def _parent(self, ino: int) -> int:
+        """The inode of directory ``ino``'s ``..``: the mount root's is itself
+        (as on ext4); a removed directory's, itself too."""
+        if ino == ROOT_INODE:
+            return ino
+        try:
+            return self.inodes.link(ino)[0]
+        except FileNotFoundError:
+            return ino
+
+    @staticmethod
+    def _dot_attrs(ino: int) -> pyfuse3.EntryAttributes:
+        """A ``.``/``..`` entry: the kernel takes only its inode number and
+        type from it, and no lookup (fuse_direntplus_link returns before it
+        counts one), so the inode table must not count one either."""
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ino
+        attr.st_mode = stat.S_IFDIR
+        return attr
 
     @fuse_op
     async def releasedir(self, fh):
