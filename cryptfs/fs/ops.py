@@ -39,6 +39,7 @@ from cryptfs.fs.inodes import InodeTable
 from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes, ensure_header
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.linux import proc_path
+from cryptfs.log import Once
 from cryptfs.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, XattrOwner
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class Operations(pyfuse3.Operations):
                             else options.inline_max)
         self.dir_handles: DirHandleTable[Listed] = DirHandleTable()
         self._as_root = os.geteuid() == 0
-        self._reported: set[tuple[str, str]] = set()  # damaged files already logged
+        self._damaged = Once()  # inodes whose damage was logged
         self.last_activity = time.monotonic()  # for --idle
         # Run once the kernel has the INIT reply (mount.serve sets it).
         self.after_init: Callable[[], None] | None = None
@@ -339,12 +340,11 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     def _content_error(self, ino: int, exc: ContentError) -> pyfuse3.FUSEError:
-        """Log a damaged file once, naming its backing path; EIO for the caller."""
-        where = os.fsdecode(self.inodes.path(ino))
-        key = (where, str(exc))
-        if key not in self._reported and len(self._reported) < 10000:
-            self._reported.add(key)
-            log.warning("inode %d, backing file %s: %s", ino, where, exc)
+        """Log a damaged file once per mount (its first error, naming its
+        backing path; fsck lists every damaged page); EIO for the caller."""
+        if self._damaged.first(ino):
+            log.warning("inode %d, backing file %s: %s", ino,
+                        os.fsdecode(self.inodes.path(ino)), exc)
         return pyfuse3.FUSEError(errno.EIO)
 
     async def _file_io(self, opened: OpenFile, fn, *args, inline: bool = False,
@@ -496,7 +496,10 @@ class Operations(pyfuse3.Operations):
             return None
         opened = self.handles.by_ino(inode)
         if opened is None:
-            owner = self.tree.xattr_owner(inode, create)
+            try:
+                owner = self.tree.xattr_owner(inode, create)
+            except ContentError as exc:  # a damaged header: logged once, like a read
+                raise self._content_error(inode, exc) from exc
             if owner is None:
                 raise pyfuse3.FUSEError(refused)
             return owner

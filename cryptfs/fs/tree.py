@@ -46,6 +46,7 @@ from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2
+from cryptfs.log import Once
 from cryptfs.metadata import (
     OWNER_DIRECTORY,
     OWNER_FILE,
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 
 _RESERVED = RESERVED_PREFIX.encode()
 _DIRIV = DIRIV_NAME.encode()
-MAX_REPORTED = 10000  # undecryptable names remembered so each is logged once
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ENTRY_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -133,7 +133,7 @@ class BackingTree:
         self.dirs = dirs
         self.metadata = metadata
         self._codec = codec
-        self._reported: set[tuple[bytes, bytes]] = set()
+        self._undecryptable = Once()  # directories whose undecryptable entries were logged
 
     def close(self) -> None:
         self.dirs.close()
@@ -607,9 +607,11 @@ class BackingTree:
 
     def listdir(self, dir_ino: int) -> list[Listed]:
         """Decrypted entries of a directory.  Entries that do not decrypt
-        (foreign files, conflict copies, damage) are skipped, each logged once."""
+        (foreign files, conflict copies, damage, a replaced directory IV)
+        are skipped, logged once per directory."""
         iv = self.diriv(dir_ino)
         listed = []
+        skipped: list[tuple[bytes, Exception]] = []
         fd = self.open_dir(dir_ino)
         try:
             with os.scandir(fd) as entries:
@@ -620,9 +622,11 @@ class BackingTree:
                         if plain is not None:
                             listed.append(Listed(plain, name, entry.stat(follow_symlinks=False)))
                     except (NameDecodeError, OSError) as exc:
-                        self._report(dir_ino, name, exc)
+                        skipped.append((name, exc))
         finally:
             os.close(fd)
+        if skipped:
+            self._report_skipped(dir_ino, skipped, bool(listed))
         return listed
 
     def _decode(self, dir_fd: int, iv: bytes, name: str) -> bytes | None:
@@ -638,13 +642,17 @@ class BackingTree:
             os.close(fd)
         return self._names.decode_longname(iv, name, sidecar)
 
-    def _report(self, dir_ino: int, name: bytes, exc: Exception) -> None:
-        dir_path = self._inodes.path(dir_ino)
-        key = (dir_path, name)
-        if key in self._reported or len(self._reported) >= MAX_REPORTED:
+    def _report_skipped(self, dir_ino: int, skipped: list[tuple[bytes, Exception]],
+                        any_listed: bool) -> None:
+        """One line per directory and mount (the first listing that skips
+        anything); fsck names every entry."""
+        if not self._undecryptable.first(self._inodes.get(dir_ino).dev_ino):
             return
-        self._reported.add(key)
-        log.warning("skipping %r in %r: %s", os.fsdecode(name), os.fsdecode(dir_path), exc)
+        name, exc = skipped[0]
+        hint = "" if any_listed else " (none of its entries does: was its IV replaced?)"
+        log.warning("skipping %d entries that do not decrypt in %r%s, first %r: %s; "
+                    "cryptfs fsck lists them", len(skipped),
+                    os.fsdecode(self._inodes.path(dir_ino)), hint, os.fsdecode(name), exc)
 
 
 def apply_attributes(target: int | str, mode: int | None, uid: int, gid: int,
