@@ -36,7 +36,7 @@ from cryptfs.errors import (
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.handles import DirHandleTable, HandleTable, OpenFile
 from cryptfs.fs.inodes import InodeTable
-from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes, ensure_header
+from cryptfs.fs.tree import BackingTree, Listed, NameSync, Owner, apply_attributes, ensure_header
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.linux import proc_path
 from cryptfs.log import Once
@@ -396,6 +396,20 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         opened = self.handles.get(fh)
         await self._in_thread(os.fdatasync if datasync else os.fsync, opened.fd)
+        await self._sync_name(self.tree.name_sync(opened.ino))
+
+    async def _sync_name(self, sync: NameSync | None) -> None:
+        """Run what keeps an fsync'd entry's long name (and its
+        ancestors') after a crash: see ``BackingTree.name_sync``."""
+        if sync is None:
+            return
+        try:
+            await self._in_thread(sync.run)
+        except BaseException:
+            self.tree.unsynced_again(sync)
+            raise
+        finally:
+            sync.close()
 
     # -- directories --
 
@@ -423,11 +437,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def fsyncdir(self, fh, datasync):
-        fd = self.tree.open_dir(self.dir_handles.ino(fh))
+        ino = self.dir_handles.ino(fh)
+        fd = self.tree.open_dir(ino)
         try:
             await self._in_thread(os.fsync, fd)
         finally:
             os.close(fd)
+        await self._sync_name(self.tree.name_sync(ino, directory=True))
 
     @fuse_op
     async def statfs(self, ctx):
