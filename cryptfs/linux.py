@@ -63,6 +63,19 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     _check(_fallocate(fd, mode, offset, length))
 
 
+# --- syncfs(2) --------------------------------------------------------------
+
+_syncfs = _bind("syncfs", [ctypes.c_int])
+
+
+def syncfs(fd: int) -> None:
+    """Write everything of the filesystem ``fd`` lives on to its disk."""
+    if _syncfs is None:
+        os.sync()  # every filesystem: more than needed, never less
+        return
+    _check(_syncfs(fd))
+
+
 # --- fstatfs(2) ------------------------------------------------------------
 
 _fstatfs = _bind("fstatfs", [ctypes.c_int, ctypes.c_char_p])

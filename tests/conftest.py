@@ -129,6 +129,22 @@ def require_fuse() -> None:
     pytest.skip("/dev/fuse is not usable here")
 
 
+# In the kernel VM (scripts/kernel-vm sets CRYPTFS_IN_VM=1), and wherever
+# AF_ALG is required, a ``kernel`` test whose feature is missing fails: the VM
+# is where those tests run, and a skip there would leave them untested.
+REQUIRE_KERNEL = REQUIRE_AFALG or os.environ.get("CRYPTFS_IN_VM") == "1"
+
+
+def require_kernel(missing: str | None) -> None:
+    """For ``kernel`` tests: ``missing`` says what the kernel or the machine
+    lacks (None: nothing).  Skip then (fail where kernel features are required)."""
+    if missing is None:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"required here but unavailable: {missing}")
+    pytest.skip(f"{missing}; scripts/kernel-vm runs this in the kernel VM")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """``@pytest.mark.fuse``: the test mounts (see ``require_fuse``)."""

@@ -16,6 +16,7 @@ from cryptfs.errors import StaleHandleError, StaleInodeError
 from cryptfs.fs.handles import DirHandleTable
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions
+from cryptfs.fs.tree import UnsyncedSidecars
 from cryptfs.keyfile import NEW_FEATURES
 from cryptfs.linux import RENAME_EXCHANGE
 from cryptfs.mount import Stack, assemble
@@ -275,3 +276,82 @@ def test_xattr_owner_of_a_headerless_file_is_made_on_demand(stack):
     assert stack.tree.stat(ino).st_size > 0
     d, _ = stack.tree.mkdir(ROOT_INODE, b"d", 0o755)
     assert stack.tree.xattr_owner(d.ino).identity == stack.tree.diriv(d.ino)
+
+
+
+def synced(stack: Stack, ino: int, directory: bool = False) -> set[tuple[int, str]] | None:
+    """Run what fsync of ``ino`` (fsyncdir, with ``directory``) adds to keep
+    names: the sidecars it synced, as (directory inode, sidecar name);
+    None if it added nothing."""
+    sync = stack.tree.name_sync(ino, directory)
+    if sync is None:
+        return None
+    try:
+        sync.run()
+        return {(_dir_ino(stack, fd), name) for fd, names in sync.dirs for name in names}
+    finally:
+        sync.close()
+
+
+def _dir_ino(stack: Stack, fd: int) -> int:
+    st = os.fstat(fd)
+    (ino,) = [ino for ino in (ROOT_INODE, *range(2, 100)) if ino in stack.operations.inodes
+              and stack.operations.inodes.get(ino).dev_ino == (st.st_dev, st.st_ino)]
+    return ino
+
+
+def sidecar_of(stack: Stack, parent: int, name: bytes) -> str:
+    return stack.tree.entry(parent, name).sidecar_name
+
+
+def test_fsync_syncs_the_sidecars_its_long_names_need(stack):
+    d, _ = stack.tree.mkdir(ROOT_INODE, LONG, 0o755)
+    f = touch(stack, d.ino, LONG)
+    short = touch(stack, ROOT_INODE, b"short")
+    assert synced(stack, short) is None  # short names: the backing filesystem's fsync
+    assert synced(stack, f) == {(d.ino, sidecar_of(stack, d.ino, LONG)),
+                                (ROOT_INODE, sidecar_of(stack, ROOT_INODE, LONG))}
+    assert synced(stack, f) is None and synced(stack, d.ino, directory=True) is None
+    stack.tree.rename(d.ino, LONG, d.ino, LONG[:-1] + b"R", 0)
+    assert synced(stack, f) == {(d.ino, sidecar_of(stack, d.ino, LONG[:-1] + b"R"))}
+    touch(stack, ROOT_INODE, LONG[:-1] + b"2")
+    touch(stack, ROOT_INODE, LONG[:-1] + b"3")
+    stack.tree.unlink(ROOT_INODE, LONG[:-1] + b"3")  # removed: nothing to sync
+    assert synced(stack, ROOT_INODE, directory=True) == {
+        (ROOT_INODE, sidecar_of(stack, ROOT_INODE, LONG[:-1] + b"2"))}
+    assert synced(stack, ROOT_INODE, directory=True) is None
+
+
+def test_past_the_limit_of_unsynced_sidecars_the_filesystem_is_synced(stack):
+    stack.tree._unsynced = UnsyncedSidecars(limit=1)
+    for last in b"ab":
+        touch(stack, ROOT_INODE, LONG[:-1] + bytes([last]))
+    sync = stack.tree.name_sync(ROOT_INODE, directory=True)
+    assert sync is not None and sync.whole_fs is not None
+    stack.tree.unsynced_again(sync)  # as if it failed: still to do
+    sync.close()
+    sync = stack.tree.name_sync(ROOT_INODE)
+    assert sync is not None and sync.whole_fs is not None
+    sync.run()
+    sync.close()
+    assert stack.tree.name_sync(ROOT_INODE, directory=True) is None
+
+
+def test_rename_over_a_long_name_leaves_its_sidecar_alone(stack):
+    """Its sidecar keeps the name of the file being replaced until the
+    rename: rewriting it (truncated first) would risk that name in a crash."""
+    touch(stack, ROOT_INODE, LONG)
+    sidecar = sidecar_of(stack, ROOT_INODE, LONG)
+    fd = stack.tree.open_dir(ROOT_INODE)
+    try:
+        os.utime(sidecar, ns=(10**9, 10**9), dir_fd=fd)
+        touch(stack, ROOT_INODE, b"tmp")
+        stack.tree.rename(ROOT_INODE, b"tmp", ROOT_INODE, LONG, 0)
+        assert os.stat(sidecar, dir_fd=fd).st_mtime_ns == 10**9
+        with open(os.open(sidecar, os.O_WRONLY | os.O_TRUNC, dir_fd=fd), "w") as f:
+            f.write("damaged")
+    finally:
+        os.close(fd)
+    touch(stack, ROOT_INODE, b"tmp")
+    stack.tree.rename(ROOT_INODE, b"tmp", ROOT_INODE, LONG, 0)  # a damaged one is rewritten
+    assert plain(stack) == {LONG}

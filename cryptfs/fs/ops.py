@@ -37,9 +37,10 @@ from cryptfs.errors import (
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.handles import DirHandleTable, HandleTable, OpenFile
 from cryptfs.fs.inodes import ROOT_INODE, InodeTable
-from cryptfs.fs.tree import BackingTree, Listed, Owner, apply_attributes, ensure_header
+from cryptfs.fs.tree import BackingTree, Listed, NameSync, Owner, apply_attributes, ensure_header
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.linux import proc_path
+from cryptfs.log import Once
 from cryptfs.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, XattrOwner
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class Operations(pyfuse3.Operations):
                             else options.inline_max)
         self.dir_handles: DirHandleTable[Listed] = DirHandleTable()
         self._as_root = os.geteuid() == 0
-        self._reported: set[tuple[str, str]] = set()  # damaged files already logged
+        self._damaged = Once()  # inodes whose damage was logged
         self.last_activity = time.monotonic()  # for --idle
         # Run once the kernel has the INIT reply (mount.serve sets it).
         self.after_init: Callable[[], None] | None = None
@@ -409,12 +410,11 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     def _content_error(self, ino: int, exc: ContentError) -> pyfuse3.FUSEError:
-        """Log a damaged file once, naming its backing path; EIO for the caller."""
-        where = os.fsdecode(self.inodes.path(ino))
-        key = (where, str(exc))
-        if key not in self._reported and len(self._reported) < 10000:
-            self._reported.add(key)
-            log.warning("inode %d, backing file %s: %s", ino, where, exc)
+        """Log a damaged file once per mount (its first error, naming its
+        backing path; fsck lists every damaged page); EIO for the caller."""
+        if self._damaged.first(ino):
+            log.warning("inode %d, backing file %s: %s", ino,
+                        os.fsdecode(self.inodes.path(ino)), exc)
         return pyfuse3.FUSEError(errno.EIO)
 
     async def _file_io(self, opened: OpenFile, fn, *args, inline: bool = False,
@@ -475,6 +475,20 @@ class Operations(pyfuse3.Operations):
             await self._in_thread(os.fdatasync if datasync else os.fsync, opened.fd)
         finally:
             self.handles.drop(opened)
+        await self._sync_name(self.tree.name_sync(opened.ino))
+
+    async def _sync_name(self, sync: NameSync | None) -> None:
+        """Run what keeps an fsync'd entry's long name (and its
+        ancestors') after a crash: see ``BackingTree.name_sync``."""
+        if sync is None:
+            return
+        try:
+            await self._in_thread(sync.run)
+        except BaseException:
+            self.tree.unsynced_again(sync)
+            raise
+        finally:
+            sync.close()
 
     # -- directories --
 
@@ -529,11 +543,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def fsyncdir(self, fh, datasync):
-        fd = self.tree.open_dir(self.dir_handles.ino(fh))
+        ino = self.dir_handles.ino(fh)
+        fd = self.tree.open_dir(ino)
         try:
             await self._in_thread(os.fsync, fd)
         finally:
             os.close(fd)
+        await self._sync_name(self.tree.name_sync(ino, directory=True))
 
     @fuse_op
     async def statfs(self, ctx):
@@ -602,7 +618,10 @@ class Operations(pyfuse3.Operations):
             return None
         opened = self.handles.by_ino(inode)
         if opened is None:
-            owner = self.tree.xattr_owner(inode, create)
+            try:
+                owner = self.tree.xattr_owner(inode, create)
+            except ContentError as exc:  # a damaged header: logged once, like a read
+                raise self._content_error(inode, exc) from exc
             if owner is None:
                 raise pyfuse3.FUSEError(refused)
             return owner

@@ -16,6 +16,12 @@ long-name sidecars around creation, renaming and removal; directory IVs
 (created with a new directory, saved and restored around removing one).
 The inode table's links are updated here, after the backing change.
 
+A long name is only as durable as its sidecar: the sidecars this mount wrote
+are remembered (``UnsyncedSidecars``) until the file or directory they name,
+something below it, or their directory is fsync'd, which then syncs them and
+their directory too (``name_sync``).  Only then: syncing every sidecar as it
+is written would cost one disk flush per long name created.
+
 In a cipher directory with bound metadata (docs/format.md §6) a symlink's
 target is sealed to its parent's IV and its backing name, so renaming a
 symlink re-seals it: the new symlink is made under a temporary reserved
@@ -45,7 +51,8 @@ from cryptfs.content.format import HEADER_SIZE, FileHeader
 from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.inodes import ROOT_INODE, Inode, InodeTable
-from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2
+from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2, syncfs
+from cryptfs.log import Once
 from cryptfs.metadata import (
     OWNER_DIRECTORY,
     OWNER_FILE,
@@ -69,13 +76,14 @@ log = logging.getLogger(__name__)
 
 _RESERVED = RESERVED_PREFIX.encode()
 _DIRIV = DIRIV_NAME.encode()
-MAX_REPORTED = 10000  # undecryptable names remembered so each is logged once
+MAX_UNSYNCED = 10000  # sidecars remembered as not yet synced; past it, sync them all
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ENTRY_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 T = TypeVar("T")
 Owner = tuple[int, int] | None  # (uid, gid) for a new entry, None: the daemon's
 SYMLINK_TMP_PREFIX = RESERVED_PREFIX + "symlink-tmp-"  # + 16 hex digits
+DevIno = tuple[int, int]  # a backing directory's (st_dev, st_ino): stable across renames
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +91,91 @@ class Listed:
     name: bytes  # plaintext
     backing: bytes  # backing entry name
     stat: os.stat_result
+
+
+class UnsyncedSidecars:
+    """Sidecars written by this mount that may not be on the disk yet, by
+    their directory.  Bounded: past ``limit`` no more are remembered and
+    ``overflowed`` is set, which means any sidecar may be unsynced."""
+
+    def __init__(self, limit: int = MAX_UNSYNCED) -> None:
+        self._by_dir: dict[DevIno, set[str]] = {}
+        self._count = 0
+        self._limit = limit
+        self.overflowed = False
+
+    def __bool__(self) -> bool:
+        return bool(self._count or self.overflowed)
+
+    def add(self, directory: DevIno, sidecar: str) -> None:
+        names = self._by_dir.setdefault(directory, set())
+        if sidecar in names:
+            return
+        if self._count >= self._limit:
+            self.overflowed = True
+            if not names:
+                del self._by_dir[directory]
+            return
+        names.add(sidecar)
+        self._count += 1
+
+    def take(self, directory: DevIno, sidecar: str) -> bool:
+        """Forget one (synced, or removed); whether it was remembered."""
+        names = self._by_dir.get(directory)
+        if names is None or sidecar not in names:
+            return False
+        names.remove(sidecar)
+        self._count -= 1
+        if not names:
+            del self._by_dir[directory]
+        return True
+
+    def take_dir(self, directory: DevIno) -> set[str]:
+        names = self._by_dir.pop(directory, set())
+        self._count -= len(names)
+        return names
+
+    def take_all(self) -> None:
+        """Forget everything: the whole filesystem is about to be synced."""
+        self._by_dir.clear()
+        self._count = 0
+        self.overflowed = False
+
+
+@dataclass
+class NameSync:
+    """What makes some names durable, found on the event loop and run on a
+    worker thread: sidecars to fsync, then their directories (descriptors
+    opened for it), or the whole backing filesystem.  ``close`` (always)
+    closes the descriptors; ``keys`` are put back if the sync fails."""
+
+    dirs: list[tuple[int, list[str]]]  # (directory descriptor, sidecar names)
+    keys: list[tuple[DevIno, str]]
+    whole_fs: int | None = None  # a descriptor on the backing filesystem: syncfs it
+
+    def run(self) -> None:
+        if self.whole_fs is not None:
+            syncfs(self.whole_fs)
+            return
+        for dir_fd, sidecars in self.dirs:
+            for sidecar in sidecars:
+                try:
+                    fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=dir_fd)
+                except FileNotFoundError:
+                    continue  # removed since: nothing to keep
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.fsync(dir_fd)  # the sidecars' and the long names' entries
+
+    def close(self) -> None:
+        for fd, _ in self.dirs:
+            os.close(fd)
+        if self.whole_fs is not None:
+            os.close(self.whole_fs)
+        self.dirs, self.whole_fs = [], None
 
 
 def read_xattr_owner(dir_fd: int, name: str, st: os.stat_result,
@@ -133,7 +226,8 @@ class BackingTree:
         self.dirs = dirs
         self.metadata = metadata
         self._codec = codec
-        self._reported: set[tuple[bytes, bytes]] = set()
+        self._unsynced = UnsyncedSidecars()
+        self._undecryptable = Once()  # directories whose undecryptable entries were logged
 
     def close(self) -> None:
         self.dirs.close()
@@ -227,31 +321,91 @@ class BackingTree:
     def entry(self, parent: int, name: bytes) -> BackingName:
         return self._names.to_backing(self.diriv(parent), name)
 
-    @staticmethod
-    def _add_sidecar(dir_fd: int, entry: BackingName) -> bool:
-        """Store a long name's full encoding (before creating the entry).
-        True if the sidecar is new; False if it was there (it belongs to an
-        existing entry of that name, so a failed creation must not remove it)."""
+    def _add_sidecar(self, parent: int, dir_fd: int, entry: BackingName) -> bool:
+        """Store a long name's full encoding (before creating the entry),
+        remembered as unsynced.  True if the sidecar is new; False if it was
+        there (it belongs to an existing entry of that name, so a failed
+        creation must not remove it)."""
         if entry.sidecar is None:
             return False
+        data = entry.sidecar.encode("ascii")
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(entry.sidecar_name, flags | os.O_EXCL, 0o600, dir_fd=dir_fd)
             created = True
-        except FileExistsError:  # the same name's: rewrite it (it may be damaged)
+        except FileExistsError:  # the same name's
+            if _holds(dir_fd, entry.sidecar_name, data):
+                return False  # left as it is: truncating it would risk the name it keeps
             fd = os.open(entry.sidecar_name, flags | os.O_TRUNC, 0o600, dir_fd=dir_fd)
-            created = False
+            created = False  # damaged: rewritten
         try:
-            os.write(fd, entry.sidecar.encode("ascii"))
+            os.write(fd, data)
         finally:
             os.close(fd)
+        self._unsynced.add(self._inodes.get(parent).dev_ino, entry.sidecar_name)
         return created
 
-    @staticmethod
-    def _remove_sidecar(dir_fd: int, entry: BackingName) -> None:
+    def _remove_sidecar(self, parent: int, dir_fd: int, entry: BackingName) -> None:
         if entry.sidecar is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.sidecar_name, dir_fd=dir_fd)
+            self._unsynced.take(self._inodes.get(parent).dev_ino, entry.sidecar_name)
+
+    # -- durability of names --
+
+    def name_sync(self, ino: int, directory: bool = False) -> NameSync | None:
+        """What must be synced, besides ``ino`` itself, for it to keep its
+        name after a crash once it is fsync'd: the unsynced sidecars of its
+        own long name and of its ancestors' (each with its directory), and
+        with ``directory`` those of the entries in directory ``ino``.  None
+        if nothing is.  The caller runs it (``NameSync.run``), closes it,
+        and gives it back to ``unsynced_again`` if running it failed."""
+        if not self._unsynced:
+            return None
+        if self._unsynced.overflowed:
+            self._unsynced.take_all()
+            return NameSync([], [], os.open(".", _DIR_READ, dir_fd=self._root_fd))
+        found: list[tuple[int, DevIno, str]] = []  # (directory inode, its id, sidecar)
+        if directory:
+            dev_ino = self._inodes.get(ino).dev_ino
+            found += [(ino, dev_ino, name) for name in sorted(self._unsynced.take_dir(dev_ino))]
+        found += self._unsynced_above(ino)
+        if not found:
+            return None
+        sync = NameSync([], [(dev_ino, name) for _, dev_ino, name in found])
+        try:
+            for dir_ino in dict.fromkeys(dir_ino for dir_ino, _, _ in found):
+                names = [name for d, _, name in found if d == dir_ino]
+                # a directory gone since has nothing left to keep
+                with contextlib.suppress(FileNotFoundError, StaleInodeError):
+                    sync.dirs.append((self.open_dir(dir_ino), names))
+        except BaseException:
+            sync.close()
+            self.unsynced_again(sync)
+            raise
+        return sync
+
+    def _unsynced_above(self, ino: int) -> list[tuple[int, DevIno, str]]:
+        """Taken from the unsynced: the sidecars of ``ino``'s name and its ancestors'."""
+        found = []
+        while ino != ROOT_INODE:
+            try:
+                parent, name = self._inodes.link(ino)
+                dev_ino = self._inodes.get(parent).dev_ino
+            except (FileNotFoundError, StaleInodeError):
+                break  # no name left: nothing to keep
+            decoded = os.fsdecode(name)
+            if is_longname(decoded) and self._unsynced.take(dev_ino, sidecar_name(decoded)):
+                found.append((parent, dev_ino, sidecar_name(decoded)))
+            ino = parent
+        return found
+
+    def unsynced_again(self, sync: NameSync) -> None:
+        """A ``NameSync`` failed: what it was to sync may still be unsynced."""
+        if sync.whole_fs is not None:
+            self._unsynced.overflowed = True
+        for dev_ino, name in sync.keys:
+            self._unsynced.add(dev_ino, name)
 
     # -- reading entries --
 
@@ -422,7 +576,7 @@ class BackingTree:
         ``mode``: the daemon's umask (or a default ACL on the backing
         directory) must not change what the caller asked for, and the
         kernel has applied the caller's umask already."""
-        new_sidecar = self._add_sidecar(dir_fd, entry)
+        new_sidecar = self._add_sidecar(parent, dir_fd, entry)
         try:
             result = make(dir_fd, entry.name)
             try:
@@ -437,7 +591,7 @@ class BackingTree:
                 raise
         except BaseException:
             if new_sidecar:
-                self._remove_sidecar(dir_fd, entry)
+                self._remove_sidecar(parent, dir_fd, entry)
             raise
         return result, self._inodes.remember(parent, entry.name.encode(), st, fresh=fresh), st
 
@@ -484,14 +638,14 @@ class BackingTree:
         entry = self.entry(parent, name)
         fd = self._dir_fd(parent)
         os.unlink(entry.name, dir_fd=fd)
-        self._remove_sidecar(fd, entry)
+        self._remove_sidecar(parent, fd, entry)
         self._inodes.unlink(parent, entry.name.encode())
 
     def rmdir(self, parent: int, name: bytes) -> None:
         entry = self.entry(parent, name)
         fd = self._dir_fd(parent)
         self._remove_dir(fd, entry.name)
-        self._remove_sidecar(fd, entry)
+        self._remove_sidecar(parent, fd, entry)
         self._inodes.unlink(parent, entry.name.encode())
 
     def _remove_dir(self, dir_fd: int, backing: str) -> None:
@@ -557,7 +711,7 @@ class BackingTree:
             replaces_dir = new_st is not None and stat.S_ISDIR(new_st.st_mode) \
                 and stat.S_ISDIR(old_st.st_mode)
             moved: os.stat_result | None = None  # a re-sealed symlink's new entry
-            new_sidecar = self._add_sidecar(new_fd, new)
+            new_sidecar = self._add_sidecar(new_parent, new_fd, new)
             try:
                 if self._reseals(old_st):
                     moved = self._move_symlink(
@@ -573,10 +727,10 @@ class BackingTree:
                     os.rename(old.name, new.name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
             except BaseException:
                 if new_sidecar:
-                    self._remove_sidecar(new_fd, new)
+                    self._remove_sidecar(new_parent, new_fd, new)
                 raise
             if old.sidecar is not None and old_link != new_link:
-                self._remove_sidecar(old_fd, old)
+                self._remove_sidecar(old_parent, old_fd, old)
         self._inodes.move(old_link, new_link)
         if moved is not None:
             self._inodes.rebacked(new_link, moved)
@@ -623,9 +777,11 @@ class BackingTree:
 
     def listdir(self, dir_ino: int) -> list[Listed]:
         """Decrypted entries of a directory.  Entries that do not decrypt
-        (foreign files, conflict copies, damage) are skipped, each logged once."""
+        (foreign files, conflict copies, damage, a replaced directory IV)
+        are skipped, logged once per directory."""
         iv = self.diriv(dir_ino)
         listed = []
+        skipped: list[tuple[bytes, Exception]] = []
         fd = self.open_dir(dir_ino)
         try:
             with os.scandir(fd) as entries:
@@ -636,9 +792,11 @@ class BackingTree:
                         if plain is not None:
                             listed.append(Listed(plain, name, entry.stat(follow_symlinks=False)))
                     except (NameDecodeError, OSError) as exc:
-                        self._report(dir_ino, name, exc)
+                        skipped.append((name, exc))
         finally:
             os.close(fd)
+        if skipped:
+            self._report_skipped(dir_ino, skipped, bool(listed))
         return listed
 
     def _decode(self, dir_fd: int, iv: bytes, name: str) -> bytes | None:
@@ -654,13 +812,17 @@ class BackingTree:
             os.close(fd)
         return self._names.decode_longname(iv, name, sidecar)
 
-    def _report(self, dir_ino: int, name: bytes, exc: Exception) -> None:
-        dir_path = self._inodes.path(dir_ino)
-        key = (dir_path, name)
-        if key in self._reported or len(self._reported) >= MAX_REPORTED:
+    def _report_skipped(self, dir_ino: int, skipped: list[tuple[bytes, Exception]],
+                        any_listed: bool) -> None:
+        """One line per directory and mount (the first listing that skips
+        anything); fsck names every entry."""
+        if not self._undecryptable.first(self._inodes.get(dir_ino).dev_ino):
             return
-        self._reported.add(key)
-        log.warning("skipping %r in %r: %s", os.fsdecode(name), os.fsdecode(dir_path), exc)
+        name, exc = skipped[0]
+        hint = "" if any_listed else " (none of its entries does: was its IV replaced?)"
+        log.warning("skipping %d entries that do not decrypt in %r%s, first %r: %s; "
+                    "cryptfs fsck lists them", len(skipped),
+                    os.fsdecode(self._inodes.path(dir_ino)), hint, os.fsdecode(name), exc)
 
 
 def apply_attributes(target: int | str, mode: int | None, uid: int, gid: int,
@@ -707,6 +869,15 @@ def _set_new_mode(dir_fd: int, name: str, st: os.stat_result, mode: int) -> os.s
             raise OSError(errno.EIO, f"new backing entry {name!r} was replaced")
         os.chmod(proc_path(fd), mode)
         return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _holds(dir_fd: int, name: str, data: bytes) -> bool:
+    """Whether file ``name`` in ``dir_fd`` holds exactly ``data``."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.read(fd, len(data) + 1) == data
     finally:
         os.close(fd)
 
