@@ -294,9 +294,15 @@ def synced(stack: Stack, ino: int, directory: bool = False) -> set[tuple[int, st
 
 
 def _dir_ino(stack: Stack, fd: int) -> int:
+    """The inode of the directory open at ``fd`` (the root, or the number
+    derived from its backing inode)."""
     st = os.fstat(fd)
-    (ino,) = [ino for ino in (ROOT_INODE, *range(2, 100)) if ino in stack.operations.inodes
-              and stack.operations.inodes.get(ino).dev_ino == (st.st_dev, st.st_ino)]
+    inodes = stack.operations.inodes
+    dev_ino = (st.st_dev, st.st_ino)
+    if inodes.get(ROOT_INODE).dev_ino == dev_ino:
+        return ROOT_INODE
+    ino = inodes.number_for(dev_ino)
+    assert ino is not None and inodes.get(ino).dev_ino == dev_ino
     return ino
 
 
