@@ -107,6 +107,10 @@ _PATTERNS: tuple[tuple[Tool, re.Pattern[bytes]], ...] = tuple(
         (Tool.NEXTCLOUD,
          rb" \(conflicted copy (?:(?P<device>" + _WHO + rb") )?"
          rb"(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2}) (?P<time>[0-9]{6})\)"),
+        # makeCaseClashConflictFileName: two names differing only in case
+        # (encoded names can) on a case-insensitive client.
+        (Tool.NEXTCLOUD,
+         rb" \(case clash from (?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2}) (?P<time>[0-9]{6})\)"),
         (Tool.OWNCLOUD_LEGACY,
          rb"_conflict(?:_(?P<device>" + _WHO + rb"))?-(?P<date>[0-9]{8})-(?P<time>[0-9]{6})"),
         (Tool.DROPBOX,
@@ -125,7 +129,10 @@ _PATTERNS: tuple[tuple[Tool, re.Pattern[bytes]], ...] = tuple(
         (Tool.RCLONE_BISYNC_LEGACY, rb"\.\.path(?P<counter>[12])"),
         # Last: the loosest markers, made of characters encoded names use.
         # The Linux client's first, as the generic one would also match it.
-        (Tool.ONEDRIVE_LINUX, rb"-" + _HOST + rb"-safeBackup-(?P<counter>[0-9]{4})"),
+        # src/util.d safeBackup: the host name may be fully qualified.
+        (Tool.ONEDRIVE_LINUX,
+         rb"-(?P<device>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}?[A-Za-z0-9])??)"
+         rb"-safeBackup-(?P<counter>[0-9]{4})"),
         (Tool.ONEDRIVE, rb"-" + _HOST + rb"(?:-" + _NUM + rb")?"),
     )
 )

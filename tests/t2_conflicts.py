@@ -56,6 +56,8 @@ REAL = [
      "2026-12-07", "10:15:00", None, None),
     (LONG + b" (conflicted copy 2026-12-07 235959).name", SIDECAR, Tool.NEXTCLOUD,
      "2026-12-07", "23:59:59", None, None),
+    (E + b" (case clash from 2026-12-07 101500)", E, Tool.NEXTCLOUD,
+     "2026-12-07", "10:15:00", None, None),
     (E + b"_conflict-20261207-101500", E, Tool.OWNCLOUD_LEGACY,
      "2026-12-07", "10:15:00", None, None),
     (E + b"_conflict_bob-20261207-101500", E, Tool.OWNCLOUD_LEGACY,
@@ -77,6 +79,8 @@ REAL = [
     (b"cryptfs-LAPTOP.diriv", DIRIV, Tool.ONEDRIVE, None, None, b"LAPTOP", None),
     (LONG + b"-LAPTOP.name", SIDECAR, Tool.ONEDRIVE, None, None, b"LAPTOP", None),
     (E + b"-kei-safeBackup-0001", E, Tool.ONEDRIVE_LINUX, None, None, b"kei", 1),
+    (b"cryptfs-kei.example.org-safeBackup-0002.diriv", DIRIV, Tool.ONEDRIVE_LINUX,
+     None, None, b"kei.example.org", 2),
     (E + b" (1)", E, Tool.GOOGLE_DRIVE, None, None, None, 1),
     (b"cryptfs (2).diriv", DIRIV, Tool.GOOGLE_DRIVE, None, None, None, 2),
     (E + b" (SFConflict alice@example.com 2026-12-07-10-15-00)", E, Tool.SEAFILE,
@@ -142,6 +146,7 @@ NEAR_MISSES = [
     E + b"_conflict-2026127-101500", E + b"_conflicted-20261207-101500",
     E + b" (Ken's conflicted copy 2026-12-07 1000)", E + b" (Ken's copy 2026-12-07)",
     E + b"-", E + b"--LAPTOP", E + b"-LAPTOP-", E + b"-LAP.TOP", E + b"-" + b"A" * 64,
+    E + b" (case clash from 2026-12-07)", E + b" (case clash 2026-12-07 101500)",
     E + b"(1)", E + b" (0)", E + b" (1) ", E + b" (01)", E + b" ()",
     E + b" (SFConflict 2026-12-07 10-15-00)", E + b" (SFConflict a b 2026-12-07-10-15-00)",
     E + b".conflict", E + b".conflict0", E + b".Conflict0", E + b".CONFLICT1",
@@ -236,7 +241,8 @@ DEVICES = {
     Tool.SYNCTHING: short_ids, Tool.NEXTCLOUD: st.one_of(st.just(b""), users),
     Tool.OWNCLOUD_LEGACY: st.one_of(st.just(b""), users),
     Tool.DROPBOX: st.sampled_from([b"Ken", b"Pierre's MacBook Pro", "José".encode()]),
-    Tool.ONEDRIVE: hosts, Tool.ONEDRIVE_LINUX: hosts,
+    Tool.ONEDRIVE: hosts,
+    Tool.ONEDRIVE_LINUX: st.one_of(hosts, hosts.map(lambda h: h + b".example.org")),
     Tool.SEAFILE: st.one_of(st.just(b""), emails),
 }
 
@@ -326,9 +332,9 @@ def test_display_name_gives_up_when_everything_is_taken():
 
 
 def test_display_name_shortens_the_stem_not_the_marker():
-    plain = "é".encode() * 125 + b".txt"  # 254 bytes
+    plain = b"x" + "é".encode() * 125 + b".txt"  # 255 bytes
     shown = display_name(plain, copy_of(), free)
-    assert len(shown) <= NAME_MAX
+    assert len(shown) == NAME_MAX - 1  # 222 bytes of stem would split an é
     assert shown.endswith(b" (conflict 2026-12-07 laptop).txt")
     shown.decode("utf-8")  # no character was cut in half
 
