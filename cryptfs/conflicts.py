@@ -137,6 +137,17 @@ _PATTERNS: tuple[tuple[Tool, re.Pattern[bytes]], ...] = tuple(
     )
 )
 
+
+def _lead(pattern: re.Pattern[bytes]) -> bytes:
+    """The literal byte every match of a marker pattern starts with, so that
+    only the positions holding it are tried."""
+    text = pattern.pattern.removeprefix(b"\\")
+    assert text[:1] in (b".", b" ", b"_", b"-"), pattern
+    return text[:1]
+
+
+_LEADS: dict[re.Pattern[bytes], bytes] = {p: _lead(p) for _tool, p in _PATTERNS}
+
 # strptime layouts of the ``date`` and ``time`` groups, per tool.
 _DATE_LAYOUTS: dict[Tool, tuple[str, str]] = {
     Tool.SYNCTHING: ("%Y%m%d", "%H%M%S"),
@@ -182,16 +193,14 @@ def backing_kind(name: bytes) -> Kind | None:
 def candidates(name: bytes, *, foreign: bool = False) -> Iterator[ConflictCopy]:
     """Every reading of ``name`` as a conflict copy, the likeliest first.
 
-    Usually there is one.  More than one can only arise from markers made of
-    base64url characters (OneDrive's ``-HOST``, ownCloud's ``_conflict_``),
-    which encoded names also use; the caller tries each original in turn
-    and keeps the one that decrypts.
+    Usually there is one.  More than one can only arise from the markers
+    made of base64url characters (OneDrive's ``-HOST``, ownCloud's
+    ``_conflict_USER-...``), which encoded names also use: the caller tries
+    each original in turn and keeps the one that decrypts.
 
-    A name with the shape of a backing name is never read as a copy, as it
-    may be a real entry, unless the caller says it is ``foreign``: it did
-    not decrypt in its directory.  Only markers made of base64url characters
-    (OneDrive's ``-HOST``, ownCloud's ``_conflict_USER-...``) can give a
-    copy that shape, when the marker's length happens to fit."""
+    Those markers can also give a copy the shape of a backing name, which
+    may be a real entry: such a name is only read as a copy when the caller
+    says it is ``foreign`` (it did not decrypt in its directory)."""
     if not name or len(name) > NAME_MAX:
         return
     if not foreign and backing_kind(name) is not None:
@@ -199,13 +208,15 @@ def candidates(name: bytes, *, foreign: bool = False) -> Iterator[ConflictCopy]:
     # Tools with the most specific markers first (OneDrive's is the loosest);
     # then right to left: the shortest marker, hence the longest original.
     for tool, pattern in _PATTERNS:
-        for start in range(len(name) - 1, 0, -1):
+        lead = _LEADS[pattern]
+        start = name.rfind(lead, 1)
+        while start > 0:
             match = pattern.match(name, start)
-            if match is None:
-                continue
-            copy = _reading(name, tool, match)
-            if copy is not None:
-                yield copy
+            if match is not None:
+                copy = _reading(name, tool, match)
+                if copy is not None:
+                    yield copy
+            start = name.rfind(lead, 1, start)
 
 
 def parse(backing_name: bytes, *, foreign: bool = False) -> ConflictCopy | None:
