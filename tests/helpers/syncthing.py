@@ -234,7 +234,7 @@ class SyncthingPair:
         meanwhile on each side are concurrent.  A scans its changes before B
         comes back; B finds its own in the scan it makes when it starts.
         (Pausing the devices over REST is racy: a side that resumes first
-        dials a peer still paused, is refused, and backs off for up to 20 s.)"""
+        dials a peer still paused, is refused, and backs off for long.)"""
         self.b.stop()
         self.wait_disconnected()
         yield
@@ -287,7 +287,7 @@ def syncthing_pair(base: Path, folder_a: Path, folder_b: Path,
             (folder / marker).mkdir(parents=True, exist_ok=True)
         side.configure(peer, marker)
     with contextlib.ExitStack() as stack:
-        for side in (a, b):  # both start at once: each takes a second or two
+        for side in (a, b):  # both start at once, then both are waited for
             stack.callback(side.stop)
             side.launch()
         for side in (a, b):
