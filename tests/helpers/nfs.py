@@ -131,7 +131,7 @@ def _no_delegations(stack: contextlib.ExitStack) -> None:
     stack.callback(restore)
 
 
-def _server(stack: contextlib.ExitStack, export: Path) -> None:
+def _server(stack: contextlib.ExitStack, export: Path, delegations: bool) -> None:
     """knfsd serving ``export`` as the NFSv4 pseudo-root on 127.0.0.1."""
     _run("modprobe", "-a", "nfsd", "nfsv4")
     _writable_state(stack)
@@ -149,16 +149,19 @@ def _server(stack: contextlib.ExitStack, export: Path) -> None:
          f"127.0.0.1:{export}")
     stack.callback(_quiet, "exportfs", "-ua")
     _daemon(stack, "rpc.mountd", "-F")
-    _no_delegations(stack)
+    if not delegations:
+        _no_delegations(stack)
     _run("rpc.nfsd", "4")
     stack.callback(_quiet, "rpc.nfsd", "0")
 
 
 @contextlib.contextmanager
-def nfs_two_clients(base: Path) -> Iterator[tuple[Path, Path, Path]]:
+def nfs_two_clients(base: Path, delegations: bool = False
+                    ) -> Iterator[tuple[Path, Path, Path]]:
     """Serve a fresh tmpfs under ``base`` over NFS and mount it twice:
     yields (export, client1, client2).  The caller unmounts whatever it
-    mounted on top (cryptfs) before the block ends."""
+    mounted on top (cryptfs) before the block ends.  ``delegations``: let
+    nfsd grant them (see ``_no_delegations`` for why they are off)."""
     require_nfs()
     export, client1, client2 = base / "export", base / "client1", base / "client2"
     for path in (export, client1, client2):
@@ -166,7 +169,7 @@ def nfs_two_clients(base: Path) -> Iterator[tuple[Path, Path, Path]]:
     with contextlib.ExitStack() as stack:
         try:
             _mount(stack, str(export), "-t", "tmpfs", "-o", f"size={EXPORT_SIZE}", "tmpfs")
-            _server(stack, export)
+            _server(stack, export, delegations)
             for client in (client1, client2):
                 _mount(stack, str(client), "-t", "nfs4", "-o", "vers=4.2,nosharecache",
                        "127.0.0.1:/")
