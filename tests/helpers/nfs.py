@@ -30,7 +30,7 @@ import pytest
 from tests.conftest import REQUIRE_AFALG
 
 IN_VM = os.environ.get("CRYPTFS_IN_VM") == "1"
-TOOLS = ("rpcbind", "rpc.mountd", "rpc.nfsd", "exportfs", "mount.nfs4")
+TOOLS = ("rpcbind", "rpcinfo", "rpc.mountd", "rpc.nfsd", "exportfs", "mount.nfs4")
 EXPORT_SIZE = "256m"
 STEP_TIMEOUT = 60  # seconds for one setup command: qemu emulates every instruction
 # rpcbind and rpc.mountd keep their state here; the guest's root is the host's, read-only.
@@ -94,9 +94,22 @@ def _writable_state(stack: contextlib.ExitStack) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def _daemon(stack: contextlib.ExitStack, *cmd: str) -> None:
-    """Start a daemon in the foreground (so we hold its pid); stop it at exit."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _registered(program: str) -> bool:
+    """Whether rpcbind answers and lists ``program`` (itself: "portmapper")."""
+    try:
+        proc = subprocess.run(["rpcinfo", "-p", "127.0.0.1"], capture_output=True, text=True,
+                              timeout=STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0 and program in proc.stdout
+
+
+def _daemon(stack: contextlib.ExitStack, log: Path, program: str, *cmd: str) -> None:
+    """Start a daemon in the foreground (so we hold its pid), wait until it
+    is registered with rpcbind as ``program`` (the next step talks to it:
+    rpc.nfsd fails with ECONNREFUSED before rpcbind listens); stop it at exit."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
 
     def stop() -> None:
         proc.terminate()
@@ -105,21 +118,21 @@ def _daemon(stack: contextlib.ExitStack, *cmd: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
     stack.callback(stop)
-    time.sleep(0.2)  # let it bind before the next step talks to it
-    if proc.poll() is not None:
-        assert proc.stderr is not None
-        raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: "
-                           f"{proc.stderr.read().decode(errors='replace').strip()}")
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not _registered(program):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{cmd[0]} did not come up (exit status {proc.poll()}): "
+                               f"{log.read_text(errors='replace').strip()}")
+        time.sleep(0.1)
 
 
 def _no_delegations(stack: contextlib.ExitStack) -> None:
     """No delegations (nfsd grants them as VFS leases): both mounts are one
     NFS client to the server (same client ID), and nfsd does not recall a
     client's delegation for that same client's own conflicting open, so a
-    mount holding one would read its cache, stale after the other's write."""
+    mount holding one could read its cache, stale after the other's write.
+    A precaution: no such stale read was seen (nor a delegation granted)."""
     with open(LEASES) as f:
         before = f.read()
     with open(LEASES, "w") as f:
@@ -131,8 +144,9 @@ def _no_delegations(stack: contextlib.ExitStack) -> None:
     stack.callback(restore)
 
 
-def _server(stack: contextlib.ExitStack, export: Path, delegations: bool) -> None:
-    """knfsd serving ``export`` as the NFSv4 pseudo-root on 127.0.0.1."""
+def _server(stack: contextlib.ExitStack, export: Path, log: Path, delegations: bool) -> None:
+    """knfsd serving ``export`` as the NFSv4 pseudo-root on 127.0.0.1; the
+    daemons' output goes to ``log``."""
     _run("modprobe", "-a", "nfsd", "nfsv4")
     _writable_state(stack)
     if not _mounted(NFSD_FS):
@@ -144,11 +158,11 @@ def _server(stack: contextlib.ExitStack, export: Path, delegations: bool) -> Non
     for knob in ("nfsv4leasetime", "nfsv4gracetime"):
         with open(f"{NFSD_FS}/{knob}", "w") as f:
             f.write(f"{LEASE_SECONDS}\n")
-    _daemon(stack, "rpcbind", "-f", "-w")
+    _daemon(stack, log, "portmapper", "rpcbind", "-f", "-w")
     _run("exportfs", "-o", "rw,sync,no_subtree_check,no_root_squash,fsid=0",
          f"127.0.0.1:{export}")
     stack.callback(_quiet, "exportfs", "-ua")
-    _daemon(stack, "rpc.mountd", "-F")
+    _daemon(stack, log, "mountd", "rpc.mountd", "-F")
     if not delegations:
         _no_delegations(stack)
     _run("rpc.nfsd", "4")
@@ -169,7 +183,7 @@ def nfs_two_clients(base: Path, delegations: bool = False
     with contextlib.ExitStack() as stack:
         try:
             _mount(stack, str(export), "-t", "tmpfs", "-o", f"size={EXPORT_SIZE}", "tmpfs")
-            _server(stack, export, delegations)
+            _server(stack, export, base / "daemons.log", delegations)
             for client in (client1, client2):
                 _mount(stack, str(client), "-t", "nfs4", "-o", "vers=4.2,nosharecache",
                        "127.0.0.1:/")
