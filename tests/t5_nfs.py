@@ -1,0 +1,113 @@
+"""cryptfs on a real NFS export seen by two independent clients (in the kernel
+VM: tests/helpers/nfs.py).  Today's cryptfs mounts one cipher directory at a
+time: these check that the harness is sound (what one client writes the other
+reads; the mount lock reaches the server) and that an ordinary mount through
+one client leaves a directory the other client checks clean and reads back."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cryptfs.errors import ExitCode
+from cryptfs.mountlock import LOCK_NAME
+from tests.conftest import (
+    MOUNT_ENGINES,
+    MOUNT_TIMEOUT,
+    Mount,
+    cryptfs_cmd,
+    fsck_problems,
+    init_cipherdir,
+)
+from tests.helpers.nfs import nfs_two_clients
+
+pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
+
+ENGINE = MOUNT_ENGINES[0]
+FILES = {  # plaintext path: content (a partial page, several pages, empty)
+    "small.txt": b"written through client 1\n",
+    "dir/pages.bin": bytes(range(256)) * 50,
+    "dir/sub/empty": b"",
+}
+
+
+@pytest.fixture(scope="module")
+def nfs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """One NFS server and two client mounts for the module (export, client1, client2)."""
+    with nfs_two_clients(tmp_path_factory.mktemp("nfs")) as dirs:
+        yield dirs
+
+
+def test_a_file_closed_on_one_client_is_read_on_the_other(nfs, request):
+    export, client1, client2 = nfs
+    name = request.node.name
+    data = os.urandom(10000)
+    (client1 / name).write_bytes(data)  # close-to-open: the close flushes to the server
+    assert (export / name).read_bytes() == data
+    assert (client2 / name).read_bytes() == data
+    # Client 1 has the old bytes cached: its next open must revalidate them.
+    rewritten = os.urandom(len(data))
+    (client2 / name).write_bytes(rewritten)
+    assert (client1 / name).read_bytes() == rewritten
+    (client2 / name).rename(client2 / f"{name}.moved")
+    assert sorted(p.name for p in client1.iterdir() if p.name.startswith(name)) == \
+        [f"{name}.moved"]
+    (client1 / f"{name}.moved").unlink()
+    assert not any(p.name.startswith(name) for p in client2.iterdir())
+
+
+def _refused_via(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
+    """The lock held through the other client refuses a mount through this
+    one: the flock (an NFSv4 lock on the server), then ``cryptfs mount``."""
+    fd = os.open(cipherdir / LOCK_NAME, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as refused:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert refused.value.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+    finally:
+        os.close(fd)
+    mountpoint.mkdir()
+    proc = subprocess.run(
+        cryptfs_cmd("mount", str(cipherdir), str(mountpoint), "--passfile", str(passfile),
+                    "--foreground", "--engine", ENGINE),
+        capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    assert proc.returncode == ExitCode.MOUNTED, proc.stderr
+    assert "already mounted" in proc.stderr
+    assert not os.path.ismount(mountpoint)
+
+
+def test_a_mount_via_one_client_locks_out_the_other_and_reads_back_there(nfs, tmp_path):
+    """One story, as every cryptfs process start costs much under the VM's
+    emulation: init and mount through client 1, write; a mount through client
+    2 is refused meanwhile; after the unmount, fsck through client 2 is clean
+    and a mount through client 2 (the lock released) reads the same bytes."""
+    _, client1, client2 = nfs
+    passfile = tmp_path / "password"
+    init_cipherdir(client1 / "cipher", passfile)
+    first = Mount(client1 / "cipher", tmp_path / "plain1", passfile, ENGINE).start()
+    try:
+        for path, content in FILES.items():
+            (first.mountpoint / path).parent.mkdir(parents=True, exist_ok=True)
+            (first.mountpoint / path).write_bytes(content)
+        (first.mountpoint / "small.txt").rename(first.mountpoint / "dir" / "renamed.txt")
+        _refused_via(client2 / "cipher", tmp_path / "plain2", passfile)
+    finally:
+        first.stop()
+    first.check_log()
+    expected = {("dir/renamed.txt" if p == "small.txt" else p): c for p, c in FILES.items()}
+
+    second = Mount(client2 / "cipher", tmp_path / "plain2", passfile, ENGINE)
+    assert fsck_problems(second) == []
+    second.start()
+    try:
+        seen = {str(p.relative_to(second.mountpoint)): p.read_bytes()
+                for p in second.mountpoint.rglob("*") if p.is_file()}
+    finally:
+        second.stop()
+    second.check_log()
+    assert seen == expected
