@@ -25,8 +25,8 @@ from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import XtsEngine
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
-from cryptfs.keyfile import KeyFile
-from cryptfs.keys import KeyRing
+from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.keys.keyfile import KeyFile
 
 REQUIRE_AFALG = os.environ.get("CRYPTFS_REQUIRE_AFALG") == "1"
 

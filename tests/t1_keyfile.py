@@ -21,8 +21,8 @@ from cryptfs.errors import (
     UnsupportedVersionError,
     WrongPasswordError,
 )
-from cryptfs.keyfile import KEYFILE_NAME, KdfParams, KeyFile, canonical_json, write_atomic
-from cryptfs.password import from_file
+from cryptfs.keys.keyfile import KEYFILE_NAME, KdfParams, KeyFile, canonical_json, write_atomic
+from cryptfs.keys.password import from_file
 
 
 def fast() -> KdfParams:
@@ -179,7 +179,7 @@ def test_new_key_files_require_bound_metadata(created, monkeypatch):
     cipherdir, _ = created
     path = cipherdir / KEYFILE_NAME
     assert json.loads(path.read_bytes())["features"] == ["bound-metadata"]
-    monkeypatch.setattr("cryptfs.keyfile.KNOWN_FEATURES", frozenset())
+    monkeypatch.setattr("cryptfs.keys.keyfile.KNOWN_FEATURES", frozenset())
     with pytest.raises(UnsupportedFeatureError, match="bound-metadata"):
         KeyFile.load(cipherdir)
     monkeypatch.undo()
@@ -317,6 +317,6 @@ def test_authenticated_flag_is_bound_to_the_slots(tmp_path, monkeypatch):
     with pytest.raises(WrongPasswordError):
         KeyFile.load(tmp_path).unlock(b"pw")
     path.write_bytes(original)
-    monkeypatch.setattr("cryptfs.keyfile.KNOWN_FEATURES", frozenset())  # an older cryptfs
+    monkeypatch.setattr("cryptfs.keys.keyfile.KNOWN_FEATURES", frozenset())  # an older cryptfs
     with pytest.raises(UnsupportedFeatureError, match="authenticated"):
         KeyFile.load(tmp_path)

@@ -9,7 +9,7 @@ import secrets
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cryptfs.keys import (
+from cryptfs.keys.hierarchy import (
     INFO_CONTENT,
     INFO_HEADER,
     INFO_KEYFILE_MAC,
@@ -90,7 +90,7 @@ def test_keyring_hides_keys_and_wipes():
 def test_recovery_code_round_trip_and_typos():
     import pytest
 
-    from cryptfs.recovery import RecoveryCodeError, decode_recovery_code, encode_recovery_code
+    from cryptfs.keys.recovery import RecoveryCodeError, decode_recovery_code, encode_recovery_code
 
     key = bytes(range(32))
     code = encode_recovery_code(key)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cryptfs.cli import mount_helper_args, parser
+from cryptfs.cli.main import mount_helper_args, parser
+from cryptfs.cli.mountopts import OptionError, parse_mount_options
 from cryptfs.errors import ExitCode
-from cryptfs.mountopts import OptionError, parse_mount_options
 
 
 @pytest.mark.parametrize(("text", "values", "flags", "fuse"), [

@@ -28,7 +28,7 @@ from cryptfs.errors import (
     HeaderVersionError,
     TrailerError,
 )
-from cryptfs.keys import KeyRing
+from cryptfs.keys.hierarchy import KeyRing
 from tests.conftest import small_tmpfs
 
 P = PAGE_SIZE

@@ -19,14 +19,14 @@ import pyfuse3
 import pytest
 
 from cryptfs.content.format import HEADER_SIZE
+from cryptfs.daemon.mount import assemble
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions, Operations
-from cryptfs.fsck import Checker
-from cryptfs.keyfile import NEW_FEATURES
-from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
-from cryptfs.metadata import XATTR_SIZE_MAX
-from cryptfs.mount import assemble
-from cryptfs.names import NameCipher
+from cryptfs.keys.keyfile import NEW_FEATURES
+from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
+from cryptfs.names.filenames import NameCipher
+from cryptfs.names.metadata import XATTR_SIZE_MAX
+from cryptfs.tools.fsck import Checker
 from tests.t3_tree import new_cipherdir
 
 

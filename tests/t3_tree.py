@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.daemon.mount import Stack, assemble
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import StaleHandleError, StaleInodeError
 from cryptfs.fs.handles import DirHandleTable
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions
 from cryptfs.fs.tree import UnsyncedSidecars
-from cryptfs.keyfile import NEW_FEATURES
-from cryptfs.linux import RENAME_EXCHANGE
-from cryptfs.mount import Stack, assemble
-from cryptfs.names import DIRIV_NAME, create_diriv
+from cryptfs.keys.keyfile import NEW_FEATURES
+from cryptfs.lowlevel.linux import RENAME_EXCHANGE
+from cryptfs.names.filenames import DIRIV_NAME, create_diriv
 
 LONG = b"L" * 255  # encodes to more than 255 bytes: a long name with a sidecar
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.cli import check_allow_other
+from cryptfs.cli.main import check_allow_other
 from cryptfs.errors import CryptfsError, ExitCode
 from tests.conftest import (
     MOUNT_TIMEOUT,
@@ -393,7 +393,7 @@ def test_systemd_notify(setup, tmp_path):
 
 
 def test_readme_fstab_example_is_valid():
-    from cryptfs.mountopts import parse_mount_options
+    from cryptfs.cli.mountopts import parse_mount_options
 
     readme = (REPO / "README.md").read_text()
     lines = [line for line in readme.splitlines()
@@ -439,8 +439,8 @@ def test_demo_script(tmp_path):
 def test_logs_never_contain_key_material(setup):
     import base64
 
-    from cryptfs.keys import KeyRing
-    from cryptfs.recovery import decode_recovery_code
+    from cryptfs.keys.hierarchy import KeyRing
+    from cryptfs.keys.recovery import decode_recovery_code
 
     cipher, plain, passfile, code = setup
     master = decode_recovery_code(code)

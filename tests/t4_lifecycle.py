@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.daemon.lock import LOCK_NAME, lock_for_check
 from cryptfs.errors import ExitCode
-from cryptfs.mountlock import LOCK_NAME, lock_for_check
 from tests.conftest import (
     MOUNT_TIMEOUT,
     Mount,

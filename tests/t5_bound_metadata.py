@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from cryptfs.fs.tree import SYMLINK_TMP_PREFIX
-from cryptfs.keyfile import KeyFile
-from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from cryptfs.metadata import FEATURE_BOUND_METADATA
+from cryptfs.keys.keyfile import FEATURE_BOUND_METADATA, KeyFile
+from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from tests.conftest import (
     Mount,
     backing_entry_of,

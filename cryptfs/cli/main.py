@@ -19,16 +19,31 @@ from pathlib import Path
 
 import trio
 
-from cryptfs import __version__, speed
+from cryptfs import __version__
+from cryptfs.cli.mountopts import parse_mount_options
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
-from cryptfs.daemonize import detach
+from cryptfs.daemon.daemonize import detach
+from cryptfs.daemon.lock import (
+    AlreadyMountedError,
+    MountLock,
+    lock_cipherdir,
+    lock_for_check,
+    wait_released,
+)
+from cryptfs.daemon.mount import build_stack, fuse_options, mounted, serve
+from cryptfs.daemon.mountpoint import (
+    canonical,
+    cryptfs_mount_at,
+    prepare_mountpoint,
+    unmount_cryptfs,
+)
 from cryptfs.engines import ENGINE_NAMES, select_engine
 from cryptfs.errors import CipherDirError, CryptfsError, ExitCode
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.ops import MountOptions
-from cryptfs.fsck import Checker, as_json, print_report
-from cryptfs.keyfile import (
+from cryptfs.keys.hierarchy import KeyRing, protect_process
+from cryptfs.keys.keyfile import (
     FEATURE_AUTHENTICATED,
     FORMAT_VERSION,
     KEYFILE_NAME,
@@ -36,27 +51,13 @@ from cryptfs.keyfile import (
     KdfParams,
     KeyFile,
 )
-from cryptfs.keys import KeyRing, protect_process
-from cryptfs.log import setup_logging
-from cryptfs.metadata import MetadataCipher
-from cryptfs.mount import build_stack, fuse_options, mounted, serve
-from cryptfs.mountlock import (
-    AlreadyMountedError,
-    MountLock,
-    lock_cipherdir,
-    lock_for_check,
-    wait_released,
-)
-from cryptfs.mountopts import parse_mount_options
-from cryptfs.mountpoint import (
-    canonical,
-    cryptfs_mount_at,
-    prepare_mountpoint,
-    unmount_cryptfs,
-)
-from cryptfs.names import DIRIV_NAME, NameCipher, create_diriv
-from cryptfs.password import get_password
-from cryptfs.recovery import decode_recovery_code, encode_recovery_code
+from cryptfs.keys.password import get_password
+from cryptfs.keys.recovery import decode_recovery_code, encode_recovery_code
+from cryptfs.lowlevel.log import setup_logging
+from cryptfs.names.filenames import DIRIV_NAME, NameCipher, create_diriv
+from cryptfs.names.metadata import MetadataCipher
+from cryptfs.tools import speed
+from cryptfs.tools.fsck import Checker, as_json, print_report
 
 log = logging.getLogger("cryptfs")
 SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-helpers", "fsck",

@@ -24,8 +24,8 @@ import os
 import time
 from pathlib import Path
 
+from cryptfs.daemon.mountpoint import cryptfs_mounts
 from cryptfs.errors import CipherDirError, CryptfsError, ExitCode
-from cryptfs.mountpoint import cryptfs_mounts
 
 log = logging.getLogger(__name__)
 

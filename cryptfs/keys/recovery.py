@@ -14,7 +14,7 @@ import binascii
 import hashlib
 
 from cryptfs.errors import CryptfsError, ExitCode
-from cryptfs.keys import MASTER_KEY_LEN
+from cryptfs.keys.hierarchy import MASTER_KEY_LEN
 
 
 class RecoveryCodeError(CryptfsError):
