@@ -90,7 +90,8 @@ def test_keyring_hides_keys_and_wipes():
 def test_recovery_code_round_trip_and_typos():
     import pytest
 
-    from cryptfs.keys.recovery import RecoveryCodeError, decode_recovery_code, encode_recovery_code
+    from cryptfs.errors import RecoveryCodeError
+    from cryptfs.keys.recovery import decode_recovery_code, encode_recovery_code
 
     key = bytes(range(32))
     code = encode_recovery_code(key)

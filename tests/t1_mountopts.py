@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cryptfs.cli.main import mount_helper_args, parser
-from cryptfs.cli.mountopts import OptionError, parse_mount_options
-from cryptfs.errors import ExitCode
+from cryptfs.cli.mountopts import parse_mount_options
+from cryptfs.errors import ExitCode, OptionError
 
 
 @pytest.mark.parametrize(("text", "values", "flags", "fuse"), [

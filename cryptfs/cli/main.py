@@ -39,7 +39,7 @@ from cryptfs.daemon.mountpoint import (
     unmount_cryptfs,
 )
 from cryptfs.engines import ENGINE_NAMES, select_engine
-from cryptfs.errors import CipherDirError, CryptfsError, ExitCode
+from cryptfs.errors import CipherDirError, CryptfsError, ExitCode, ProblemsFound, UsageError
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.ops import MountOptions
 from cryptfs.keys.hierarchy import KeyRing, protect_process
@@ -63,9 +63,6 @@ log = logging.getLogger("cryptfs")
 SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-helpers", "fsck",
                "speed"}
 
-
-class UsageError(CryptfsError):
-    exit_code = ExitCode.USAGE
 
 
 FUSE_CONF = Path("/etc/fuse.conf")  # where fusermount3 reads user_allow_other
@@ -297,9 +294,6 @@ def cmd_speed(args: argparse.Namespace) -> None:
     else:
         print(speed.report(results))
 
-
-class ProblemsFound(CryptfsError):
-    exit_code = ExitCode.FSCK_PROBLEMS
 
 
 def _lock_for_fsck(cipherdir: Path, force: bool) -> MountLock:

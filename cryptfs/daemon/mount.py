@@ -25,7 +25,7 @@ from cryptfs.daemon import fuseloop
 from cryptfs.daemon.mountpoint import FSTYPE, set_readahead
 from cryptfs.engines import select_engine
 from cryptfs.engines.base import XtsEngine
-from cryptfs.errors import CipherDirError, CryptfsError, ExitCode, NameDecodeError
+from cryptfs.errors import CipherDirError, MountError, NameDecodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.handles import HandleTable
 from cryptfs.fs.inodes import InodeTable
@@ -39,9 +39,6 @@ from cryptfs.names.metadata import MetadataCipher
 
 log = logging.getLogger(__name__)
 
-
-class MountError(CryptfsError):
-    exit_code = ExitCode.MOUNT
 
 
 @dataclass
