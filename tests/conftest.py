@@ -302,6 +302,21 @@ ENGINE_PARAMS = ["openssl", pytest.param("afalg", marks=pytest.mark.afalg)]
 MOUNT_ENGINES = ["openssl"]
 
 
+@pytest.fixture(params=MOUNT_ENGINES)
+def fresh(request, tmp_path):
+    """A cipher directory and an unmounted Mount for it (tests damage the
+    backing files between mounts)."""
+    require_fuse()
+    engine = mount_engine_param(request)
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, engine)
+    try:
+        yield mount
+    finally:
+        mount.stop()
+
+
 def module_mount(engine: str, tmp_path_factory, *init_extra: str) -> Iterator[Mount]:
     """A mount of a fresh cipher directory (``init_extra``: init options)
     on ``engine``, checked for log problems at the end."""

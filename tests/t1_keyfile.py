@@ -11,7 +11,6 @@ import unicodedata
 import pytest
 
 from cryptfs.errors import (
-    CryptfsError,
     ExitCode,
     KeyFileCorruptError,
     KeyFileMissingError,
@@ -23,6 +22,7 @@ from cryptfs.errors import (
 )
 from cryptfs.keys.keyfile import KEYFILE_NAME, KdfParams, KeyFile, canonical_json, write_atomic
 from cryptfs.keys.password import from_file
+from tests.helpers.keys import files_opening_with
 
 
 def fast() -> KdfParams:
@@ -257,21 +257,6 @@ def test_default_kdf_cost():
     """The default must stay expensive for an attacker (documented in README)."""
     params = KdfParams.argon2id()
     assert (params.name, params.memory_kib, params.iterations) == ("argon2id", 262144, 3)
-
-
-def files_opening_with(cipherdir, password: bytes) -> list:
-    """Every file anywhere under ``cipherdir`` that unlocks as a key file
-    with ``password``, whatever its name."""
-    found = []
-    for path in sorted(cipherdir.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
-        try:
-            KeyFile.from_bytes(path.read_bytes()).unlock(password)
-        except CryptfsError:
-            continue
-        found.append(path)
-    return found
 
 
 @pytest.mark.parametrize("change", ["passwd", "remove"])

@@ -17,8 +17,7 @@ from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions
 from cryptfs.keys.keyfile import NEW_FEATURES
 from cryptfs.names.filenames import DIRIV_NAME
-from tests.t3_ops import CTX, create, lookup
-from tests.t3_tree import new_cipherdir
+from tests.helpers.ops import CTX, create, lookup, new_cipherdir
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from pathlib import Path
 
 import pytest
 
@@ -20,20 +19,10 @@ from cryptfs.fs.ops import MountOptions
 from cryptfs.fs.tree import UnsyncedSidecars
 from cryptfs.keys.keyfile import NEW_FEATURES
 from cryptfs.lowlevel.linux import RENAME_EXCHANGE
-from cryptfs.names.filenames import DIRIV_NAME, create_diriv
+from cryptfs.names.filenames import DIRIV_NAME
+from tests.helpers.ops import new_cipherdir
 
 LONG = b"L" * 255  # encodes to more than 255 bytes: a long name with a sidecar
-
-
-def new_cipherdir(path: Path) -> Path:
-    """A cipher directory as ``cryptfs init`` leaves it, minus the key file."""
-    path.mkdir()
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        create_diriv(fd)
-    finally:
-        os.close(fd)
-    return path
 
 
 @pytest.fixture
@@ -276,7 +265,6 @@ def test_xattr_owner_of_a_headerless_file_is_made_on_demand(stack):
     assert stack.tree.stat(ino).st_size > 0
     d, _ = stack.tree.mkdir(ROOT_INODE, b"d", 0o755)
     assert stack.tree.xattr_owner(d.ino).identity == stack.tree.diriv(d.ino)
-
 
 
 def synced(stack: Stack, ino: int, directory: bool = False) -> set[tuple[int, str]] | None:

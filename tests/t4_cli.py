@@ -26,18 +26,11 @@ from tests.conftest import (
     afalg_engine,
     cryptfs_cmd,
 )
-from tests.t1_keyfile import files_opening_with
+from tests.helpers.cli import FAST_KDF, cryptfs, is_mounted
+from tests.helpers.keys import files_opening_with
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-FAST_KDF = ("--argon2-memory", "8", "--argon2-passes", "1")
-
-def cryptfs(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cryptfs_cmd(*args), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=MOUNT_TIMEOUT, **kwargs)
-    if check:
-        assert proc.returncode == 0, f"cryptfs {args} -> {proc.returncode}:\n{proc.stderr}"
-    return proc
 
 
 def unmount(mountpoint: Path) -> None:
@@ -46,13 +39,6 @@ def unmount(mountpoint: Path) -> None:
     while os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.ismount(mountpoint)
-
-
-def is_mounted(mountpoint: Path) -> bool:
-    """From /proc/mounts: unlike stat(), this does not touch the filesystem
-    (which would count as activity for --idle)."""
-    return any(line.split()[1] == str(mountpoint)
-               for line in Path("/proc/mounts").read_text().splitlines())
 
 
 def wait_unmounted(mountpoint: Path, timeout: float = MOUNT_TIMEOUT) -> None:

@@ -25,6 +25,7 @@ from tests.conftest import (
     init_v1_cipherdir,
     small_tmpfs,
 )
+from tests.helpers.checks import raises_errno
 
 pytestmark = pytest.mark.fuse
 
@@ -66,12 +67,6 @@ def rename2(old: Path, new: Path, flags: int) -> None:
     """renameat2(2) on two paths."""
     at_fdcwd = -100
     renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags)
-
-
-def raises_errno(code: int, fn, *args) -> None:
-    with pytest.raises(OSError) as info:
-        fn(*args)
-    assert info.value.errno == code, info.value
 
 
 def test_init_writes_the_flag(fmt, request):
