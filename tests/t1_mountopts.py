@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cryptfs.cli.main import mount_helper_args, parser
+from cryptfs.cli.main import parser
+from cryptfs.cli.mounting import mount_helper_args
 from cryptfs.cli.mountopts import parse_mount_options
 from cryptfs.errors import ExitCode, OptionError
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.cli.main import check_allow_other
+from cryptfs.cli.mounting import check_allow_other
 from cryptfs.errors import CryptfsError, ExitCode
 from tests.conftest import (
     MOUNT_TIMEOUT,
