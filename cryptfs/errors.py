@@ -157,3 +157,68 @@ class StaleHandleError(CryptfsError):
 
 class XattrTooBigError(CryptfsError):
     """An extended attribute value too large to store encrypted (E2BIG)."""
+
+
+# --- passwords and recovery codes -----------------------------------
+
+
+class PasswordSourceError(CryptfsError):
+    """No password: the file or extpass command failed, no terminal, or a
+    mistyped confirmation."""
+
+    exit_code = ExitCode.USAGE
+
+
+class RecoveryCodeError(CryptfsError):
+    """A recovery code that is mistyped or not a recovery code."""
+
+    exit_code = ExitCode.PASSWORD
+
+
+# --- mounting and unmounting ----------------------------------------
+
+
+class MountError(CryptfsError):
+    """The mount itself failed."""
+
+    exit_code = ExitCode.MOUNT
+
+
+class AlreadyMountedError(CryptfsError):
+    """The cipher directory is mounted already (its lock is held)."""
+
+    exit_code = ExitCode.MOUNTED
+
+
+class MountPointError(CryptfsError):
+    """The mount point cannot be used (mounted, dead, not a directory, not empty),
+    or is not a cryptfs mount to unmount."""
+
+    exit_code = ExitCode.USAGE
+
+
+class BusyError(CryptfsError):
+    """Unmount refused: a process uses the mounted filesystem."""
+
+    exit_code = ExitCode.BUSY
+
+
+# --- the command line and fsck --------------------------------------
+
+
+class UsageError(CryptfsError):
+    """A bad command line."""
+
+    exit_code = ExitCode.USAGE
+
+
+class OptionError(CryptfsError):
+    """A bad or unknown ``-o`` mount option."""
+
+    exit_code = ExitCode.USAGE
+
+
+class ProblemsFound(CryptfsError):
+    """fsck found damage."""
+
+    exit_code = ExitCode.FSCK_PROBLEMS

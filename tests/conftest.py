@@ -25,8 +25,8 @@ from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import XtsEngine
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
-from cryptfs.keyfile import KeyFile
-from cryptfs.keys import KeyRing
+from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.keys.keyfile import KeyFile
 
 REQUIRE_AFALG = os.environ.get("CRYPTFS_REQUIRE_AFALG") == "1"
 
@@ -300,6 +300,21 @@ ENGINE_PARAMS = ["openssl", pytest.param("afalg", marks=pytest.mark.afalg)]
 # kernel VM), and running each mount test again under the VM's emulation
 # bought nothing but CI time.
 MOUNT_ENGINES = ["openssl"]
+
+
+@pytest.fixture(params=MOUNT_ENGINES)
+def fresh(request, tmp_path):
+    """A cipher directory and an unmounted Mount for it (tests damage the
+    backing files between mounts)."""
+    require_fuse()
+    engine = mount_engine_param(request)
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, engine)
+    try:
+        yield mount
+    finally:
+        mount.stop()
 
 
 def module_mount(engine: str, tmp_path_factory, *init_extra: str) -> Iterator[Mount]:

@@ -11,7 +11,6 @@ import unicodedata
 import pytest
 
 from cryptfs.errors import (
-    CryptfsError,
     ExitCode,
     KeyFileCorruptError,
     KeyFileMissingError,
@@ -21,8 +20,9 @@ from cryptfs.errors import (
     UnsupportedVersionError,
     WrongPasswordError,
 )
-from cryptfs.keyfile import KEYFILE_NAME, KdfParams, KeyFile, canonical_json, write_atomic
-from cryptfs.password import from_file
+from cryptfs.keys.keyfile import KEYFILE_NAME, KdfParams, KeyFile, canonical_json, write_atomic
+from cryptfs.keys.password import from_file
+from tests.helpers.keys import files_opening_with
 
 
 def fast() -> KdfParams:
@@ -179,7 +179,7 @@ def test_new_key_files_require_bound_metadata(created, monkeypatch):
     cipherdir, _ = created
     path = cipherdir / KEYFILE_NAME
     assert json.loads(path.read_bytes())["features"] == ["bound-metadata"]
-    monkeypatch.setattr("cryptfs.keyfile.KNOWN_FEATURES", frozenset())
+    monkeypatch.setattr("cryptfs.keys.keyfile.KNOWN_FEATURES", frozenset())
     with pytest.raises(UnsupportedFeatureError, match="bound-metadata"):
         KeyFile.load(cipherdir)
     monkeypatch.undo()
@@ -259,21 +259,6 @@ def test_default_kdf_cost():
     assert (params.name, params.memory_kib, params.iterations) == ("argon2id", 262144, 3)
 
 
-def files_opening_with(cipherdir, password: bytes) -> list:
-    """Every file anywhere under ``cipherdir`` that unlocks as a key file
-    with ``password``, whatever its name."""
-    found = []
-    for path in sorted(cipherdir.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
-        try:
-            KeyFile.from_bytes(path.read_bytes()).unlock(password)
-        except CryptfsError:
-            continue
-        found.append(path)
-    return found
-
-
 @pytest.mark.parametrize("change", ["passwd", "remove"])
 def test_no_key_file_left_opens_with_an_old_password(created, change):
     """Neither a backup of an older cryptfs nor the temporary file of an
@@ -317,6 +302,6 @@ def test_authenticated_flag_is_bound_to_the_slots(tmp_path, monkeypatch):
     with pytest.raises(WrongPasswordError):
         KeyFile.load(tmp_path).unlock(b"pw")
     path.write_bytes(original)
-    monkeypatch.setattr("cryptfs.keyfile.KNOWN_FEATURES", frozenset())  # an older cryptfs
+    monkeypatch.setattr("cryptfs.keys.keyfile.KNOWN_FEATURES", frozenset())  # an older cryptfs
     with pytest.raises(UnsupportedFeatureError, match="authenticated"):
         KeyFile.load(tmp_path)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import secrets
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cryptfs.keys import (
+from cryptfs.keys.hierarchy import (
     INFO_CONTENT,
     INFO_HEADER,
     INFO_KEYFILE_MAC,
@@ -18,18 +16,7 @@ from cryptfs.keys import (
     KeyRing,
     hkdf_sha512,
 )
-
-
-def reference_hkdf(hash_name: str, ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """RFC 5869 written out with the standard library, as an independent check."""
-    digest_size = hashlib.new(hash_name).digest_size
-    prk = hmac.new(salt or bytes(digest_size), ikm, hash_name).digest()
-    okm, block = b"", b""
-    for counter in range(1, -(-length // digest_size) + 1):
-        block = hmac.new(prk, block + info + bytes([counter]), hash_name).digest()
-        okm += block
-    return okm[:length]
-
+from tests.helpers.keys import reference_hkdf
 
 RFC5869_SHA256 = [
     # (IKM, salt, info, L, OKM) - RFC 5869 appendix A, test cases 1 and 3.
@@ -90,7 +77,8 @@ def test_keyring_hides_keys_and_wipes():
 def test_recovery_code_round_trip_and_typos():
     import pytest
 
-    from cryptfs.recovery import RecoveryCodeError, decode_recovery_code, encode_recovery_code
+    from cryptfs.errors import RecoveryCodeError
+    from cryptfs.keys.recovery import decode_recovery_code, encode_recovery_code
 
     key = bytes(range(32))
     code = encode_recovery_code(key)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cryptfs.log import Once
+from cryptfs.lowlevel.log import Once
 
 
 def test_once_per_key_and_bounded():

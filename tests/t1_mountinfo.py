@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cryptfs.mountpoint import MountEntry, parse_mountinfo
+from cryptfs.daemon.mountpoint import MountEntry, parse_mountinfo
 
 
 @pytest.mark.parametrize(("line", "entry"), [

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cryptfs.cli import mount_helper_args, parser
-from cryptfs.errors import ExitCode
-from cryptfs.mountopts import OptionError, parse_mount_options
+from cryptfs.cli.main import parser
+from cryptfs.cli.mounting import mount_helper_args
+from cryptfs.cli.mountopts import parse_mount_options
+from cryptfs.errors import ExitCode, OptionError
 
 
 @pytest.mark.parametrize(("text", "values", "flags", "fuse"), [

@@ -20,7 +20,7 @@ from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
 from tests.conftest import native_engine
 from tests.helpers import gate_fuse
-from tests.t1_engines import BOUNDARY_LENGTHS, PATTERN, V10_CT, V10_KEY, aligned
+from tests.helpers.xts_vectors import BOUNDARY_LENGTHS, PATTERN, V10_CT, V10_KEY, aligned
 
 HELPERS = Path(__file__).parent / "helpers"
 TAILS = (16, 17, 31, 4095, 4096, 4097, 4111, 4112)

@@ -23,7 +23,7 @@ from cryptfs.engines.parallel import (
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
 from tests.conftest import afalg_engine, native_engine
-from tests.t1_engines import aligned
+from tests.helpers.xts_vectors import aligned
 
 
 def split_threads() -> list[threading.Thread]:

@@ -1,4 +1,4 @@
-"""Sync-tool conflict copies of backing names (cryptfs/conflicts.py)."""
+"""Sync-tool conflict copies of backing names (cryptfs/names/conflicts.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cryptfs.conflicts import (
+from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.names.conflicts import (
     ConflictCopy,
     Kind,
     Tool,
@@ -17,8 +18,7 @@ from cryptfs.conflicts import (
     display_name,
     parse,
 )
-from cryptfs.keys import KeyRing
-from cryptfs.names import DIRIV_NAME, NAME_MAX, NameCipher, check_name
+from cryptfs.names.filenames import DIRIV_NAME, NAME_MAX, NameCipher, check_name
 from tests.helpers.sync_tools import make_conflict
 
 NAMES = NameCipher(KeyRing(bytes(range(32))))

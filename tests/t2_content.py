@@ -8,7 +8,7 @@ import os
 import secrets
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cryptfs.content.codec import ContentCodec, in_memory_filesystem, page_cached
@@ -28,8 +28,9 @@ from cryptfs.errors import (
     HeaderVersionError,
     TrailerError,
 )
-from cryptfs.keys import KeyRing
+from cryptfs.keys.hierarchy import KeyRing
 from tests.conftest import small_tmpfs
+from tests.helpers.content_model import MODEL_SETTINGS, check_against_model, dense_copy_reads
 
 P = PAGE_SIZE
 EDGE_SIZES = [0, 1, 15, 16, 17, P - 17, P - 16, P - 1, P, P + 1, P + 15, P + 16,
@@ -203,18 +204,6 @@ def test_non_sparse_copy_reads_the_same(codec, backing, tmp_path):
     assert dense_copy_reads(codec, backing, tmp_path, 10 * P) == f.read(0, 10 * P)
 
 
-def dense_copy_reads(codec, backing: int, tmp_path, length: int) -> bytes:
-    """What a copy of the backing file with its holes written out as zeros
-    reads as (also used by the authenticated mode's tests)."""
-    copy = tmp_path / "dense"
-    copy.write_bytes(os.pread(backing, os.fstat(backing).st_size, 0))
-    fd = os.open(copy, os.O_RDONLY)
-    try:
-        return codec.open(fd).read(0, length)
-    finally:
-        os.close(fd)
-
-
 # --- damaged backing files ---------------------------------------------------------------
 
 
@@ -300,36 +289,6 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("write"), offsets, st.integers(1, 3 * P)),
     st.tuples(st.just("truncate"), offsets, st.just(0)),
 ), min_size=1, max_size=12)
-
-
-MODEL_SETTINGS = settings(
-    max_examples=int(os.environ.get("CRYPTFS_HYPOTHESIS_EXAMPLES", "150")), deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def check_against_model(codec, tmp_path, ops, seed) -> None:
-    """Apply ``ops`` to a file through ``codec`` and to a bytearray; they
-    must agree after every step and after reopening (also used by the
-    authenticated mode's tests)."""
-    path = tmp_path / f"model-{secrets.token_hex(4)}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        f, model = codec.open(fd), bytearray()
-        for i, (op, offset, length) in enumerate(ops):
-            if op == "write":
-                data = bytes([(seed + i) % 255 + 1]) * length
-                f.write(offset, data)
-                model.extend(bytes(max(0, offset - len(model))))
-                model[offset:offset + length] = data
-            else:
-                f.truncate(offset)
-                del model[offset:]
-                model.extend(bytes(offset - len(model)))
-            assert f.size() == len(model)
-        assert codec.open(fd).read(0, len(model) + P) == bytes(model)
-    finally:
-        os.close(fd)
-        path.unlink()
 
 
 @MODEL_SETTINGS

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from cryptfs.content import tags
 from cryptfs.content.format import FLAG_AUTHENTICATED, FileHeader, backing_size, plaintext_size
 from cryptfs.errors import CryptfsError
-from cryptfs.keyfile import KdfParams, KeyFile
-from cryptfs.keys import KeyRing
-from cryptfs.metadata import OWNER_FILE, MetadataCipher, SymlinkPlace, XattrOwner
-from cryptfs.names import NameCipher
-from cryptfs.recovery import decode_recovery_code
+from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.keys.keyfile import KdfParams, KeyFile
+from cryptfs.keys.recovery import decode_recovery_code
+from cryptfs.names.filenames import NameCipher
+from cryptfs.names.metadata import OWNER_FILE, MetadataCipher, SymlinkPlace, XattrOwner
 
 KEYS = KeyRing(bytes(range(32)))
 NAMES = NameCipher(KEYS)

@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-from tests.t1_keys import reference_hkdf
+from tests.helpers.keys import reference_hkdf
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = json.loads((ROOT / "tests/golden/format-v1.json").read_text())

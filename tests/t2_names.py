@@ -17,17 +17,8 @@ from cryptfs.errors import (
     NameTooLongError,
     XattrTooBigError,
 )
-from cryptfs.keys import KeyRing
-from cryptfs.metadata import (
-    NONCE_LEN,
-    OWNER_DIRECTORY,
-    OWNER_FILE,
-    SYMLINK_AD,
-    MetadataCipher,
-    SymlinkPlace,
-    XattrOwner,
-)
-from cryptfs.names import (
+from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.names.filenames import (
     DIRIV_NAME,
     NAME_AD,
     NAME_MAX,
@@ -39,6 +30,15 @@ from cryptfs.names import (
     pad16,
     read_diriv,
     unb64url,
+)
+from cryptfs.names.metadata import (
+    NONCE_LEN,
+    OWNER_DIRECTORY,
+    OWNER_FILE,
+    SYMLINK_AD,
+    MetadataCipher,
+    SymlinkPlace,
+    XattrOwner,
 )
 
 KEYS = KeyRing(bytes(range(32)))

@@ -19,7 +19,7 @@ from cryptfs.content.sessions import SessionCache
 from cryptfs.engines.base import PAGE_SIZE
 from cryptfs.errors import BackingSizeError, HeaderCorruptError, PageTagError
 from tests.conftest import small_tmpfs
-from tests.t2_content import MODEL_SETTINGS, check_against_model, dense_copy_reads
+from tests.helpers.content_model import MODEL_SETTINGS, check_against_model, dense_copy_reads
 
 P = PAGE_SIZE
 G = 252  # pages whose tags are in the header page

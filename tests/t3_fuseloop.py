@@ -1,4 +1,4 @@
-"""The request loop's wait (cryptfs/fuseloop.py) on a pipe standing in for
+"""The request loop's wait (cryptfs/daemon/fuseloop.py) on a pipe standing in for
 /dev/fuse: True only when a request is there to read, without yielding when
 one already is; one parked task per descriptor; every waiter ends on stop."""
 
@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from packaging.requirements import Requirement
 
-from cryptfs import fuseloop
+from cryptfs.daemon import fuseloop
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ import threading
 import pyfuse3
 import pytest
 
+from cryptfs.daemon.mount import assemble
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions
-from cryptfs.keyfile import NEW_FEATURES
-from cryptfs.mount import assemble
-from cryptfs.names import DIRIV_NAME
-from tests.t3_ops import CTX, create, lookup
-from tests.t3_tree import new_cipherdir
+from cryptfs.keys.keyfile import NEW_FEATURES
+from cryptfs.names.filenames import DIRIV_NAME
+from tests.helpers.ops import CTX, create, lookup, new_cipherdir
 
 
 @pytest.fixture

@@ -12,35 +12,22 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pyfuse3
 import pytest
 
 from cryptfs.content.format import HEADER_SIZE
+from cryptfs.daemon.mount import assemble
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions, Operations
-from cryptfs.fsck import Checker
-from cryptfs.keyfile import NEW_FEATURES
-from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
-from cryptfs.metadata import XATTR_SIZE_MAX
-from cryptfs.mount import assemble
-from cryptfs.names import NameCipher
-from tests.t3_tree import new_cipherdir
+from cryptfs.keys.keyfile import NEW_FEATURES
+from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
+from cryptfs.names.filenames import NameCipher
+from cryptfs.names.metadata import XATTR_SIZE_MAX
+from cryptfs.tools.fsck import Checker
+from tests.helpers.ops import CTX, changes, create, lookup, new_cipherdir, read_all
 
-
-@dataclass
-class Ctx:
-    """What pyfuse3 passes as the request context."""
-
-    uid: int = field(default_factory=os.getuid)
-    gid: int = field(default_factory=os.getgid)
-    pid: int = field(default_factory=os.getpid)
-    umask: int = 0o022
-
-
-CTX = Ctx()
 NOBODY = 65534
 
 
@@ -54,27 +41,6 @@ def fs(tmp_path, engine, keys):
 
 def fuse_errno(exc_info) -> int:
     return exc_info.value.errno
-
-
-async def create(fs: Operations, parent: int, name: bytes, data: bytes = b"") -> int:
-    fi, attr = await fs.create(parent, name, 0o644, os.O_RDWR, CTX)
-    if data:
-        assert await fs.write(fi.fh, 0, data) == len(data)
-    await fs.release(fi.fh)
-    return attr.st_ino
-
-
-async def read_all(fs: Operations, ino: int) -> bytes:
-    fi = await fs.open(ino, os.O_RDONLY, CTX)
-    try:
-        return await fs.read(fi.fh, 0, 1 << 24)
-    finally:
-        await fs.release(fi.fh)
-
-
-async def lookup(fs: Operations, parent: int, name: bytes) -> int:
-    attr = await fs.lookup(parent, name, CTX)
-    return attr.st_ino
 
 
 async def listdir(fs: Operations, ino: int, monkeypatch, per_reply: int = 1000,
@@ -124,19 +90,6 @@ def acting_as(uid: int):
         yield
     finally:
         os.seteuid(0)
-
-
-def changes(**values):
-    """``setattr``'s attributes and fields for changing ``values`` only
-    (``st_mode=0o644``, ``st_size=0``, ...)."""
-    attr = pyfuse3.EntryAttributes()
-    fields = dict.fromkeys(["update_size", "update_mode", "update_uid", "update_gid",
-                            "update_atime", "update_mtime", "update_ctime"], False)
-    for name, value in values.items():
-        setattr(attr, name, value)
-        fields["update_" + name.removeprefix("st_").removesuffix("_ns")] = True
-    fields["update_ctime"] = True  # the kernel sends it with every change a caller asks for
-    return attr, SimpleNamespace(**fields)
 
 
 async def test_create_write_read_lookup(fs):

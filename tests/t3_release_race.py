@@ -22,13 +22,12 @@ import pytest
 import trio
 import trio.testing
 
+from cryptfs.daemon.mount import assemble
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions, Operations
 from cryptfs.fs.workers import WorkerPool
-from cryptfs.keyfile import NEW_FEATURES
-from cryptfs.mount import assemble
-from tests.t3_ops import CTX, changes, create, read_all
-from tests.t3_tree import new_cipherdir
+from cryptfs.keys.keyfile import NEW_FEATURES
+from tests.helpers.ops import CTX, changes, create, new_cipherdir, read_all
 
 WAIT = 30  # seconds: a gate never reached fails the test instead of hanging it
 

@@ -7,33 +7,22 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from pathlib import Path
 
 import pytest
 
+from cryptfs.daemon.mount import Stack, assemble
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import StaleHandleError, StaleInodeError
 from cryptfs.fs.handles import DirHandleTable
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions
 from cryptfs.fs.tree import UnsyncedSidecars
-from cryptfs.keyfile import NEW_FEATURES
-from cryptfs.linux import RENAME_EXCHANGE
-from cryptfs.mount import Stack, assemble
-from cryptfs.names import DIRIV_NAME, create_diriv
+from cryptfs.keys.keyfile import NEW_FEATURES
+from cryptfs.lowlevel.linux import RENAME_EXCHANGE
+from cryptfs.names.filenames import DIRIV_NAME
+from tests.helpers.ops import new_cipherdir
 
 LONG = b"L" * 255  # encodes to more than 255 bytes: a long name with a sidecar
-
-
-def new_cipherdir(path: Path) -> Path:
-    """A cipher directory as ``cryptfs init`` leaves it, minus the key file."""
-    path.mkdir()
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        create_diriv(fd)
-    finally:
-        os.close(fd)
-    return path
 
 
 @pytest.fixture
@@ -276,7 +265,6 @@ def test_xattr_owner_of_a_headerless_file_is_made_on_demand(stack):
     assert stack.tree.stat(ino).st_size > 0
     d, _ = stack.tree.mkdir(ROOT_INODE, b"d", 0o755)
     assert stack.tree.xattr_owner(d.ino).identity == stack.tree.diriv(d.ino)
-
 
 
 def synced(stack: Stack, ino: int, directory: bool = False) -> set[tuple[int, str]] | None:

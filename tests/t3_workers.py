@@ -8,8 +8,8 @@ import threading
 import pytest
 import trio
 
-from cryptfs import threads
 from cryptfs.fs.workers import WorkerPool
+from cryptfs.lowlevel import threads
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_close_leaves_a_stuck_thread_behind_and_says_so(monkeypatch, caplog):
                 await trio.to_thread.run_sync(started.wait, 10)
                 # close from another thread: the stuck call's caller waits for it
                 closer = threading.Thread(target=pool.close)
-                with caplog.at_level(logging.WARNING, logger="cryptfs.threads"):
+                with caplog.at_level(logging.WARNING, logger="cryptfs.lowlevel.threads"):
                     closer.start()
                     await trio.to_thread.run_sync(closer.join, 30)
                 assert not closer.is_alive(), "close() waited for the stuck thread"

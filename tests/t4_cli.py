@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.cli import check_allow_other
+from cryptfs.cli.mounting import check_allow_other
 from cryptfs.errors import CryptfsError, ExitCode
 from tests.conftest import (
     MOUNT_TIMEOUT,
@@ -26,18 +26,11 @@ from tests.conftest import (
     afalg_engine,
     cryptfs_cmd,
 )
-from tests.t1_keyfile import files_opening_with
+from tests.helpers.cli import FAST_KDF, cryptfs, is_mounted
+from tests.helpers.keys import files_opening_with
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-FAST_KDF = ("--argon2-memory", "8", "--argon2-passes", "1")
-
-def cryptfs(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cryptfs_cmd(*args), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=MOUNT_TIMEOUT, **kwargs)
-    if check:
-        assert proc.returncode == 0, f"cryptfs {args} -> {proc.returncode}:\n{proc.stderr}"
-    return proc
 
 
 def unmount(mountpoint: Path) -> None:
@@ -46,13 +39,6 @@ def unmount(mountpoint: Path) -> None:
     while os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.ismount(mountpoint)
-
-
-def is_mounted(mountpoint: Path) -> bool:
-    """From /proc/mounts: unlike stat(), this does not touch the filesystem
-    (which would count as activity for --idle)."""
-    return any(line.split()[1] == str(mountpoint)
-               for line in Path("/proc/mounts").read_text().splitlines())
 
 
 def wait_unmounted(mountpoint: Path, timeout: float = MOUNT_TIMEOUT) -> None:
@@ -393,7 +379,7 @@ def test_systemd_notify(setup, tmp_path):
 
 
 def test_readme_fstab_example_is_valid():
-    from cryptfs.mountopts import parse_mount_options
+    from cryptfs.cli.mountopts import parse_mount_options
 
     readme = (REPO / "README.md").read_text()
     lines = [line for line in readme.splitlines()
@@ -439,8 +425,8 @@ def test_demo_script(tmp_path):
 def test_logs_never_contain_key_material(setup):
     import base64
 
-    from cryptfs.keys import KeyRing
-    from cryptfs.recovery import decode_recovery_code
+    from cryptfs.keys.hierarchy import KeyRing
+    from cryptfs.keys.recovery import decode_recovery_code
 
     cipher, plain, passfile, code = setup
     master = decode_recovery_code(code)

@@ -159,7 +159,7 @@ def test_human_report_and_wrong_password(populated, tmp_path):
 
 
 def test_progress_line(capsys):
-    from cryptfs.fsck import Progress
+    from cryptfs.tools.fsck import Progress
 
     progress = Progress(total_files=10, total_bytes=10 << 20, enabled=True)
     progress._last = 0  # force an update now

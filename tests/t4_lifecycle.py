@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.daemon.lock import LOCK_NAME, lock_for_check
 from cryptfs.errors import ExitCode
-from cryptfs.mountlock import LOCK_NAME, lock_for_check
 from tests.conftest import (
     MOUNT_TIMEOUT,
     Mount,
@@ -28,7 +28,7 @@ from tests.conftest import (
     init_cipherdir,
     small_tmpfs,
 )
-from tests.t4_cli import FAST_KDF, cryptfs, is_mounted
+from tests.helpers.cli import FAST_KDF, cryptfs, is_mounted
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 VENV_BIN = Path(sys.executable).parent
@@ -206,7 +206,9 @@ def test_second_mount_refused_until_the_first_is_killed(dirs):
     assert "had died" in cryptfs("unmount", str(plain)).stderr  # the first, dead
 
 
-def fsck_problems(cipher: Path, passfile: Path, *extra: str) -> list:
+def raw_fsck_problems(cipher: Path, passfile: Path, *extra: str) -> list:
+    """fsck's JSON problem list as it is (unlike conftest's ``fsck_problems``:
+    any options, unsorted, the exit code left to ``cryptfs``)."""
     proc = cryptfs("fsck", str(cipher), "--passfile", str(passfile), "--json", *extra)
     return json.loads(proc.stdout)["problems"]
 
@@ -217,7 +219,7 @@ def test_fsck_refuses_a_mounted_directory(dirs):
     one line naming the mount point (before any password is asked for),
     unless --force.  A never-mounted directory gets no lock file from it."""
     cipher, plain, _, passfile = dirs
-    assert fsck_problems(cipher, passfile) == []
+    assert raw_fsck_problems(cipher, passfile) == []
     assert not (cipher / LOCK_NAME).exists()
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
     (plain / "f").write_text("mounted")
@@ -229,7 +231,7 @@ def test_fsck_refuses_a_mounted_directory(dirs):
     assert f"is already mounted on {plain}" in proc.stderr and "--force" in proc.stderr
     assert "no problems" in proc.stdout
     cryptfs("unmount", str(plain))
-    assert fsck_problems(cipher, passfile) == []
+    assert raw_fsck_problems(cipher, passfile) == []
 
 
 @pytest.mark.fuse
@@ -245,7 +247,7 @@ def test_no_mount_while_fsck_runs(dirs):
         assert proc.returncode == ExitCode.MOUNTED
         assert "being checked by cryptfs fsck" in one_line(proc)
         assert not is_mounted(plain)
-        assert fsck_problems(cipher, passfile) == []
+        assert raw_fsck_problems(cipher, passfile) == []
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
     cryptfs("unmount", str(plain))
 

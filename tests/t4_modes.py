@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.keyfile import KEYFILE_NAME
-from cryptfs.mountlock import LOCK_NAME
-from cryptfs.names import DIRIV_NAME, SIDECAR_SUFFIX
+from cryptfs.daemon.lock import LOCK_NAME
+from cryptfs.keys.keyfile import KEYFILE_NAME
+from cryptfs.names.filenames import DIRIV_NAME, SIDECAR_SUFFIX
 from tests.conftest import Mount, init_cipherdir
 
 pytestmark = pytest.mark.fuse

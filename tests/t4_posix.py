@@ -10,13 +10,9 @@ import threading
 
 import pytest
 
+from tests.helpers.checks import raises_errno
+
 P = 4096
-
-
-def raises_errno(code: int, fn, *args, **kwargs) -> None:
-    with pytest.raises(OSError) as info:
-        fn(*args, **kwargs)
-    assert info.value.errno == code, f"expected {errno.errorcode[code]}, got {info.value}"
 
 
 def test_create_read_write_every_edge(mnt):

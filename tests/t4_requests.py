@@ -17,14 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mount, cryptfs_cmd, init_cipherdir, require_fuse
+from tests.helpers.checks import raises_errno
 
 P = 4096
-
-
-def raises_errno(code: int, fn, *args) -> None:
-    with pytest.raises(OSError) as info:
-        fn(*args)
-    assert info.value.errno == code, f"expected {errno.errorcode[code]}, got {info.value}"
 
 
 def read_o_direct(path: Path, size: int) -> bytes:

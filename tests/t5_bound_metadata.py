@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from cryptfs.fs.tree import SYMLINK_TMP_PREFIX
-from cryptfs.keyfile import KeyFile
-from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from cryptfs.metadata import FEATURE_BOUND_METADATA
+from cryptfs.keys.keyfile import FEATURE_BOUND_METADATA, KeyFile
+from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from tests.conftest import (
     Mount,
     backing_entry_of,
@@ -26,6 +25,7 @@ from tests.conftest import (
     init_v1_cipherdir,
     small_tmpfs,
 )
+from tests.helpers.checks import raises_errno
 
 pytestmark = pytest.mark.fuse
 
@@ -67,12 +67,6 @@ def rename2(old: Path, new: Path, flags: int) -> None:
     """renameat2(2) on two paths."""
     at_fdcwd = -100
     renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags)
-
-
-def raises_errno(code: int, fn, *args) -> None:
-    with pytest.raises(OSError) as info:
-        fn(*args)
-    assert info.value.errno == code, info.value
 
 
 def test_init_writes_the_flag(fmt, request):

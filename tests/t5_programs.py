@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import module_mount
+from tests.helpers.checks import tree_digest
 
 # A real tree of thousands of files: this interpreter's standard library.
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -56,19 +57,6 @@ def need(program: str) -> str:
     path = shutil.which(program)
     assert path, f"{program} is installed by scripts/test"
     return path
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    digest = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            digest[rel] = "link:" + os.readlink(path)
-        elif path.is_file():
-            digest[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            digest[rel] = "dir"
-    return digest
 
 
 def test_git(mnt):

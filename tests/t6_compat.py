@@ -26,11 +26,11 @@ from cryptfs.content.sessions import SessionCache
 from cryptfs.engines.base import XtsEngine
 from cryptfs.errors import ExitCode
 from cryptfs.fs.tree import read_xattr_owner
-from cryptfs.keyfile import KEYFILE_NAME, KeyFile
-from cryptfs.keys import KeyRing
-from cryptfs.metadata import MetadataCipher, SymlinkPlace, XattrOwner
-from cryptfs.names import NameCipher, is_longname, is_reserved, read_diriv, sidecar_name
-from cryptfs.recovery import decode_recovery_code
+from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.keys.keyfile import KEYFILE_NAME, KeyFile
+from cryptfs.keys.recovery import decode_recovery_code
+from cryptfs.names.filenames import NameCipher, is_longname, is_reserved, read_diriv, sidecar_name
+from cryptfs.names.metadata import MetadataCipher, SymlinkPlace, XattrOwner
 from tests.conftest import ENGINE_PARAMS, MOUNT_TIMEOUT, Mount, cryptfs_cmd, mount_engine_param
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

@@ -5,7 +5,6 @@ descriptor use must not keep growing."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ENGINE_PARAMS, Mount, afalg_engine, init_cipherdir, require_fuse
+from tests.helpers.checks import tree_digest
 
 P = 4096
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -115,15 +115,6 @@ def test_backing_changed_behind_the_mount(cryptfs_mount, mnt):
     assert sorted(os.listdir(mnt)) == ["edited", "intact", "truncated"]
     (mnt / "new").write_text("the mount still works")
     assert (mnt / "new").read_text() == "the mount still works"
-
-
-def tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        h.update(str(path.relative_to(root)).encode())
-        if path.is_file() and not path.is_symlink():
-            h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def test_soak_untar_check_delete(cryptfs_mount, mnt, tmp_path):

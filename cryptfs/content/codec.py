@@ -47,8 +47,8 @@ from cryptfs.engines.base import (
     unit_count,
 )
 from cryptfs.errors import HeaderCorruptError, PageTagError, TrailerError
-from cryptfs.keys import FILE_ID_LEN, KeyRing
-from cryptfs.linux import FALLOC_FL_KEEP_SIZE, fallocate, filesystem_type, page_cached
+from cryptfs.keys.hierarchy import FILE_ID_LEN, KeyRing
+from cryptfs.lowlevel.linux import FALLOC_FL_KEEP_SIZE, fallocate, filesystem_type, page_cached
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from cryptfs.errors import (
     HeaderCorruptError,
     HeaderVersionError,
 )
-from cryptfs.keys import FILE_ID_LEN
+from cryptfs.keys.hierarchy import FILE_ID_LEN
 
 HEADER_SIZE = PAGE_SIZE
 TRAILER_SIZE = 16

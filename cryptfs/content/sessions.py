@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptfs.engines.base import XtsEngine, XtsSession
-from cryptfs.keys import KeyRing
+from cryptfs.keys.hierarchy import KeyRing
 
 DEFAULT_CAPACITY = 128
 

@@ -46,7 +46,7 @@ from cryptfs.engines.base import (
 )
 from cryptfs.engines.parallel import ParallelRuns
 from cryptfs.errors import BackingSizeError, EngineError, EngineUnavailableError
-from cryptfs.linux import vmsplice_all
+from cryptfs.lowlevel.linux import vmsplice_all
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from cryptfs.engines.base import PAGE_SIZE, unit_count
 from cryptfs.errors import EngineUnavailableError
-from cryptfs.threads import LazyThreads
+from cryptfs.lowlevel.threads import LazyThreads
 
 SPLIT_MIN_UNITS = 64
 PART_MIN_UNITS = 16

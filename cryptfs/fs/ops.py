@@ -39,9 +39,9 @@ from cryptfs.fs.handles import DirHandleTable, HandleTable, OpenFile
 from cryptfs.fs.inodes import ROOT_INODE, InodeTable
 from cryptfs.fs.tree import BackingTree, Listed, NameSync, Owner, apply_attributes, ensure_header
 from cryptfs.fs.workers import WorkerPool
-from cryptfs.linux import proc_path
-from cryptfs.log import Once
-from cryptfs.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, XattrOwner
+from cryptfs.lowlevel.linux import proc_path
+from cryptfs.lowlevel.log import Once
+from cryptfs.names.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, XattrOwner
 
 log = logging.getLogger(__name__)
 

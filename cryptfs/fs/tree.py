@@ -51,16 +51,9 @@ from cryptfs.content.format import HEADER_SIZE, FileHeader
 from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.inodes import ROOT_INODE, Inode, InodeTable
-from cryptfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2, syncfs
-from cryptfs.log import Once
-from cryptfs.metadata import (
-    OWNER_DIRECTORY,
-    OWNER_FILE,
-    MetadataCipher,
-    SymlinkPlace,
-    XattrOwner,
-)
-from cryptfs.names import (
+from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2, syncfs
+from cryptfs.lowlevel.log import Once
+from cryptfs.names.filenames import (
     DIRIV_LEN,
     DIRIV_NAME,
     RESERVED_PREFIX,
@@ -70,6 +63,13 @@ from cryptfs.names import (
     is_longname,
     read_diriv,
     sidecar_name,
+)
+from cryptfs.names.metadata import (
+    OWNER_DIRECTORY,
+    OWNER_FILE,
+    MetadataCipher,
+    SymlinkPlace,
+    XattrOwner,
 )
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any
 import outcome
 import trio
 
-from cryptfs.threads import LazyThreads
+from cryptfs.lowlevel.threads import LazyThreads
 
 
 class WorkerPool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 
-from cryptfs.conflicts import Tool
+from cryptfs.names.conflicts import Tool
 
 WHEN = datetime.datetime(2026, 12, 7, 10, 15, 0)
 

@@ -9,13 +9,10 @@ import stat
 import subprocess
 import sys
 
-from cryptfs.errors import CryptfsError, ExitCode
+from cryptfs.errors import PasswordSourceError
 
 log = logging.getLogger(__name__)
 
-
-class PasswordSourceError(CryptfsError):
-    exit_code = ExitCode.USAGE
 
 
 def from_file(path: str) -> bytes:

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import t5_damage
 from tests.conftest import Mount, backing_entry_of, fsck_problems
 
 PAGE = 4096
-fresh = t5_damage.fresh  # the fixture: a cipher directory and its (unmounted) Mount
 # On the userspace engine only: what these pin down is the content format
 # (trailer check, hole rule), which both engines share; the kernel engine's
 # own part (the hole rule while it splices ciphertext) is checked against

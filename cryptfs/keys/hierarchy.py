@@ -13,7 +13,7 @@ import resource
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from cryptfs.linux import mlock, set_undumpable
+from cryptfs.lowlevel.linux import mlock, set_undumpable
 
 MASTER_KEY_LEN = 32
 FILE_ID_LEN = 16

@@ -12,12 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cryptfs.errors import CryptfsError, ExitCode
-
-
-class OptionError(CryptfsError):
-    exit_code = ExitCode.USAGE
-
+from cryptfs.errors import OptionError
 
 # cryptfs options that take a value, and flags.
 VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname", "readahead"}

@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptfs.errors import CryptfsError, ExitCode
+from cryptfs.errors import BusyError, MountPointError
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,6 @@ FSTYPE = "fuse.cryptfs"  # what the kernel records for our mounts (subtype=crypt
 MOUNTINFO = "/proc/self/mountinfo"
 
 
-class MountPointError(CryptfsError):
-    exit_code = ExitCode.USAGE
-
-
-class BusyError(CryptfsError):
-    exit_code = ExitCode.BUSY
 
 
 @dataclass(frozen=True)

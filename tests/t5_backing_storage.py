@@ -13,30 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    MOUNT_ENGINES,
     Mount,
     init_cipherdir,
-    mount_engine_param,
     require_fuse,
     small_tmpfs,
 )
 
 MARKER = "ZEBRA-MARKER-7731"
-
-
-@pytest.fixture(params=MOUNT_ENGINES)
-def fresh(request, tmp_path):
-    """A cipher directory and an unmounted Mount for it (tests damage the
-    backing files between mounts)."""
-    require_fuse()
-    engine = mount_engine_param(request)
-    passfile = tmp_path / "password"
-    init_cipherdir(tmp_path / "cipher", passfile)
-    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, engine)
-    try:
-        yield mount
-    finally:
-        mount.stop()
 
 
 def backing_files(cipherdir: Path) -> list[Path]:

@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from cryptfs.errors import InvalidNameError, NameDecodeError, NameTooLongError
-from cryptfs.keys import KeyRing
+from cryptfs.keys.hierarchy import KeyRing
 
 NAME_MAX = 255  # bytes, for plaintext and backing names alike
 DIRIV_NAME = "cryptfs.diriv"

@@ -41,10 +41,10 @@ from cryptfs.errors import (
     NameTooLongError,
     XattrTooBigError,
 )
-from cryptfs.keys import KeyRing
-from cryptfs.names import b64url, pad16, unb64url, unpad16
+from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.keys.keyfile import FEATURE_BOUND_METADATA
+from cryptfs.names.filenames import b64url, pad16, unb64url, unpad16
 
-FEATURE_BOUND_METADATA = "bound-metadata"  # key file feature flag (docs/format.md §2)
 NONCE_LEN = 16
 SIV_TAG_LEN = 16
 PATH_MAX = 4096  # including the terminating NUL

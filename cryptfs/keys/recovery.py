@@ -13,12 +13,8 @@ import base64
 import binascii
 import hashlib
 
-from cryptfs.errors import CryptfsError, ExitCode
-from cryptfs.keys import MASTER_KEY_LEN
-
-
-class RecoveryCodeError(CryptfsError):
-    exit_code = ExitCode.PASSWORD
+from cryptfs.errors import RecoveryCodeError
+from cryptfs.keys.hierarchy import MASTER_KEY_LEN
 
 
 def encode_recovery_code(master_key: bytes) -> str:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.tags import BadPage
+from cryptfs.daemon.lock import LOCK_NAME
 from cryptfs.engines.base import PAGE_SIZE
 from cryptfs.errors import (
     BackingSizeError,
@@ -33,17 +34,16 @@ from cryptfs.errors import (
     TrailerError,
 )
 from cryptfs.fs.tree import SYMLINK_TMP_PREFIX, read_xattr_owner
-from cryptfs.keyfile import KEYFILE_NAME, is_stale_copy
-from cryptfs.linux import proc_path
-from cryptfs.metadata import MetadataCipher, SymlinkPlace, XattrOwner
-from cryptfs.mountlock import LOCK_NAME
-from cryptfs.names import (
+from cryptfs.keys.keyfile import KEYFILE_NAME, is_stale_copy
+from cryptfs.lowlevel.linux import proc_path
+from cryptfs.names.filenames import (
     DIRIV_NAME,
     SIDECAR_SUFFIX,
     NameCipher,
     is_longname,
     read_diriv,
 )
+from cryptfs.names.metadata import MetadataCipher, SymlinkPlace, XattrOwner
 
 # Problem kinds are part of the --json output: keep them stable.
 CONTENT_KINDS = {HeaderAuthError: "header-mac", HeaderCorruptError: "header",

@@ -24,8 +24,8 @@ import os
 import time
 from pathlib import Path
 
-from cryptfs.errors import CipherDirError, CryptfsError, ExitCode
-from cryptfs.mountpoint import cryptfs_mounts
+from cryptfs.daemon.mountpoint import cryptfs_mounts
+from cryptfs.errors import AlreadyMountedError, CipherDirError
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,6 @@ EXIT_GRACE = 5.0  # seconds a mount waits for a daemon that is ending after its 
 DAEMON_EXIT_TIMEOUT = 30.0  # seconds ``cryptfs unmount`` waits for the daemon to end
 _FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
 
-
-class AlreadyMountedError(CryptfsError):
-    exit_code = ExitCode.MOUNTED
 
 
 class MountLock:

@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from cryptfs.names import (
+from cryptfs.names.filenames import (
     DIRIV_NAME,
     NAME_MAX,
     SIDECAR_SUFFIX,

@@ -43,14 +43,14 @@ from cryptfs.errors import (
     UnsupportedVersionError,
     WrongPasswordError,
 )
-from cryptfs.keys import MASTER_KEY_LEN, KeyRing
-from cryptfs.metadata import FEATURE_BOUND_METADATA
+from cryptfs.keys.hierarchy import MASTER_KEY_LEN, KeyRing
 
 KEYFILE_NAME = "cryptfs.conf"
 FORMAT_NAME = "cryptfs-keyfile"
 FORMAT_VERSION = 1
 # Feature flags this release understands.  A key file may require only these.
 FEATURE_AUTHENTICATED = "authenticated"  # page tags on every file (format.md §4.6)
+FEATURE_BOUND_METADATA = "bound-metadata"  # targets and xattrs sealed to their entry (format.md §2)
 KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_BOUND_METADATA, FEATURE_AUTHENTICATED})
 # What ``cryptfs init`` writes (a key file without them is an older format,
 # still read and written in its own encoding); ``init --authenticated`` adds

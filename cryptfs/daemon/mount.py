@@ -19,29 +19,26 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from cryptfs import fuseloop
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
+from cryptfs.daemon import fuseloop
+from cryptfs.daemon.mountpoint import FSTYPE, set_readahead
 from cryptfs.engines import select_engine
 from cryptfs.engines.base import XtsEngine
-from cryptfs.errors import CipherDirError, CryptfsError, ExitCode, NameDecodeError
+from cryptfs.errors import CipherDirError, MountError, NameDecodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.handles import HandleTable
 from cryptfs.fs.inodes import InodeTable
 from cryptfs.fs.ops import MountOptions, Operations
 from cryptfs.fs.tree import BackingTree
 from cryptfs.fs.workers import WorkerPool
-from cryptfs.keyfile import FEATURE_AUTHENTICATED, remove_stale_copies
-from cryptfs.keys import KeyRing
-from cryptfs.metadata import MetadataCipher
-from cryptfs.mountpoint import FSTYPE, set_readahead
-from cryptfs.names import NameCipher
+from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.keys.keyfile import FEATURE_AUTHENTICATED, remove_stale_copies
+from cryptfs.names.filenames import NameCipher
+from cryptfs.names.metadata import MetadataCipher
 
 log = logging.getLogger(__name__)
 
-
-class MountError(CryptfsError):
-    exit_code = ExitCode.MOUNT
 
 
 @dataclass

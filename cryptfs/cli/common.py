@@ -1,0 +1,52 @@
+"""What every command group shares: the log, KDF parameters from the
+command line, the cipher directory argument, unlocking."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from cryptfs.errors import CipherDirError
+from cryptfs.keys.hierarchy import KeyRing, protect_process
+from cryptfs.keys.keyfile import (
+    KdfParams,
+    KeyFile,
+)
+from cryptfs.keys.password import get_password
+from cryptfs.keys.recovery import decode_recovery_code
+
+log = logging.getLogger("cryptfs")
+
+
+def kdf_params(args: argparse.Namespace) -> KdfParams:
+    return KdfParams.argon2id(memory_kib=args.argon2_memory * 1024,
+                              iterations=args.argon2_passes)
+
+
+def cipherdir_arg(path: str) -> Path:
+    cipherdir = Path(path)
+    if not cipherdir.is_dir():
+        raise CipherDirError(f"cipher directory {cipherdir} does not exist")
+    return cipherdir
+
+
+def check_writable(cipherdir: Path, hint: str = "") -> None:
+    """Before any password is asked for: a key file change writes a new file
+    and renames it in the cipher directory, a mount its lock file."""
+    if os.access(cipherdir, os.W_OK):
+        return
+    read_only = os.statvfs(cipherdir).f_flag & os.ST_RDONLY
+    raise CipherDirError(f"cannot write to {cipherdir}: "
+                         + ("it is on a read-only filesystem" if read_only
+                            else "permission denied") + hint)
+
+
+def unlock(cipherdir: Path, args: argparse.Namespace) -> tuple[KeyFile, KeyRing]:
+    protect_process()  # before any key is in memory
+    keyfile = KeyFile.load(cipherdir)
+    if getattr(args, "recovery", False):
+        code = get_password(args.passfile, args.extpass, prompt="Recovery code: ")
+        return keyfile, keyfile.verify(decode_recovery_code(code.decode("ascii", "replace")))
+    return keyfile, keyfile.unlock(get_password(args.passfile, args.extpass))

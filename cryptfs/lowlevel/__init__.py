@@ -1,0 +1,2 @@
+"""System helpers, the bottom layer: Linux calls the standard library lacks,
+lazily started threads, logging."""

@@ -1,0 +1,1 @@
+"""Tools over a cipher directory or the engines: fsck, speed."""
