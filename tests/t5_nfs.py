@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.daemon.lock import LOCK_NAME
 from cryptfs.errors import ExitCode
-from cryptfs.mountlock import LOCK_NAME
 from tests.conftest import (
     MOUNT_ENGINES,
     MOUNT_TIMEOUT,

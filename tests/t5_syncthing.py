@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.keyfile import KEYFILE_NAME
-from cryptfs.mountlock import LOCK_NAME
-from cryptfs.names import DIRIV_NAME
+from cryptfs.daemon.lock import LOCK_NAME
+from cryptfs.keys.keyfile import KEYFILE_NAME
+from cryptfs.names.filenames import DIRIV_NAME
 from tests.conftest import MOUNT_ENGINES, Mount, backing_entry_of, init_cipherdir
 from tests.helpers.syncthing import SyncthingPair, conflict_copies, syncthing_pair
 
