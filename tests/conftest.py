@@ -21,12 +21,15 @@ import pytest
 
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
+from cryptfs.daemon.mount import assemble
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import XtsEngine
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineUnavailableError
+from cryptfs.fs.ops import MountOptions
 from cryptfs.keys.hierarchy import KeyRing
-from cryptfs.keys.keyfile import KeyFile
+from cryptfs.keys.keyfile import NEW_FEATURES, KeyFile
+from tests.helpers.ops import new_cipherdir
 
 REQUIRE_AFALG = os.environ.get("CRYPTFS_REQUIRE_AFALG") == "1"
 
@@ -315,6 +318,31 @@ def fresh(request, tmp_path):
         yield mount
     finally:
         mount.stop()
+
+
+@pytest.fixture
+def fresh_mount(tmp_path) -> Iterator[Mount]:
+    """A new cipher directory, mounted (userspace engine) for one test and
+    checked for log problems after it."""
+    require_fuse()
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
+    try:
+        yield mount
+    finally:
+        mount.stop()
+    mount.check_log()
+
+
+@pytest.fixture
+def fs(tmp_path, engine, keys):
+    """The whole stack in process (no kernel), on ``engine``: its
+    ``Operations``, called as pyfuse3 would (tests/helpers/ops.py)."""
+    stack = assemble(new_cipherdir(tmp_path / "cipher"), keys, engine, MountOptions(),
+                     NEW_FEATURES)
+    yield stack.operations
+    stack.close()
 
 
 def module_mount(engine: str, tmp_path_factory, *init_extra: str) -> Iterator[Mount]:

@@ -12,21 +12,9 @@ import threading
 import pyfuse3
 import pytest
 
-from cryptfs.daemon.mount import assemble
 from cryptfs.fs.inodes import ROOT_INODE
-from cryptfs.fs.ops import MountOptions
-from cryptfs.keys.keyfile import NEW_FEATURES
 from cryptfs.names.filenames import DIRIV_NAME
-from tests.helpers.ops import CTX, create, lookup, new_cipherdir
-
-
-@pytest.fixture
-def fs(tmp_path, engine, keys):
-    """As t3_ops.py's."""
-    stack = assemble(new_cipherdir(tmp_path / "cipher"), keys, engine, MountOptions(),
-                     NEW_FEATURES)
-    yield stack.operations
-    stack.close()
+from tests.helpers.ops import CTX, create, lookup
 
 
 async def test_a_bug_in_forget_is_logged_not_raised(fs, monkeypatch, caplog):

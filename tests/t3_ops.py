@@ -26,17 +26,9 @@ from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
 from cryptfs.names.filenames import NameCipher
 from cryptfs.names.metadata import XATTR_SIZE_MAX
 from cryptfs.tools.fsck import Checker
-from tests.helpers.ops import CTX, changes, create, lookup, new_cipherdir, read_all
+from tests.helpers.ops import CTX, changes, create, lookup, read_all
 
 NOBODY = 65534
-
-
-@pytest.fixture
-def fs(tmp_path, engine, keys):
-    stack = assemble(new_cipherdir(tmp_path / "cipher"), keys, engine, MountOptions(),
-                     NEW_FEATURES)
-    yield stack.operations
-    stack.close()
 
 
 def fuse_errno(exc_info) -> int:

@@ -22,12 +22,10 @@ import pytest
 import trio
 import trio.testing
 
-from cryptfs.daemon.mount import assemble
 from cryptfs.fs.inodes import ROOT_INODE
-from cryptfs.fs.ops import MountOptions, Operations
+from cryptfs.fs.ops import Operations
 from cryptfs.fs.workers import WorkerPool
-from cryptfs.keys.keyfile import NEW_FEATURES
-from tests.helpers.ops import CTX, changes, create, new_cipherdir, read_all
+from tests.helpers.ops import CTX, changes, create, read_all
 
 WAIT = 30  # seconds: a gate never reached fails the test instead of hanging it
 
@@ -68,15 +66,6 @@ class GatedWorkers:
 
     def close(self) -> None:
         self._pool.close()
-
-
-@pytest.fixture
-def fs(tmp_path, engine, keys):
-    """As t3_ops.py's."""
-    stack = assemble(new_cipherdir(tmp_path / "cipher"), keys, engine, MountOptions(),
-                     NEW_FEATURES)
-    yield stack.operations
-    stack.close()
 
 
 @pytest.fixture

@@ -22,23 +22,9 @@ from pathlib import Path
 import pytest
 
 from cryptfs.fs.inodes import INO_BITS, device_namespace
-from tests.conftest import Mount, init_cipherdir, require_fuse
+from tests.conftest import Mount, backing_entry_of, init_cipherdir, require_fuse
 
 pytestmark = pytest.mark.fuse
-
-
-@pytest.fixture
-def fresh(tmp_path):
-    """A new cipher directory, mounted (userspace engine) for one test."""
-    require_fuse()
-    passfile = tmp_path / "password"
-    init_cipherdir(tmp_path / "cipher", passfile)
-    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
-    try:
-        yield mount
-    finally:
-        mount.stop()
-    mount.check_log()
 
 
 def drop_caches() -> None:
@@ -56,18 +42,9 @@ def inode_numbers(paths: list[Path]) -> dict[Path, int]:
     return {p: os.lstat(p).st_ino for p in reversed(paths)}
 
 
-def backing_of(mount: Mount, action) -> Path:
-    """The one backing entry (not an IV or sidecar) that ``action`` creates."""
-    before = set(mount.cipherdir.rglob("*"))
-    action()
-    (entry,) = [p for p in set(mount.cipherdir.rglob("*")) - before
-                if p.name != "cryptfs.diriv" and not p.name.endswith(".name")]
-    return entry
-
-
-def test_inode_numbers_survive_forget_and_remount(fresh):
-    plain = fresh.mountpoint
-    backing = backing_of(fresh, lambda: (plain / "f").write_bytes(b"data"))
+def test_inode_numbers_survive_forget_and_remount(fresh_mount):
+    plain = fresh_mount.mountpoint
+    backing = backing_entry_of(fresh_mount, lambda: (plain / "f").write_bytes(b"data"))
     (plain / "d").mkdir()
     (plain / "d" / "g").write_bytes(b"more")
     os.link(plain / "f", plain / "d" / "hard")
@@ -80,7 +57,7 @@ def test_inode_numbers_survive_forget_and_remount(fresh):
     assert len(set(before.values())) == len(paths) - 1  # one hard link pair
     drop_caches()
     assert inode_numbers(paths) == before
-    fresh.restart()
+    fresh_mount.restart()
     assert inode_numbers(paths) == before
     found = subprocess.run(["find", str(plain), "-inum", str(before[plain / "f"])],
                            check=True, capture_output=True, text=True).stdout.split()
@@ -102,12 +79,12 @@ def opened_files(strace_log: Path) -> set[str]:
     return {m.group(1) for m in map(pattern.search, strace_log.read_text().splitlines()) if m}
 
 
-def test_git_status_after_a_remount_reads_no_file(fresh, tmp_path):
+def test_git_status_after_a_remount_reads_no_file(fresh_mount, tmp_path):
     """git's index keeps each file's inode number: if it changed, git
     status re-reads and re-hashes every file (and finds them unchanged)."""
     if shutil.which("git") is None or shutil.which("strace") is None:
         pytest.skip("needs git and strace")
-    repo = fresh.mountpoint / "repo"
+    repo = fresh_mount.mountpoint / "repo"
     (repo / "src").mkdir(parents=True)
     tracked = [f"src/file{i}.txt" for i in range(20)] + ["README"]
     past = time.time() - 3600  # older than the index: no racily-clean re-reads
@@ -118,21 +95,21 @@ def test_git_status_after_a_remount_reads_no_file(fresh, tmp_path):
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "files")
     assert git(repo, "status", "--porcelain") == ""
-    fresh.restart()
+    fresh_mount.restart()
     log = tmp_path / "strace.log"
     assert git(repo, "status", "--porcelain", strace_log=log) == ""
     read = {p for p in opened_files(log) if p.removeprefix(str(repo) + "/") in tracked}
     assert not read, f"git status re-read {sorted(read)}"
 
 
-def test_tar_incremental_after_a_remount_archives_no_file(fresh, tmp_path):
+def test_tar_incremental_after_a_remount_archives_no_file(fresh_mount, tmp_path):
     """GNU tar's incremental mode (``-g``) takes a directory whose inode
     number changed for a new one and archives all of its files again.
     ``--no-check-device``: a FUSE mount's device number may change between
     mounts (as an NFS mount's)."""
     if shutil.which("tar") is None:
         pytest.skip("needs GNU tar")
-    data = fresh.mountpoint / "data"
+    data = fresh_mount.mountpoint / "data"
     for sub in ("a", "b", "c"):
         (data / sub).mkdir(parents=True)
         for i in range(5):
@@ -141,12 +118,12 @@ def test_tar_incremental_after_a_remount_archives_no_file(fresh, tmp_path):
 
     def tar(archive: str) -> list[str]:
         return subprocess.run(
-            ["tar", "-C", str(fresh.mountpoint), "-c", "-v", "-f", str(tmp_path / archive),
+            ["tar", "-C", str(fresh_mount.mountpoint), "-c", "-v", "-f", str(tmp_path / archive),
              "-g", str(snapshot), "--no-check-device", "data"],
             check=True, capture_output=True, text=True).stdout.split()
 
     assert len(tar("full.tar")) == 1 + 3 + 15
-    fresh.restart()
+    fresh_mount.restart()
     assert sorted(tar("incremental.tar")) == ["data/", "data/a/", "data/b/", "data/c/"]
 
 
@@ -162,7 +139,7 @@ def test_a_device_below_the_cipher_directory_gets_its_namespace(tmp_path):
     init_cipherdir(cipher, passfile)
     mount = Mount(cipher, tmp_path / "plain", passfile, "openssl").start()
     try:
-        sub = backing_of(mount, lambda: (mount.mountpoint / "sub").mkdir())
+        sub = backing_entry_of(mount, lambda: (mount.mountpoint / "sub").mkdir())
         mount.stop()
         saved = tmp_path / "saved"
         shutil.copytree(sub, saved)
@@ -172,7 +149,7 @@ def test_a_device_below_the_cipher_directory_gets_its_namespace(tmp_path):
             mount.start()
             plain = mount.mountpoint
             (plain / "top").write_bytes(b"1")
-            backing = backing_of(mount, lambda: (plain / "sub" / "f").write_bytes(b"2"))
+            backing = backing_entry_of(mount, lambda: (plain / "sub" / "f").write_bytes(b"2"))
             st = os.lstat(backing)
             expected = device_namespace(st.st_dev) << INO_BITS | st.st_ino
             paths = [plain / "sub" / "f", plain / "sub", plain / "top"]
@@ -222,8 +199,8 @@ def raw_listing(path: Path) -> list[tuple[str, int]]:
     return entries
 
 
-def test_ls_a_shows_dot_entries_with_their_numbers(fresh):
-    plain = fresh.mountpoint
+def test_ls_a_shows_dot_entries_with_their_numbers(fresh_mount):
+    plain = fresh_mount.mountpoint
     names = {f"{i:03d}" + "n" * 150 for i in range(300)}  # many replies of one page each
     (plain / "d").mkdir()
     for name in names:

@@ -67,25 +67,11 @@ def test_close_of_a_shared_descriptor_in_a_child(mnt):
     assert child_cat(path) == data
 
 
-@pytest.fixture
-def fresh(tmp_path):
-    """A new cipher directory, mounted (userspace engine) for one test."""
-    require_fuse()
-    passfile = tmp_path / "password"
-    init_cipherdir(tmp_path / "cipher", passfile)
-    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
-    try:
-        yield mount
-    finally:
-        mount.stop()
-    mount.check_log()
-
-
-def test_close_then_remount(fresh):
+def test_close_then_remount(fresh_mount):
     data = os.urandom(123_457)
-    (fresh.mountpoint / "f").write_bytes(data)  # closed, never fsync'ed
-    fresh.restart()
-    assert (fresh.mountpoint / "f").read_bytes() == data
+    (fresh_mount.mountpoint / "f").write_bytes(data)  # closed, never fsync'ed
+    fresh_mount.restart()
+    assert (fresh_mount.mountpoint / "f").read_bytes() == data
 
 
 # -- new files: the header comes with the first write -----------------------------------
@@ -96,24 +82,24 @@ def backing_sizes(cipherdir: Path) -> list[int]:
                   if p.is_file() and not p.name.startswith("cryptfs."))
 
 
-def test_new_files_get_their_header_when_first_written(fresh):
-    plain = fresh.mountpoint
+def test_new_files_get_their_header_when_first_written(fresh_mount):
+    plain = fresh_mount.mountpoint
     (plain / "empty").touch()
     (plain / "grown").touch()
     (plain / "written").touch()
-    assert backing_sizes(fresh.cipherdir) == [0, 0, 0]  # docs/format.md 4.2: no header
+    assert backing_sizes(fresh_mount.cipherdir) == [0, 0, 0]  # docs/format.md 4.2: no header
     assert (plain / "empty").read_bytes() == b""
     os.truncate(plain / "grown", 10_000)
     with open(plain / "written", "ab") as f:
         f.write(b"abc")
-    fresh.restart()
+    fresh_mount.restart()
     assert (plain / "empty").read_bytes() == b""
     assert (plain / "grown").read_bytes() == bytes(10_000)
     assert (plain / "written").read_bytes() == b"abc"
-    assert backing_sizes(fresh.cipherdir) == [0, 4096 + 3 + 16, 4096 + 10_000 + 16]
-    fresh.stop()
-    check = subprocess.run(cryptfs_cmd("fsck", str(fresh.cipherdir), "--passfile",
-                                       str(fresh.passfile)), capture_output=True, text=True)
+    assert backing_sizes(fresh_mount.cipherdir) == [0, 4096 + 3 + 16, 4096 + 10_000 + 16]
+    fresh_mount.stop()
+    check = subprocess.run(cryptfs_cmd("fsck", str(fresh_mount.cipherdir), "--passfile",
+                                       str(fresh_mount.passfile)), capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
