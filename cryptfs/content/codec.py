@@ -81,6 +81,8 @@ class ContentCodec:
         return self.layout.plaintext_size(backing)
 
     def new_header(self) -> FileHeader:
+        """A header with a fresh random file ID, not yet written anywhere:
+        only ``EncryptedFile`` calls this, and writes it with ``_write_header``."""
         return FileHeader(secrets.token_bytes(FILE_ID_LEN))
 
     def encode_header(self, header: FileHeader) -> bytes:
@@ -196,11 +198,13 @@ class EncryptedFile:
     def size(self) -> int:
         return self._layout.plaintext_size(os.fstat(self.fd).st_size)
 
-    def ensure_header(self) -> FileHeader:
+    def ensure_header(self, via: int | None = None) -> FileHeader:
+        """The file's header, written first if it has none.  ``via``: a
+        read-write descriptor of the same backing file, for a file whose own
+        descriptor is read-only (a first bound xattr gives it a header)."""
         if self.header is None:
-            header = self._codec.new_header()
-            pwrite_all(self.fd, self._codec.encode_header(header), 0)
-            self.header = header
+            self._write_header(self._codec.new_header(), via=via)
+        assert self.header is not None
         return self.header
 
     # -- the cipher --
@@ -290,7 +294,7 @@ class EncryptedFile:
             where = self._layout.unit_offset(first)
             reserve(self.fd, where, length)
             if with_header:
-                self._write_first(header, out)
+                self._write_header(header, out)
             else:
                 pwrite_all(self.fd, out, where)
             return
@@ -304,14 +308,21 @@ class EncryptedFile:
             pwrite_all(self.fd, self._tagger.tags(header.file_id, a, size, out[start:end]),
                        tag_offset(a))
 
-    def _write_first(self, header: FileHeader, units: memoryview) -> None:
-        """Write a new (empty) file's header and first units in one call,
-        saving a syscall per new file; a failed write leaves it empty."""
-        try:
-            pwritev_all(self.fd, [self._codec.encode_header(header), units], 0)
-        except OSError:
-            os.ftruncate(self.fd, 0)
-            raise
+    def _write_header(self, header: FileHeader, units: memoryview | None = None,
+                      via: int | None = None) -> None:
+        """Write a new (empty) file's header, and its first ``units`` with it
+        (one call, saving a syscall per new file); the one place a header
+        reaches the disk and ``self.header`` is set.  A failed write of the
+        header with units leaves the file empty."""
+        fd = self.fd if via is None else via
+        if units is None:
+            pwrite_all(fd, self._codec.encode_header(header), 0)
+        else:
+            try:
+                pwritev_all(fd, [self._codec.encode_header(header), units], 0)
+            except OSError:
+                os.ftruncate(fd, 0)
+                raise
         self.header = header
 
     def _reserve_tags(self, first: int, last: int) -> None:

@@ -632,7 +632,7 @@ class Operations(pyfuse3.Operations):
                     if opened.file.header is None:
                         # Through a descriptor of its own: the open one may be
                         # read-only (the backing file was read-only when opened).
-                        opened.file.header = ensure_header(self.codec, proc_path(opened.fd))
+                        ensure_header(self.codec, proc_path(opened.fd), file=opened.file)
             finally:
                 self.handles.drop(opened)
         header = opened.file.header

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cryptfs.content.codec import ContentCodec
+from cryptfs.content.codec import ContentCodec, EncryptedFile
 from cryptfs.content.format import HEADER_SIZE, FileHeader
 from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache
@@ -200,15 +200,19 @@ def read_xattr_owner(dir_fd: int, name: str, st: os.stat_result,
     return XattrOwner(OWNER_FILE, codec.decode_header(data).file_id if data else b"")
 
 
-def ensure_header(codec: ContentCodec, path: str, dir_fd: int | None = None) -> FileHeader:
+def ensure_header(codec: ContentCodec, path: str, dir_fd: int | None = None,
+                  file: EncryptedFile | None = None) -> FileHeader:
     """A regular file's header, written first if it has none, through a
     descriptor opened read-write for it (the file may be open read-only: a
     first xattr gives it a header).  ``path``: a name in ``dir_fd`` (not
-    followed if a symlink), or without ``dir_fd`` a ``/proc/self/fd`` path."""
+    followed if a symlink), or without ``dir_fd`` a ``/proc/self/fd`` path.
+    ``file``: the open file at ``path``, which then holds the header (its
+    only copy); otherwise the header is read or made through a wrapper of
+    its own."""
     nofollow = os.O_NOFOLLOW if dir_fd is not None else 0
     fd = os.open(path, os.O_RDWR | nofollow | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        return codec.open(fd).ensure_header()
+        return (file if file is not None else codec.open(fd)).ensure_header(via=fd)
     finally:
         os.close(fd)
 
