@@ -29,6 +29,7 @@ import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pyfuse3
 
@@ -37,6 +38,18 @@ from cryptfs.errors import StaleInodeError
 ROOT_INODE = pyfuse3.ROOT_INODE
 
 Link = tuple[int, bytes]  # (parent inode, backing name)
+
+
+class ClosedFileId(NamedTuple):
+    """A regular file's ID as read from its backing header while no handle
+    had it open, and the backing ctime it was read at: a copy, trusted only
+    while that ctime is unchanged.  Not the same fact as an open file's
+    ``EncryptedFile.header``, which is the file's header itself (made and
+    held under the file's lock) and the only one consulted while the file is
+    open; both agree because cryptfs never changes an ID once written."""
+
+    ctime_ns: int
+    file_id: bytes
 
 # Node IDs, as gocryptfs's inomap lays them out: bit 63 clear, a 15-bit
 # namespace, a 48-bit backing inode number; or bit 63 set, a spill number.
@@ -72,9 +85,9 @@ class Inode:
     # (a number is reused once the kernel forgot its inode): the kernel
     # checks it when it resolves a file handle (open_by_handle_at, NFS).
     generation: int = 0
-    # A regular file's ID and the backing ctime it was read at: the owner of
-    # its bound xattrs, kept by ``BackingTree.xattr_owner`` for the inode's life.
-    file_id: tuple[int, bytes] | None = None
+    # The owner of a closed regular file's bound xattrs, kept by
+    # ``BackingTree.xattr_owner`` (an open file's is its EncryptedFile.header).
+    closed_file_id: ClosedFileId | None = None
 
 
 def _ignore(ino: int) -> None:
@@ -232,7 +245,7 @@ class InodeTable:
         if self._by_dev_ino.get(inode.dev_ino) is inode:
             del self._by_dev_ino[inode.dev_ino]
         inode.dev_ino = (st.st_dev, st.st_ino)
-        inode.file_id = None  # (a symlink has none; nothing read from the old entry stays)
+        inode.closed_file_id = None  # (a symlink has none; nothing read from the old entry stays)
         self._by_dev_ino[inode.dev_ino] = inode
 
     def exchange(self, a: Link, b: Link) -> None:

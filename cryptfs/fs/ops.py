@@ -609,7 +609,9 @@ class Operations(pyfuse3.Operations):
     async def _xattr_owner(self, inode: int, create: bool = False,
                            refused: int = errno.ENODATA) -> XattrOwner | None:
         """What the inode's xattrs are sealed to (None: not bound, version 1).
-        An open file's header is in memory; a new header is made under its lock.
+        An open file's header is in memory, the only owner consulted while it
+        is open; a new header is made under its lock.  A closed file's comes
+        from ``BackingTree.xattr_owner`` (read from disk, cached per inode).
         An entry that can have no user.* attributes (a symlink, a device)
         raises ``refused``: Linux finds none there (ENODATA) and refuses to
         set or remove one (EPERM), as a version-1 directory's backing

@@ -50,7 +50,7 @@ from cryptfs.content.codec import ContentCodec, EncryptedFile
 from cryptfs.content.format import HEADER_SIZE, FileHeader
 from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache
-from cryptfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from cryptfs.fs.inodes import ROOT_INODE, ClosedFileId, Inode, InodeTable
 from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2, syncfs
 from cryptfs.lowlevel.log import Once
 from cryptfs.names.filenames import (
@@ -469,7 +469,9 @@ class BackingTree:
         header), so the inode keeps it rather than reading the header each
         time: trusted while the backing entry is the same inode with the same
         ctime (anything rewritten behind our back changes it).  ``create``
-        (an xattr is about to be sealed) always reads the header."""
+        (an xattr is about to be sealed) always reads the header.  Only for a
+        file no handle has open: an open file's owner is its
+        ``EncryptedFile.header`` (``Operations._xattr_owner``)."""
         dir_fd, name = self._locate(ino)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         inode = self._inodes.get(ino)
@@ -479,13 +481,14 @@ class BackingTree:
             return XattrOwner(OWNER_DIRECTORY, self.diriv(ino))
         if not stat.S_ISREG(st.st_mode):
             return None
-        if not create and inode.file_id is not None and inode.file_id[0] == st.st_ctime_ns:
-            return XattrOwner(OWNER_FILE, inode.file_id[1])
+        cached = inode.closed_file_id
+        if not create and cached is not None and cached.ctime_ns == st.st_ctime_ns:
+            return XattrOwner(OWNER_FILE, cached.file_id)
         owner = read_xattr_owner(dir_fd, name, st, self._codec)
         if create and not owner.identity:
             owner = XattrOwner(OWNER_FILE, ensure_header(self._codec, name, dir_fd).file_id)
         if owner.identity:  # a headerless file has no ID yet: its first write makes one
-            inode.file_id = (st.st_ctime_ns, owner.identity)
+            inode.closed_file_id = ClosedFileId(st.st_ctime_ns, owner.identity)
         return owner
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
