@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.cli.common import environment_overrides
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.daemon.mount import assemble
@@ -48,7 +49,8 @@ def native_engine(helpers: int | None = 0) -> OpenSSLEngine:
     """The userspace engine on its native helper (serial unless ``helpers``),
     or skip where CRYPTFS_NO_NATIVE=1 turns the helper off on purpose."""
     try:
-        return OpenSSLEngine("native", helpers=helpers)
+        return OpenSSLEngine("native", helpers=helpers,
+                             native_helper=environment_overrides().engine.native)
     except EngineUnavailableError as exc:
         if os.environ.get("CRYPTFS_NO_NATIVE") == "1":
             pytest.skip(str(exc))
@@ -63,7 +65,8 @@ def engine(request) -> Iterator[XtsEngine]:
     if request.param == "afalg":
         chosen: XtsEngine = afalg_engine()
     else:
-        chosen = OpenSSLEngine("direct" if request.param == "openssl-cryptography" else None)
+        chosen = OpenSSLEngine("direct" if request.param == "openssl-cryptography" else None,
+                               native_helper=environment_overrides().engine.native)
     yield chosen
     chosen.close()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.cli.common import environment_overrides
 from cryptfs.engines import native, select_engine
 from cryptfs.engines.base import PAGE_SIZE, aligned_buffer, units
 from cryptfs.engines.userspace import OpenSSLEngine
@@ -36,7 +37,7 @@ def test_this_run_uses_the_native_helper():
     from cryptfs.engines import _xts  # fails if scripts/setup did not build it
 
     assert _xts.OPENSSL_VERSION.startswith("OpenSSL")
-    engine = OpenSSLEngine()
+    engine = OpenSSLEngine(native_helper=environment_overrides().engine.native)
     if os.environ.get(native.NO_NATIVE_ENV) == "1":
         assert engine.path == "direct"
     else:
@@ -46,13 +47,16 @@ def test_this_run_uses_the_native_helper():
 
 
 def test_no_native_env_forces_the_fallback(monkeypatch):
+    """Read once by the command line (``environment_overrides``), passed down."""
     monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
-    engine = OpenSSLEngine()
+    options = environment_overrides().engine
+    engine = OpenSSLEngine(native_helper=options.native)
     assert engine.path == "direct"
     assert engine.describe().startswith("openssl (cryptography)")
     assert "CRYPTFS_NO_NATIVE=1" in engine.describe()
     with pytest.raises(EngineUnavailableError, match="native helper"):
-        OpenSSLEngine("native")
+        OpenSSLEngine("native", native_helper=options.native)
+    assert select_engine("openssl", options).engine.path == "direct"
 
 
 def unaligned(data: bytes) -> memoryview:

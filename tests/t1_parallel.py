@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from cryptfs.cli.common import environment_overrides
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, XtsEngine, units
 from cryptfs.engines.parallel import (
@@ -170,11 +171,16 @@ def test_default_helpers_leave_two_cpus(monkeypatch):
 
 
 def test_run_threads_from_the_environment(monkeypatch):
+    """Read once by the command line (``environment_overrides``), passed down."""
+    def runs() -> ParallelRuns:
+        return ParallelRuns(environment_overrides().engine.helpers)
+
     monkeypatch.setenv(THREADS_ENV, "1")
-    assert ParallelRuns().helpers == 0 and ParallelRuns().parts(256 * PAGE_SIZE) == 1
+    assert runs().helpers == 0 and runs().parts(256 * PAGE_SIZE) == 1
     monkeypatch.setenv(THREADS_ENV, "3")
-    assert ParallelRuns().helpers == 2
+    assert runs().helpers == 2
+    assert OpenSSLEngine(helpers=environment_overrides().engine.helpers)._parallel.helpers == 2
     for bad in ("0", "5", "two", ""):
         monkeypatch.setenv(THREADS_ENV, bad)
         with pytest.raises(EngineUnavailableError, match=THREADS_ENV):
-            ParallelRuns()
+            environment_overrides()

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from cryptfs.cli.common import cipherdir_arg, log, unlock
+from cryptfs.cli.common import cipherdir_arg, environment_overrides, log, unlock
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.daemon.lock import MountLock, lock_for_check
@@ -21,11 +21,12 @@ from cryptfs.tools.fsck import Checker, as_json, print_report
 
 
 def cmd_speed(args: argparse.Namespace) -> None:
-    results = speed.run(args.seconds, args.dir)
+    options = environment_overrides().engine
+    results = speed.run(args.seconds, args.dir, options)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
     else:
-        print(speed.report(results))
+        print(speed.report(results, options))
 
 
 def _lock_for_fsck(cipherdir: Path, force: bool) -> MountLock:
@@ -50,7 +51,8 @@ def cmd_fsck(args: argparse.Namespace) -> None:
 
 def _fsck(cipherdir: Path, args: argparse.Namespace) -> None:
     keyfile, keys = unlock(cipherdir, args)
-    sessions = SessionCache(select_engine(args.engine).engine, keys)
+    sessions = SessionCache(select_engine(args.engine, environment_overrides().engine).engine,
+                            keys)
     try:
         codec = ContentCodec(keys, sessions, keyfile.authenticated)
         checker = Checker(str(cipherdir), codec, NameCipher(keys),

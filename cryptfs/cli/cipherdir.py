@@ -7,7 +7,13 @@ import argparse
 import os
 from pathlib import Path
 
-from cryptfs.cli.common import check_writable, cipherdir_arg, kdf_params, unlock
+from cryptfs.cli.common import (
+    check_writable,
+    cipherdir_arg,
+    environment_overrides,
+    kdf_params,
+    unlock,
+)
 from cryptfs.engines import select_engine
 from cryptfs.errors import CipherDirError, UsageError
 from cryptfs.keys.hierarchy import protect_process
@@ -131,5 +137,6 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("names:            AES-256-SIV, base64url, long names over 255 bytes hashed")
     for line in _slot_lines(keyfile):
         print(f"key {line}")
-    choice = select_engine("auto")  # auto always has the userspace engine to fall back on
+    # auto always has the userspace engine to fall back on
+    choice = select_engine("auto", environment_overrides().engine)
     print(f"engine here:      {choice.engine.describe()}; {choice.reason}")

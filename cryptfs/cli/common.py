@@ -6,8 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from cryptfs.daemon.fuseloop import OFF_ENV
+from cryptfs.engines.base import EngineOptions
+from cryptfs.engines.native import NO_NATIVE_ENV
+from cryptfs.engines.parallel import THREADS_ENV, run_threads
 from cryptfs.errors import CipherDirError
 from cryptfs.keys.hierarchy import KeyRing, protect_process
 from cryptfs.keys.keyfile import (
@@ -18,6 +24,27 @@ from cryptfs.keys.password import get_password
 from cryptfs.keys.recovery import decode_recovery_code
 
 log = logging.getLogger("cryptfs")
+
+
+@dataclass(frozen=True)
+class EnvironmentOverrides:
+    """What the environment overrides, for comparisons and tests
+    (``scripts/bench``, the test suite); passed down as parameters."""
+
+    engine: EngineOptions
+    own_request_loop: bool  # False: pyfuse3's request loop (fuseloop.py)
+
+
+def environment_overrides(environ: Mapping[str, str] = os.environ) -> EnvironmentOverrides:
+    """The one place cryptfs reads its environment variables:
+    ``CRYPTFS_NO_NATIVE=1`` (the userspace engine without its native
+    helper), ``CRYPTFS_RUN_THREADS=N`` (threads a large run is split over,
+    1-4) and ``CRYPTFS_PYFUSE3_LOOP=1`` (pyfuse3's own request loop)."""
+    threads = environ.get(THREADS_ENV)
+    return EnvironmentOverrides(
+        EngineOptions(native=environ.get(NO_NATIVE_ENV) != "1",
+                      run_threads=None if threads is None else run_threads(threads)),
+        own_request_loop=environ.get(OFF_ENV) != "1")
 
 
 def kdf_params(args: argparse.Namespace) -> KdfParams:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from cryptfs.cli.common import check_writable, cipherdir_arg, log, unlock
+from cryptfs.cli.common import check_writable, cipherdir_arg, environment_overrides, log, unlock
 from cryptfs.cli.mountopts import parse_mount_options
 from cryptfs.daemon.daemonize import detach
 from cryptfs.daemon.lock import lock_cipherdir, wait_released
@@ -67,11 +67,13 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
                            inline_max=args.inline_max, dir_fds=args.dir_fds,
                            xattrs=not args.no_xattr, readahead_kb=args.readahead)
-    stack = build_stack(cipherdir, keys, args.engine, options, keyfile.features)
+    overrides = environment_overrides()
+    stack = build_stack(cipherdir, keys, args.engine, options, keyfile.features,
+                        overrides.engine)
     fsname = args.fsname or os.path.abspath(cipherdir)
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
     where = canonical(mountpoint)  # before mounting: resolving a mount waits for it
-    with mounted(stack, mountpoint, opts):
+    with mounted(stack, mountpoint, opts, overrides.own_request_loop):
         log.info("mounted %s on %s", cipherdir, mountpoint)
         if not args.foreground:
             detach()

@@ -52,7 +52,9 @@ import trio
 
 log = logging.getLogger(__name__)
 
-OFF_ENV = "CRYPTFS_PYFUSE3_LOOP"  # =1: keep pyfuse3's own wait (for comparisons)
+# =1: keep pyfuse3's own wait (for comparisons); read in cli/common.py, which
+# passes ``own_request_loop=False`` to ``mount.mounted``.
+OFF_ENV = "CRYPTFS_PYFUSE3_LOOP"
 VERIFIED = ("3.5.",)  # pyfuse3 releases whose _session_loop this matches
 STREAK = 32  # requests read without yielding to other tasks
 # Tasks serving requests: enough for every worker thread to be busy and a
@@ -98,12 +100,8 @@ def fuse_fd() -> int | None:
 def install(fd: int | None = None) -> bool:
     """Replace pyfuse3's wait (after ``pyfuse3.init``; ``fd``: /dev/fuse's
     descriptor if not the one found); False, leaving pyfuse3's own in place,
-    on a pyfuse3 release not verified, if no /dev/fuse is open, or if
-    ``CRYPTFS_PYFUSE3_LOOP=1``."""
+    on a pyfuse3 release not verified or if no /dev/fuse is open."""
     global _state
-    if os.environ.get(OFF_ENV) == "1":
-        log.debug("%s=1: pyfuse3's own request loop is kept", OFF_ENV)
-        return False
     if fd is None:
         fd = fuse_fd()
     if fd is None or _pyfuse3_wait is None or not pyfuse3.__version__.startswith(VERIFIED):

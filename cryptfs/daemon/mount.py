@@ -23,8 +23,8 @@ from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.daemon import fuseloop
 from cryptfs.daemon.mountpoint import FSTYPE, set_readahead
-from cryptfs.engines import select_engine
-from cryptfs.engines.base import XtsEngine
+from cryptfs.engines import DEFAULTS, select_engine
+from cryptfs.engines.base import EngineOptions, XtsEngine
 from cryptfs.errors import CipherDirError, MountError, NameDecodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.handles import HandleTable
@@ -60,9 +60,11 @@ class Stack:
 
 
 def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
-                options: MountOptions, features: Collection[str]) -> Stack:
+                options: MountOptions, features: Collection[str],
+                engine_options: EngineOptions = DEFAULTS) -> Stack:
     """``features``: the key file's feature flags (they select encodings)."""
-    return assemble(cipherdir, keys, select_engine(engine_name).engine, options, features)
+    engine = select_engine(engine_name, engine_options).engine
+    return assemble(cipherdir, keys, engine, options, features)
 
 
 def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
@@ -126,13 +128,19 @@ def fuse_options(options: MountOptions, fsname: str) -> set[str]:
 
 
 @contextlib.contextmanager
-def mounted(stack: Stack, mountpoint: Path, opts: set[str]) -> Iterator[None]:
+def mounted(stack: Stack, mountpoint: Path, opts: set[str],
+            own_request_loop: bool = True) -> Iterator[None]:
+    """``own_request_loop``: False keeps pyfuse3's request loop
+    (``CRYPTFS_PYFUSE3_LOOP=1``, for comparisons)."""
     try:
         pyfuse3.init(stack.operations, os.fspath(mountpoint), opts)
     except RuntimeError as exc:
         stack.close()
         raise MountError(f"cannot mount on {mountpoint}: {exc}") from exc
-    fuseloop.install()
+    if own_request_loop:
+        fuseloop.install()
+    else:
+        log.debug("%s=1: pyfuse3's own request loop is kept", fuseloop.OFF_ENV)
     try:
         yield
     finally:

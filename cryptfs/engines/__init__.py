@@ -15,13 +15,14 @@ import secrets
 from dataclasses import dataclass
 
 from cryptfs.engines.afalg import AfalgEngine
-from cryptfs.engines.base import PAGE_SIZE, XtsEngine, aligned_buffer
+from cryptfs.engines.base import PAGE_SIZE, EngineOptions, XtsEngine, aligned_buffer
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineError, EngineUnavailableError
 
 log = logging.getLogger(__name__)
 
 ENGINE_NAMES = ("auto", "afalg", "openssl")
+DEFAULTS = EngineOptions()
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ def cross_check(candidate: XtsEngine, reference: XtsEngine) -> None:
         plain.close()
 
 
-def userspace_engine() -> OpenSSLEngine:
+def userspace_engine(options: EngineOptions = DEFAULTS) -> OpenSSLEngine:
     """The userspace engine: its native helper if built and it gives the
     ``cryptography`` path's bytes (checked like the kernel engine), else
     the ``cryptography`` path."""
-    engine = OpenSSLEngine()
+    engine = OpenSSLEngine(helpers=options.helpers, native_helper=options.native)
     if engine.path == "native":
         try:
             cross_check(engine, OpenSSLEngine("direct"))
@@ -70,25 +71,26 @@ def userspace_engine() -> OpenSSLEngine:
             engine.close()
             log.warning("the native AES-XTS helper failed its self-test (%s); "
                         "using cryptography instead", exc)
-            return OpenSSLEngine("direct")
+            return OpenSSLEngine("direct", helpers=options.helpers)
     return engine
 
 
-def select_engine(name: str = "auto") -> EngineChoice:
-    """Return the engine ``name`` asks for; see the module docstring."""
+def select_engine(name: str = "auto", options: EngineOptions = DEFAULTS) -> EngineChoice:
+    """Return the engine ``name`` asks for, built with ``options``; see the
+    module docstring."""
     if name == "openssl":
-        return _chosen(userspace_engine(), "requested")
+        return _chosen(userspace_engine(options), "requested")
     if name not in ("auto", "afalg"):
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
     try:
-        kernel = AfalgEngine.probe()
+        kernel = AfalgEngine.probe(options.helpers)
         cross_check(kernel, OpenSSLEngine("direct"))
     except (EngineUnavailableError, EngineError, OSError) as exc:
         if name == "afalg":
             if isinstance(exc, EngineUnavailableError):
                 raise
             raise EngineUnavailableError(f"AF_ALG engine failed its self-test: {exc}") from exc
-        return _chosen(userspace_engine(), f"AF_ALG not usable: {exc}")
+        return _chosen(userspace_engine(options), f"AF_ALG not usable: {exc}")
     return _chosen(kernel, "requested" if name == "afalg" else "AF_ALG passed its self-test")
 
 

@@ -301,7 +301,7 @@ class AfalgEngine:
         self.parallel = ParallelRuns(helpers)  # large runs: one part per thread and channel
 
     @classmethod
-    def probe(cls) -> AfalgEngine:
+    def probe(cls, helpers: int | None = None) -> AfalgEngine:
         """Check that AF_ALG ``xts(aes)`` works here and whether vmsplice is
         allowed; raise ``EngineUnavailableError`` with the reason if not."""
         try:
@@ -318,7 +318,7 @@ class AfalgEngine:
                     f"the kernel cannot provide skcipher {ALGORITHM} ({_reason(exc)}; "
                     "is the algif_skcipher module loadable?)"
                 ) from exc
-        return cls(zero_copy=_vmsplice_allowed())
+        return cls(zero_copy=_vmsplice_allowed(), helpers=helpers)
 
     def open_session(self, key: bytes) -> AfalgSession:
         return AfalgSession(self, key)

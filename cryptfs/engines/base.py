@@ -18,6 +18,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from cryptfs.errors import BackingSizeError
@@ -87,6 +88,21 @@ def fill_zeros(dst: memoryview) -> None:
     """Zero ``dst`` in place (without allocating for the common sizes)."""
     size = len(dst)
     dst[:] = memoryview(_ZEROS)[:size] if size <= len(_ZEROS) else bytes(size)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How engines are built.  Engines never read the environment: the
+    command line reads its overrides once (``cli/common.py``
+    ``environment_overrides``) and passes this down."""
+
+    native: bool = True  # False: the userspace engine keeps to ``cryptography``
+    run_threads: int | None = None  # threads a large run may use; None: by CPUs
+
+    @property
+    def helpers(self) -> int | None:
+        """Threads besides the caller's (``ParallelRuns``), None for the default."""
+        return None if self.run_threads is None else self.run_threads - 1
 
 
 class Scratch:

@@ -5,12 +5,12 @@ The helper keys the cipher once per file key, ciphers a whole run in C
 (re-setting only the tweak per unit) and releases the GIL while it does, so
 large runs are also split over threads (``parallel.py``).  It gives the
 same bytes as the ``cryptography`` path, which stays the fallback when the
-helper is not built or ``CRYPTFS_NO_NATIVE=1`` is set.
+helper is not built or the caller turns it off (``CRYPTFS_NO_NATIVE=1``,
+read by the command line).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from types import ModuleType
 
@@ -18,12 +18,13 @@ from cryptfs.engines.base import PAGE_SIZE, XTS_KEY_LEN, Buffer, read_plaintext,
 from cryptfs.engines.parallel import ParallelRuns
 from cryptfs.errors import BackingSizeError
 
-NO_NATIVE_ENV = "CRYPTFS_NO_NATIVE"
+NO_NATIVE_ENV = "CRYPTFS_NO_NATIVE"  # =1 turns the helper off (read in cli/common.py)
 
 
-def load() -> tuple[ModuleType | None, str]:
-    """The helper module, or None and why it is not used."""
-    if os.environ.get(NO_NATIVE_ENV) == "1":
+def load(enabled: bool = True) -> tuple[ModuleType | None, str]:
+    """The helper module, or None and why it is not used (``enabled``:
+    False when ``CRYPTFS_NO_NATIVE=1`` turned it off)."""
+    if not enabled:
         return None, f"{NO_NATIVE_ENV}=1 is set"
     try:
         from cryptfs.engines import _xts

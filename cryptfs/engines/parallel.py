@@ -14,9 +14,10 @@ any.
 
 The helpers are started on first use in the process that uses them (the
 mount daemon forks after building its engine; see ``fs/workers.py``) and
-stopped by ``close()``.  ``CRYPTFS_RUN_THREADS`` sets how many threads a run
-may use (1 turns splitting off): where waking another CPU costs more than
-it saves (busy or virtual machines), ``scripts/bench`` decides.
+stopped by ``close()``.  ``CRYPTFS_RUN_THREADS`` (read by the command line
+into ``EngineOptions.run_threads``) sets how many threads a run may use (1
+turns splitting off): where waking another CPU costs more than it saves
+(busy or virtual machines), ``scripts/bench`` decides.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cryptfs.lowlevel.threads import LazyThreads
 SPLIT_MIN_UNITS = 64
 PART_MIN_UNITS = 16
 MAX_THREADS = 4  # the caller plus up to three helpers
-THREADS_ENV = "CRYPTFS_RUN_THREADS"
+THREADS_ENV = "CRYPTFS_RUN_THREADS"  # read in cli/common.py
 
 # work(start, end) ciphers bytes [start, end) of the run; start is a multiple
 # of PAGE_SIZE, so unit start // PAGE_SIZE of the run is the part's first unit.
@@ -41,17 +42,19 @@ Work = Callable[[int, int], None]
 
 
 def default_helpers() -> int:
-    """``CRYPTFS_RUN_THREADS`` - 1, else one helper per CPU beyond two, at
-    most three: one CPU runs the event loop receiving requests and one the
-    program making them (on 2 CPUs a split measured no faster for 1 MiB
-    writes and slower for 128 KiB reads: the other CPU is never idle)."""
-    wanted = os.environ.get(THREADS_ENV)
-    if wanted is None:
-        return max(0, min(len(os.sched_getaffinity(0)) - 1, MAX_THREADS) - 1)
+    """One helper per CPU beyond two, at most three: one CPU runs the event
+    loop receiving requests and one the program making them (on 2 CPUs a
+    split measured no faster for 1 MiB writes and slower for 128 KiB reads:
+    the other CPU is never idle)."""
+    return max(0, min(len(os.sched_getaffinity(0)) - 1, MAX_THREADS) - 1)
+
+
+def run_threads(wanted: str) -> int:
+    """The value of ``CRYPTFS_RUN_THREADS`` as a thread count (checked)."""
     if not wanted.isdigit() or not 1 <= int(wanted) <= MAX_THREADS:
         raise EngineUnavailableError(
             f"{THREADS_ENV} must be a whole number from 1 to {MAX_THREADS}, not {wanted!r}")
-    return int(wanted) - 1
+    return int(wanted)
 
 
 def split(length: int, parts: int) -> list[tuple[int, int]]:

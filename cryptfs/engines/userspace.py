@@ -130,11 +130,13 @@ class OpenSSLEngine:
     # engine's own threads instead.
     inline_max = 1024 * 1024
 
-    def __init__(self, path: str | None = None, helpers: int | None = None) -> None:
+    def __init__(self, path: str | None = None, helpers: int | None = None,
+                 native_helper: bool = True) -> None:
         """``path``: one of ``PATHS``; by default ``native`` when the helper is
         available, else ``direct``.  ``helpers``: threads that large runs are
-        split over on the native path (default: one per further CPU)."""
-        self._helper, self._why_not_native = native.load()
+        split over on the native path (default: one per further CPU).
+        ``native_helper``: False makes the helper unavailable."""
+        self._helper, self._why_not_native = native.load(native_helper)
         if path is None:
             path = "native" if self._helper else "direct"
         if path not in PATHS:

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptfs.engines import cross_check
+from cryptfs.engines import DEFAULTS, cross_check
 from cryptfs.engines.afalg import AfalgEngine
-from cryptfs.engines.base import PAGE_SIZE, XtsEngine, aligned_buffer
+from cryptfs.engines.base import PAGE_SIZE, EngineOptions, XtsEngine, aligned_buffer
 from cryptfs.engines.parallel import default_helpers
 from cryptfs.engines.userspace import LABELS, OpenSSLEngine
 from cryptfs.errors import EngineError, EngineUnavailableError
@@ -48,24 +48,33 @@ def cell(operation: str, size: int) -> str:
     return f"{operation} {size // 1024} KiB"
 
 
-def candidates() -> list[tuple[str, Callable[[], XtsEngine] | str]]:
+Factory = Callable[[], XtsEngine]
+
+
+def candidates(options: EngineOptions = DEFAULTS) -> list[tuple[str, Factory | str]]:
     """(label, engine factory) per engine, or (label, why unavailable)."""
-    found: list[tuple[str, Callable[[], XtsEngine] | str]] = []
+    found: list[tuple[str, Factory | str]] = []
+    helpers = options.helpers
+
+    def native() -> OpenSSLEngine:
+        return OpenSSLEngine("native", helpers=helpers, native_helper=options.native)
+
     try:
-        found.append((OpenSSLEngine("native").label, lambda: OpenSSLEngine("native")))
+        found.append((native().label, native))
     except EngineUnavailableError as exc:
         found.append((LABELS["native"], str(exc)))
-    found.append((OpenSSLEngine("direct").label, lambda: OpenSSLEngine("direct")))
+    found.append((OpenSSLEngine("direct").label, lambda: OpenSSLEngine("direct", helpers=helpers)))
     try:
-        kernel = AfalgEngine.probe()
+        kernel = AfalgEngine.probe(helpers)
         cross_check(kernel, OpenSSLEngine("direct"))
     except (EngineUnavailableError, EngineError, OSError) as exc:
         return [*found, ("afalg", str(exc))]
     if kernel.zero_copy:
-        found.append(("afalg (vmsplice/splice)", lambda: AfalgEngine(zero_copy=True)))
+        found.append(("afalg (vmsplice/splice)",
+                      lambda: AfalgEngine(zero_copy=True, helpers=helpers)))
     else:
         found.append(("afalg (vmsplice)", "vmsplice is not allowed here (seccomp?)"))
-    found.append(("afalg (sendmsg copies)", lambda: AfalgEngine(zero_copy=False)))
+    found.append(("afalg (sendmsg copies)", lambda: AfalgEngine(zero_copy=False, helpers=helpers)))
     return found
 
 
@@ -105,10 +114,11 @@ def measure(engine: XtsEngine, seconds: float, workdir: str) -> dict[str, float]
     return figures
 
 
-def run(seconds: float = 0.5, workdir: str | None = None) -> list[EngineSpeed]:
+def run(seconds: float = 0.5, workdir: str | None = None,
+        options: EngineOptions = DEFAULTS) -> list[EngineSpeed]:
     workdir = workdir or tempfile.gettempdir()
     results = []
-    for label, factory in candidates():
+    for label, factory in candidates(options):
         if isinstance(factory, str):
             results.append(EngineSpeed(label, unavailable=factory))
         else:
@@ -120,7 +130,7 @@ def run(seconds: float = 0.5, workdir: str | None = None) -> list[EngineSpeed]:
     return results
 
 
-def report(results: list[EngineSpeed]) -> str:
+def report(results: list[EngineSpeed], options: EngineOptions = DEFAULTS) -> str:
     columns = [cell(op, size) for size in REQUEST_SIZES for op in OPERATIONS]
     width = max(len(r.label) for r in results) + 2
     lines = ["engine".ljust(width) + "".join(c.rjust(16) for c in columns)]
@@ -130,6 +140,7 @@ def report(results: list[EngineSpeed]) -> str:
         else:
             lines.append(r.label.ljust(width) + "".join(
                 f"{r.mb_per_s[c]:11.0f} MB/s" for c in columns))
+    helpers = default_helpers() if options.helpers is None else options.helpers
     best = max(results, key=EngineSpeed.score)
     engine = "openssl" if best.label.startswith("openssl") else "afalg"
     lines += [
@@ -138,10 +149,10 @@ def report(results: list[EngineSpeed]) -> str:
         *(["(The afalg engine uses vmsplice for runs of 2+ pages where allowed; on a",
            "machine where copies win, that cut-off should move: please report it.)"]
           if best.label.startswith("afalg (sendmsg") else []),
-        f"--engine openssl uses {OpenSSLEngine().label} here.",
+        f"--engine openssl uses {OpenSSLEngine(native_helper=options.native).label} here.",
         "The kernel engine and the native helper run with Python's GIL released, so",
         f"under parallel load they also scale with cores ({os.cpu_count()} here); runs of",
-        "64+ pages are " + (f"split over {default_helpers() + 1} threads" if default_helpers()
+        "64+ pages are " + (f"split over {helpers + 1} threads" if helpers
                             else "not split here (needs 3+ CPUs)") + " (CRYPTFS_RUN_THREADS).",
         "--engine auto uses the kernel engine whenever it passes its self-test.",
     ]
