@@ -79,7 +79,7 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
             detach()
             keys.lock_memory()  # memory locks are not inherited across fork
         # For the log (syslog once detached), not the terminal: see select_engine.
-        log.info("engine: %s", stack.sessions.engine.describe())
+        log.info("engine: %s", stack.engine.describe())
         trio.run(serve, stack, args.idle, where)
     keys.wipe()
 

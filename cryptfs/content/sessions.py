@@ -45,7 +45,7 @@ class _Borrowed:
 class SessionCache:
     def __init__(self, engine: XtsEngine, keys: KeyRing,
                  capacity: int = DEFAULT_CAPACITY) -> None:
-        self.engine = engine
+        self._engine = engine  # its owner (daemon/mount.py Stack) closes it, not this
         self._keys = keys
         self._capacity = capacity
         self._lock = threading.Lock()
@@ -64,7 +64,7 @@ class SessionCache:
                 entry.users += 1
                 return entry
         # Key derivation and socket setup happen outside the lock.
-        fresh = _Entry(self.engine.open_session(self._keys.content_key(file_id)))
+        fresh = _Entry(self._engine.open_session(self._keys.content_key(file_id)))
         with self._lock:
             entry = self._entries.get(file_id)
             if entry is None:

@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyfuse3
@@ -46,6 +46,7 @@ class Stack:
     """The built filesystem and what must be closed after unmounting."""
 
     operations: Operations
+    engine: XtsEngine  # passed here, not reached through the codec's sessions
     sessions: SessionCache
     handles: HandleTable
     tree: BackingTree
@@ -56,7 +57,7 @@ class Stack:
         self.handles.close_all()
         self.tree.close()
         self.sessions.close()
-        self.sessions.engine.close()  # its threads for splitting large runs
+        self.engine.close()  # its threads for splitting large runs
 
 
 def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
@@ -97,8 +98,10 @@ def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
     if not options.read_only:
         _remove_stale_keyfiles(cipherdir)
     workers = WorkerPool(options.worker_threads)
+    if options.inline_max is None:  # what the engine needs, given to the FUSE edge
+        options = replace(options, inline_max=engine.inline_max)
     ops = Operations(inodes, tree, handles, codec, metadata, workers, options)
-    return Stack(ops, sessions, handles, tree, workers)
+    return Stack(ops, engine, sessions, handles, tree, workers)
 
 
 def _remove_stale_keyfiles(cipherdir: Path) -> None:

@@ -56,7 +56,8 @@ class MountOptions:
     worker_threads: int = 4
     # Reads and writes up to this size whose backing pages are in memory run
     # on the event loop's thread: a hop to a worker thread costs more than
-    # they do.  None: the engine's ``inline_max``.
+    # they do.  None: the engine's ``inline_max`` (``mount.assemble`` fills
+    # it in before building ``Operations``, which needs a number).
     inline_max: int | None = None
     dir_fds: int = DEFAULT_LIMIT  # backing directory descriptors kept open
     # False (--no-xattr): every xattr request is answered ENOSYS, after which
@@ -148,8 +149,10 @@ class Operations(pyfuse3.Operations):
         self.options = options
         self.enable_writeback_cache = options.writeback_cache
         self.workers = workers
-        self._inline_max = (codec.sessions.engine.inline_max if options.inline_max is None
-                            else options.inline_max)
+        if options.inline_max is None:
+            raise ValueError("MountOptions.inline_max: resolve it from the engine first "
+                             "(daemon/mount.py assemble)")
+        self._inline_max = options.inline_max
         self.dir_handles: DirHandleTable[Listed] = DirHandleTable()
         self._as_root = os.geteuid() == 0
         self._damaged = Once()  # inodes whose damage was logged
