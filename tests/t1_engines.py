@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 
 import pytest
 
 from cryptfs.engines import cross_check, select_engine
 from cryptfs.engines.afalg import AfalgEngine
-from cryptfs.engines.base import PAGE_SIZE, units
+from cryptfs.engines.base import PAGE_SIZE, Scratch, units
 from cryptfs.engines.userspace import FACTORIES, OpenSSLEngine
 from cryptfs.errors import BackingSizeError, EngineUnavailableError
 from tests.conftest import REQUIRE_AFALG, afalg_engine
@@ -238,3 +239,38 @@ def test_afalg_without_vmsplice_uses_sendmsg():
     afalg_engine()
     engine = AfalgEngine(zero_copy=False)
     cross_check(engine, OpenSSLEngine())
+
+
+def test_scratch_view_is_unusable_after_the_next_get():
+    """The aliasing rule (engines/base.py ``Scratch``): the next ``get`` on
+    the same thread hands out the same memory, so the view before it must
+    fail loudly rather than show the new contents."""
+    scratch = Scratch()
+    first = scratch.get(PAGE_SIZE)
+    first[:3] = b"old"
+    second = scratch.get(PAGE_SIZE)
+    second[:3] = b"new"
+    with pytest.raises(ValueError, match="released"):
+        bytes(first[:3])
+    assert bytes(second[:3]) == b"new"
+    bigger = scratch.get(128 * PAGE_SIZE)  # grown: a new buffer, same rule
+    with pytest.raises(ValueError, match="released"):
+        second[0]
+    assert len(bigger) == 128 * PAGE_SIZE
+
+
+def test_scratch_buffers_are_per_thread():
+    scratch = Scratch()
+    mine = scratch.get(PAGE_SIZE)
+    mine[:4] = b"main"
+    other: list[bytes] = []
+
+    def fill() -> None:
+        view = scratch.get(PAGE_SIZE)
+        view[:4] = b"them"
+        other.append(bytes(view[:4]))
+
+    thread = threading.Thread(target=fill)
+    thread.start()
+    thread.join()
+    assert other == [b"them"] and bytes(mine[:4]) == b"main"  # not released, not shared

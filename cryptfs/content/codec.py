@@ -156,7 +156,11 @@ def pwritev_all(fd: int, parts: list[bytes | bytearray | memoryview], offset: in
 
 # Per-thread buffers, reused by every file: plaintext being decrypted out of
 # or encrypted into a run, the run's ciphertext on its way to the disk, and
-# (authenticated mode) ciphertext read for checking and decrypting.
+# (authenticated mode) ciphertext read for checking and decrypting.  One per
+# role because a view is valid only until the thread's next ``get`` on the
+# same one (engines/base.py ``Scratch``): ``write`` reads (``_decrypted``,
+# ``_stored``) before ``_write_run`` fills ``_plaintext`` and ``_ciphertext``,
+# and every reply to FUSE is copied out to ``bytes``.
 _decrypted, _plaintext, _ciphertext, _stored = Scratch(), Scratch(), Scratch(), Scratch()
 
 

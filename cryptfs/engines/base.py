@@ -14,6 +14,7 @@ rule there: a unit whose stored bytes are all zero decrypts to zeros.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -107,17 +108,34 @@ class EngineOptions:
 
 class Scratch:
     """A page-aligned buffer per thread, grown on demand and reused: a fresh
-    buffer per request would cost a page fault per 4 KiB.  Valid until the
-    same thread asks this ``Scratch`` again."""
+    buffer per request would cost a page fault per 4 KiB.
+
+    The aliasing rule: a view from ``get`` is valid until the same thread
+    calls ``get`` on the same ``Scratch`` again (the next call hands out the
+    same memory).  So each role (plaintext, ciphertext, stored units, ...)
+    has a ``Scratch`` of its own, no function holds a view across a call
+    that may ``get`` the same one, views never reach another thread except
+    as slices the caller waits for (``ParallelRuns``), and what leaves the
+    call (FUSE's reply) is copied to ``bytes``.  Enforced where cheap: the
+    next ``get`` releases the view handed out before, so using that view
+    object afterwards raises ``ValueError`` instead of reading other data
+    (slices taken from it are not covered)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
 
     def get(self, size: int) -> memoryview:
-        buf = getattr(self._local, "buf", None)
+        local = self._local
+        last = getattr(local, "view", None)
+        if last is not None:
+            # BufferError: exported to C right now; cannot be checked, not an error.
+            with contextlib.suppress(BufferError):
+                last.release()
+        buf = getattr(local, "buf", None)
         if buf is None or len(buf) < size:
-            buf = self._local.buf = aligned_buffer(max(size, 64 * PAGE_SIZE))
-        return memoryview(buf)[:size]
+            buf = local.buf = aligned_buffer(max(size, 64 * PAGE_SIZE))
+        view = local.view = memoryview(buf)[:size]
+        return view
 
 
 def pread_into(fd: int, dst: memoryview, offset: int) -> None:
