@@ -10,7 +10,7 @@ so they must not interleave with each other or with reads), reads share
 it.  Other files proceed in parallel.
 
 An ``OpenFile`` is counted: each handle holds a reference, and so does each
-request that uses it across an await (``hold``/``drop``), such as a
+request that uses it across an await (``held``), such as a
 truncate by path or a first xattr of an open file.  Its descriptor closes
 only when the count reaches zero: a RELEASE while such a request waits
 would otherwise close a descriptor the request is about to use, whose
@@ -23,10 +23,11 @@ Directories: a handle remembers its inode and the listing snapshot that
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -101,14 +102,19 @@ class HandleTable:
         opened.refs += 1
         return self._new_fh(opened)
 
-    def hold(self, opened: OpenFile) -> None:
-        """Keep ``opened`` (its descriptor, its lock) for a request that uses
-        it across an await, even if its last handle is released meanwhile;
-        ``drop`` when done."""
+    @contextlib.contextmanager
+    def held(self, opened: OpenFile) -> Iterator[OpenFile]:
+        """Keep ``opened`` (its descriptor, its lock) for the block, a
+        request that uses it across an await, even if its last handle is
+        released meanwhile."""
         opened.refs += 1
+        try:
+            yield opened
+        finally:
+            self._drop(opened)
 
-    def drop(self, opened: OpenFile) -> None:
-        """End a ``hold`` (or a handle): the last one closes the descriptor."""
+    def _drop(self, opened: OpenFile) -> None:
+        """End a handle or a hold: the last one closes the descriptor."""
         opened.refs -= 1
         if opened.refs == 0:
             self._close(opened)
@@ -135,7 +141,7 @@ class HandleTable:
     def release(self, fh: int) -> None:
         opened = self.get(fh)
         del self._by_fh[fh]
-        self.drop(opened)
+        self._drop(opened)
 
     def _close(self, opened: OpenFile) -> None:
         del self._by_ino[opened.ino]

@@ -431,14 +431,11 @@ class Operations(pyfuse3.Operations):
                 # Runs to completion without yielding: holds the lock in
                 # effect, and skipping it saves a scheduler pass.
                 return fn(*args)
-            self.handles.hold(opened)
-            try:
+            with self.handles.held(opened):
                 async with opened.lock.exclusive() if exclusive else opened.lock.shared():
                     if inline:
                         return fn(*args)
                     return await self._in_thread(fn, *args)
-            finally:
-                self.handles.drop(opened)
         except ContentError as exc:
             raise self._content_error(opened.ino, exc) from exc
 
@@ -473,11 +470,8 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def fsync(self, fh, datasync):
         opened = self.handles.get(fh)
-        self.handles.hold(opened)
-        try:
+        with self.handles.held(opened):
             await self._in_thread(os.fdatasync if datasync else os.fsync, opened.fd)
-        finally:
-            self.handles.drop(opened)
         await self._sync_name(self.tree.name_sync(opened.ino))
 
     async def _sync_name(self, sync: NameSync | None) -> None:
@@ -631,15 +625,12 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(refused)
             return owner
         if create and opened.file.header is None:
-            self.handles.hold(opened)  # its descriptor stays open while we wait
-            try:
+            with self.handles.held(opened):  # its descriptor stays open while we wait
                 async with opened.lock.exclusive():
                     if opened.file.header is None:
                         # Through a descriptor of its own: the open one may be
                         # read-only (the backing file was read-only when opened).
                         ensure_header(self.codec, proc_path(opened.fd), file=opened.file)
-            finally:
-                self.handles.drop(opened)
         header = opened.file.header
         return XattrOwner(OWNER_FILE, header.file_id if header is not None else b"")
 
