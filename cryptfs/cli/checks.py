@@ -13,10 +13,10 @@ from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.daemon.lock import MountLock, lock_for_check
 from cryptfs.engines import select_engine
-from cryptfs.errors import AlreadyMountedError, ProblemsFound
+from cryptfs.errors import AlreadyMountedError, ProblemsFound, UsageError
 from cryptfs.names.filenames import NameCipher
 from cryptfs.names.metadata import MetadataCipher
-from cryptfs.tools import speed
+from cryptfs.tools import repair, speed
 from cryptfs.tools.fsck import Checker, as_json, print_report
 
 
@@ -45,6 +45,8 @@ def _lock_for_fsck(cipherdir: Path, force: bool) -> MountLock:
 
 def cmd_fsck(args: argparse.Namespace) -> None:
     cipherdir = cipherdir_arg(args.cipherdir)
+    if args.repair and args.force:
+        raise UsageError("fsck --repair never runs while the directory is mounted (no --force)")
     with _lock_for_fsck(cipherdir, args.force):
         _fsck(cipherdir, args)
 
@@ -55,17 +57,23 @@ def _fsck(cipherdir: Path, args: argparse.Namespace) -> None:
                             keys)
     try:
         codec = ContentCodec(keys, sessions, keyfile.authenticated)
-        checker = Checker(str(cipherdir), codec, NameCipher(keys),
-                          MetadataCipher.for_features(keys, keyfile.features),
+        names = NameCipher(keys)
+        metadata = MetadataCipher.for_features(keys, keyfile.features)
+        repaired = repair.Repair(str(cipherdir), names, metadata).run() if args.repair else []
+        checker = Checker(str(cipherdir), codec, names, metadata,
                           progress=not args.json and sys.stderr.isatty())
         problems = checker.run()
     finally:
         sessions.close()
         keys.wipe()
     if args.json:
-        print(json.dumps({"problems": as_json(problems), "files": checker.progress.files,
-                          "bytes": checker.progress.bytes}, indent=2))
+        report = {"problems": as_json(problems), "files": checker.progress.files,
+                  "bytes": checker.progress.bytes}
+        if args.repair:
+            report["repaired"] = repair.as_json(repaired)
+        print(json.dumps(report, indent=2))
     else:
+        repair.print_repairs(repaired)
         print_report(problems)
         print(f"cryptfs: checked {checker.progress.files} files, "
               f"{checker.progress.bytes} bytes: {len(problems) or 'no'} problems")

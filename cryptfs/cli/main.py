@@ -152,6 +152,10 @@ def parser() -> argparse.ArgumentParser:
     fsck.add_argument("--force", action="store_true",
                       help="check even while it is mounted (changes in progress may show "
                            "as damage)")
+    fsck.add_argument("--repair", action="store_true",
+                      help="first undo what a sync tool did that needs no choice: names "
+                           "stranded under a copy of a directory IV, redundant copies "
+                           "(conflict copies of files are left to you; docs/conflicts.md)")
     _verbose_arg(fsck)
     fsck.set_defaults(func=cmd_fsck)
 

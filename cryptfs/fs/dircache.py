@@ -1,5 +1,7 @@
 """Per-directory state of the backing tree, by inode: open directory
-descriptors (a bounded LRU) and directory IVs.
+descriptors (a bounded LRU), directory IVs, and the entries shown under a
+name their backing name does not decrypt to (sync-tool conflict copies,
+``ShownNames``).
 
 Descriptors are ``O_PATH`` and follow their inode, so renaming a directory
 (even behind the mount's back) keeps them valid; an evicted one is reopened
@@ -16,8 +18,27 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from cryptfs.names.resolve import Shown
 
 DEFAULT_LIMIT = 512  # cached directory descriptors (the process has ~1024 by default)
+
+
+@dataclass
+class ShownNames:
+    """A directory's entries shown under another name (docs/conflicts.md),
+    as its last scan found them."""
+
+    by_name: dict[bytes, Shown] = field(default_factory=dict)  # shown name ->
+    by_backing: dict[bytes, Shown] = field(default_factory=dict)  # backing name ->
+    diriv_copies: bool = False  # it had diriv copies: any name may be a stranded one
+
+    def drop(self, name: bytes) -> None:
+        """The shown entry ``name`` is gone (removed or renamed away)."""
+        shown = self.by_name.pop(name, None)
+        if shown is not None:
+            self.by_backing.pop(os.fsencode(shown.backing.name), None)
 
 
 class DirCache:
@@ -29,6 +50,7 @@ class DirCache:
         self._pins: dict[int, int] = {}
         self._orphans: dict[int, list[int]] = {}  # forgotten while pinned: closed at unpin
         self._ivs: dict[int, bytes] = {}
+        self._shown: dict[int, ShownNames] = {}
 
     def __len__(self) -> int:
         """Cached descriptors."""
@@ -86,11 +108,21 @@ class DirCache:
     def set_iv(self, ino: int, iv: bytes) -> None:
         self._ivs[ino] = iv
 
+    # -- names shown for conflict copies --
+
+    def shown(self, ino: int) -> ShownNames | None:
+        """None: the directory was not scanned since it was last forgotten."""
+        return self._shown.get(ino)
+
+    def set_shown(self, ino: int, shown: ShownNames) -> None:
+        self._shown[ino] = shown
+
     # -- life cycle --
 
     def forget(self, ino: int) -> None:
         """The directory is gone (or its inode forgotten): drop its state."""
         self._ivs.pop(ino, None)
+        self._shown.pop(ino, None)
         fd = self._fds.pop(ino, None)
         if fd is not None:
             self._retire(ino, fd)
@@ -104,3 +136,4 @@ class DirCache:
         self._fds.clear()
         self._orphans.clear()
         self._ivs.clear()
+        self._shown.clear()

@@ -48,11 +48,12 @@ from typing import Any, TypeVar
 
 from cryptfs.content.codec import ContentCodec, EncryptedFile
 from cryptfs.content.format import HEADER_SIZE, FileHeader
-from cryptfs.errors import NameDecodeError, StaleInodeError
-from cryptfs.fs.dircache import DirCache
+from cryptfs.errors import StaleInodeError
+from cryptfs.fs.dircache import DirCache, ShownNames
 from cryptfs.fs.inodes import ROOT_INODE, ClosedFileId, Inode, InodeTable
 from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2, syncfs
 from cryptfs.lowlevel.log import Once
+from cryptfs.names.conflicts import backing_kind, candidates
 from cryptfs.names.filenames import (
     DIRIV_LEN,
     DIRIV_NAME,
@@ -71,6 +72,7 @@ from cryptfs.names.metadata import (
     SymlinkPlace,
     XattrOwner,
 )
+from cryptfs.names.resolve import Directory, Shown, resolve
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +325,15 @@ class BackingTree:
         return iv
 
     def entry(self, parent: int, name: bytes) -> BackingName:
+        """Where ``name`` lives in directory ``parent``: a conflict copy (or
+        a name stranded under a diriv copy) shown under ``name`` by the last
+        scan, else its encrypted name (a conflict copy of a long name has no
+        sidecar of its own: removing or renaming it leaves the original's)."""
+        state = self.dirs.shown(parent)
+        if state is not None:
+            shown = state.by_name.get(name)
+            if shown is not None:
+                return shown.backing
         return self._names.to_backing(self.diriv(parent), name)
 
     def _add_sidecar(self, parent: int, dir_fd: int, entry: BackingName) -> bool:
@@ -420,7 +431,14 @@ class BackingTree:
         try:
             st = os.stat(entry.name, dir_fd=self._dir_fd(parent), follow_symlinks=False)
         except FileNotFoundError:
-            return None
+            shown = self._rescan_for(parent, name)
+            if shown is None:
+                return None
+            entry = shown.backing
+            try:
+                st = os.stat(entry.name, dir_fd=self._dir_fd(parent), follow_symlinks=False)
+            except FileNotFoundError:
+                return None
         return self._inodes.remember(parent, entry.name.encode(), st), st
 
     def stat(self, ino: int) -> os.stat_result:
@@ -430,7 +448,7 @@ class BackingTree:
     def readlink(self, ino: int) -> bytes:
         """The plaintext target of symlink ``ino``."""
         parent, name = self._inodes.link(ino)
-        place = SymlinkPlace(self.diriv(parent), name)
+        place = self._place(parent, os.fsdecode(name))
         stored = os.fsencode(os.readlink(name, dir_fd=self._dir_fd(parent)))
         return self.metadata.decrypt_target(stored, place)
 
@@ -548,6 +566,15 @@ class BackingTree:
         return inode, st
 
     def _place(self, parent: int, backing: str) -> SymlinkPlace:
+        """What a bound symlink at ``backing`` is sealed to: its directory's
+        IV and its name, or for a conflict copy its original's name (and for
+        a name stranded under a diriv copy, that copy's IV)."""
+        state = self.dirs.shown(parent)
+        if state is None and _may_be_shown(backing):  # (a listing or lookup found it)
+            state = self._shown_state(parent)
+        shown = None if state is None else state.by_backing.get(os.fsencode(backing))
+        if shown is not None:
+            return SymlinkPlace(shown.iv, shown.sealed_as)
         return SymlinkPlace(self.diriv(parent), os.fsencode(backing))
 
     def _reseals(self, st: os.stat_result) -> bool:
@@ -647,6 +674,7 @@ class BackingTree:
         os.unlink(entry.name, dir_fd=fd)
         self._remove_sidecar(parent, fd, entry)
         self._inodes.unlink(parent, entry.name.encode())
+        self._drop_shown(parent, name)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         entry = self.entry(parent, name)
@@ -654,6 +682,7 @@ class BackingTree:
         self._remove_dir(fd, entry.name)
         self._remove_sidecar(parent, fd, entry)
         self._inodes.unlink(parent, entry.name.encode())
+        self._drop_shown(parent, name)
 
     def _remove_dir(self, dir_fd: int, backing: str) -> None:
         """Remove an empty backing directory and its IV (restored if the
@@ -741,6 +770,8 @@ class BackingTree:
         self._inodes.move(old_link, new_link)
         if moved is not None:
             self._inodes.rebacked(new_link, moved)
+        if old_link != new_link:
+            self._drop_shown(old_parent, old_name)
 
     def _move_symlink(self, old_fd: int, old: str, old_place: SymlinkPlace,
                       new_fd: int, new: str, new_place: SymlinkPlace,
@@ -783,41 +814,78 @@ class BackingTree:
     # -- listing --
 
     def listdir(self, dir_ino: int) -> list[Listed]:
-        """Decrypted entries of a directory.  Entries that do not decrypt
-        (foreign files, conflict copies, damage, a replaced directory IV)
-        are skipped, logged once per directory."""
+        """Decrypted entries of a directory, with sync-tool conflict copies
+        and names stranded under a ``cryptfs.diriv`` copy under the names
+        ``names/resolve.py`` gives them (remembered for lookups).  Entries
+        that still do not decrypt (foreign files, damage, a replaced
+        directory IV) are skipped, logged once per directory."""
         iv = self.diriv(dir_ino)
         listed = []
-        skipped: list[tuple[bytes, Exception]] = []
         fd = self.open_dir(dir_ino)
         try:
             with os.scandir(fd) as entries:
-                for entry in entries:
-                    name = os.fsencode(entry.name)
-                    try:
-                        plain = self._decode(fd, iv, entry.name)
-                        if plain is not None:
-                            listed.append(Listed(plain, name, entry.stat(follow_symlinks=False)))
-                    except (NameDecodeError, OSError) as exc:
-                        skipped.append((name, exc))
+                found = {entry.name: entry for entry in entries}
+            names = resolve(self._names, iv, fd, found)
+            skipped = [(os.fsencode(name), exc) for name, exc in names.foreign]
+            shown = [(s.backing.name, s.name) for s in names.shown]
+            for backing, plain in [*names.real.items(), *shown]:
+                try:  # (through ``fd``: it must still be open)
+                    st = found[backing].stat(follow_symlinks=False)
+                except OSError as exc:  # gone since: as if listed a moment earlier
+                    skipped.append((os.fsencode(backing), exc))
+                    continue
+                listed.append(Listed(plain, os.fsencode(backing), st))
         finally:
             os.close(fd)
+        self._remember_shown(dir_ino, names)
         if skipped:
             self._report_skipped(dir_ino, skipped, bool(listed))
         return listed
 
-    def _decode(self, dir_fd: int, iv: bytes, name: str) -> bytes | None:
-        """The plaintext of backing entry ``name``; None for our own files."""
-        if not name.startswith(RESERVED_PREFIX):
-            return self._names.decode(iv, name)
-        if not is_longname(name):
-            return None  # our own files: IVs, sidecars, key file
-        fd = os.open(sidecar_name(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    def _remember_shown(self, dir_ino: int, names: Directory) -> None:
+        state = ShownNames(diriv_copies=bool(names.diriv_copies))
+        for shown in names.shown:
+            state.by_name[shown.name] = shown
+            state.by_backing[os.fsencode(shown.backing.name)] = shown
+        self.dirs.set_shown(dir_ino, state)
+
+    def _shown_state(self, dir_ino: int) -> ShownNames:
+        """The directory's shown entries, scanning it first if it was not:
+        cheaply (no decryption) when no name in it could be shown."""
+        state = self.dirs.shown(dir_ino)
+        if state is not None:
+            return state
+        fd = self.open_dir(dir_ino)
         try:
-            sidecar = os.read(fd, 4096)
+            with os.scandir(fd) as entries:
+                unusual = any(_may_be_shown(entry.name) for entry in entries)
         finally:
             os.close(fd)
-        return self._names.decode_longname(iv, name, sidecar)
+        if unusual:
+            self.listdir(dir_ino)
+            state = self.dirs.shown(dir_ino)
+        if state is None:
+            state = ShownNames()
+            self.dirs.set_shown(dir_ino, state)
+        return state
+
+    def _rescan_for(self, parent: int, name: bytes) -> Shown | None:
+        """After a lookup of ``name`` missed: the entry shown under it, if a
+        scan finds one.  Scans once per lookup, only if the directory was
+        never scanned, or ``name`` reads as a shown conflict name, or the
+        directory has diriv copies (any name may be a stranded one)."""
+        state = self.dirs.shown(parent)
+        if state is None:
+            state = self._shown_state(parent)
+        elif b" (conflict" in name or state.diriv_copies:
+            self.listdir(parent)
+            state = self._shown_state(parent)
+        return state.by_name.get(name)
+
+    def _drop_shown(self, parent: int, name: bytes) -> None:
+        state = self.dirs.shown(parent)
+        if state is not None:
+            state.drop(name)
 
     def _report_skipped(self, dir_ino: int, skipped: list[tuple[bytes, Exception]],
                         any_listed: bool) -> None:
@@ -830,6 +898,15 @@ class BackingTree:
         log.warning("skipping %d entries that do not decrypt in %r%s, first %r: %s; "
                     "cryptfs fsck lists them", len(skipped),
                     os.fsdecode(self._inodes.path(dir_ino)), hint, os.fsdecode(name), exc)
+
+
+def _may_be_shown(name: str) -> bool:
+    """Whether a backing name may be a conflict copy (or a diriv copy,
+    which strands names): not a backing form, and not our own file."""
+    if backing_kind(os.fsencode(name)) is not None:
+        return False
+    return not name.startswith(RESERVED_PREFIX) or \
+        next(candidates(os.fsencode(name), foreign=True), None) is not None
 
 
 def apply_attributes(target: int | str, mode: int | None, uid: int, gid: int,

@@ -6,7 +6,10 @@ long-name sidecars and orphans), every regular file's size, header and pages
 directory every page's tag, each failing page reported, and pages that turn
 up in another place are named), every symlink target and every user.*
 extended attribute.  Each problem is reported with the backing
-path and, where it could be decrypted, the plaintext path.  It only reads.
+path and, where it could be decrypted, the plaintext path.  Sync-tool
+conflict copies and names stranded under a copy of a directory IV are read
+as the mount reads them (``names/resolve.py``) and listed with their
+plaintext names.  It only reads (``tools/repair.py`` is ``--repair``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.tags import BadPage
@@ -36,6 +39,7 @@ from cryptfs.errors import (
 from cryptfs.fs.tree import SYMLINK_TMP_PREFIX, read_xattr_owner
 from cryptfs.keys.keyfile import KEYFILE_NAME, is_stale_copy
 from cryptfs.lowlevel.linux import proc_path
+from cryptfs.names.conflicts import ConflictCopy
 from cryptfs.names.filenames import (
     DIRIV_NAME,
     SIDECAR_SUFFIX,
@@ -44,6 +48,7 @@ from cryptfs.names.filenames import (
     read_diriv,
 )
 from cryptfs.names.metadata import MetadataCipher, SymlinkPlace, XattrOwner
+from cryptfs.names.resolve import Directory, Shown, resolve
 
 # Problem kinds are part of the --json output: keep them stable.
 CONTENT_KINDS = {HeaderAuthError: "header-mac", HeaderCorruptError: "header",
@@ -60,11 +65,14 @@ class Problem:
     kind: str  # diriv, name, sidecar, symlink, xattr, size, header, header-mac,
     #            version, final-page, io, stale-keyfile, leftover; authenticated
     #            directories also tag-missing, page-zeroed, page-moved, page-tag,
-    #            truncated
+    #            truncated; sync tools' copies: conflict, stranded, conflict-diriv,
+    #            conflict-sidecar
     #            (stable: scripts read --json)
     backing: str
     plaintext: str | None
     message: str
+    # conflict copies: tool, date, time, device, original (plaintext path), shown
+    details: dict[str, str | None] = field(default_factory=dict)
 
 
 class Progress:
@@ -122,9 +130,10 @@ class Checker:
                     size += os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
         self.progress = Progress(files, size, progress)
 
-    def report(self, kind: str, backing: str, plaintext: str | None, message: str) -> None:
+    def report(self, kind: str, backing: str, plaintext: str | None, message: str,
+               details: dict[str, str | None] | None = None) -> None:
         """``backing``: the path relative to the cipher directory."""
-        self.problems.append(Problem(kind, backing or ".", plaintext, message))
+        self.problems.append(Problem(kind, backing or ".", plaintext, message, details or {}))
 
     def run(self) -> list[Problem]:
         try:
@@ -174,9 +183,11 @@ class Checker:
             self.report("io", rel, plain, f"directory unreadable: {exc}")
             return
         present = set(entries)
+        names = self._sync_copies(fd, rel, plain, dir_iv, entries)
+        shown = {s.backing.name: s for s in names.shown}
         for name in entries:
             child = os.path.join(rel, name)
-            if name == DIRIV_NAME or (rel == "" and name in OWN_FILES):
+            if name == DIRIV_NAME or (rel == "" and name in OWN_FILES) or name in names.hidden:
                 continue
             if name.startswith(SYMLINK_TMP_PREFIX):
                 self.report("leftover", child, None, "temporary symlink of an interrupted "
@@ -188,18 +199,63 @@ class Checker:
                             "read-write or any key command deletes it)")
                 continue
             if name.endswith(SIDECAR_SUFFIX) and is_longname(name[:-len(SIDECAR_SUFFIX)]):
-                if name[:-len(SIDECAR_SUFFIX)] not in present:
+                if name[:-len(SIDECAR_SUFFIX)] not in present and name not in names.used_sidecars:
                     self.report("sidecar", child, None, "long-name sidecar without its entry")
                 self.progress.add(files=1, nbytes=self._size(fd, name))
                 continue
-            plain_name = self._decode(fd, child, name, dir_iv, present)
+            place = SymlinkPlace(dir_iv, os.fsencode(name))
+            if name in shown:
+                plain_name: bytes | None = shown[name].name
+                place = SymlinkPlace(shown[name].iv, shown[name].sealed_as)
+            else:
+                plain_name = names.real.get(name) or self._decode(fd, child, name, dir_iv, present)
             child_plain = None if plain_name is None else \
                 os.path.join(plain, os.fsdecode(plain_name))
             try:
-                self._check_entry(fd, name, child, child_plain,
-                                  SymlinkPlace(dir_iv, os.fsencode(name)))
+                self._check_entry(fd, name, child, child_plain, place)
             except OSError as exc:  # vanished or unreadable: report, go on
                 self.report("io", child, child_plain, str(exc))
+
+    def _sync_copies(self, fd: int, rel: str, plain: str, dir_iv: bytes,
+                     entries: list[str]) -> Directory:
+        """Read the directory as the mount does; list every sync-tool copy
+        and every name stranded under a diriv copy."""
+        names = resolve(self.names, dir_iv, fd, entries)
+        for shown in names.shown:
+            self._report_shown(rel, plain, shown)
+        for diriv in names.diriv_copies:
+            state = (f"unusable ({diriv.error}): --repair removes it" if diriv.iv is None
+                     else f"{diriv.used} names decode only under it: --repair re-encrypts "
+                     "them under the directory's IV, then removes it" if diriv.used
+                     else "no name decodes under it: --repair removes it")
+            self.report("conflict-diriv", os.path.join(rel, diriv.name), plain,
+                        f"a sync tool's copy of the directory IV ({diriv.copy.tool.value}); "
+                        f"{state}", _marker(diriv.copy))
+        for sidecar in names.sidecar_copies:
+            self.report("conflict-sidecar", os.path.join(rel, sidecar.name), plain,
+                        f"a sync tool's copy of a long name's sidecar: {_SIDECAR[sidecar.state]}",
+                        _marker(sidecar.copy))
+        return names
+
+    def _report_shown(self, rel: str, plain: str, shown: Shown) -> None:
+        child = os.path.join(rel, shown.backing.name)
+        path = os.path.join(plain, os.fsdecode(shown.name))
+        original = os.path.join(plain, os.fsdecode(shown.plain))
+        under = "" if shown.diriv is None else f", its name sealed under {shown.diriv}"
+        if shown.copy is None:
+            self.report("stranded", child, path,
+                        f"name sealed under {shown.diriv}, a sync tool's copy of the "
+                        "directory IV (shown in the mount): --repair re-encrypts it",
+                        {"shown": os.fsdecode(shown.name), "original": original})
+            return
+        copy = shown.copy
+        when = " ".join(x for x in (copy.date, copy.time) if x)
+        device = f" from {os.fsdecode(copy.device)}" if copy.device else ""
+        self.report("conflict", child, path,
+                    f"{copy.tool.value} conflict copy of {original}{device}"
+                    f"{' (' + when + ')' if when else ''}{under}: shown beside it in the "
+                    "mount; keep, rename or delete it there",
+                    {**_marker(copy), "original": original, "shown": os.fsdecode(shown.name)})
 
     @staticmethod
     def _size(dir_fd: int, name: str) -> int:
@@ -320,6 +376,19 @@ class Checker:
         if len(bad) > PAGES_PER_FILE:
             self.report("page-tag", child, plain,
                         f"and {len(bad) - PAGES_PER_FILE} more pages fail their tag check")
+
+
+_SIDECAR = {
+    "same": "the same bytes as the sidecar (redundant: --repair removes it)",
+    "in-place": "its sidecar is missing: it stands in for it (--repair puts it back)",
+    "differs": "different bytes from the sidecar it copies (unused)",
+    "orphan": "no long name uses it",
+}
+
+
+def _marker(copy: ConflictCopy) -> dict[str, str | None]:
+    return {"tool": copy.tool.value, "date": copy.date, "time": copy.time,
+            "device": None if copy.device is None else os.fsdecode(copy.device)}
 
 
 def print_report(problems: list[Problem], out: Callable[[str], None] = print) -> None:
