@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 from cryptfs.content.codec import ContentCodec, EncryptedFile
 from cryptfs.content.format import HEADER_SIZE, FileHeader
-from cryptfs.errors import StaleInodeError
+from cryptfs.errors import NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache, ShownNames
 from cryptfs.fs.inodes import ROOT_INODE, ClosedFileId, Inode, InodeTable
 from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2, syncfs
@@ -823,6 +823,7 @@ class BackingTree:
         listed = []
         fd = self.open_dir(dir_ino)
         try:
+            iv = self._current_iv(dir_ino, fd, iv)
             with os.scandir(fd) as entries:
                 found = {entry.name: entry for entry in entries}
             names = resolve(self._names, iv, fd, found)
@@ -841,6 +842,19 @@ class BackingTree:
         if skipped:
             self._report_skipped(dir_ino, skipped, bool(listed))
         return listed
+
+    def _current_iv(self, dir_ino: int, fd: int, cached: bytes) -> bytes:
+        """The directory's IV as its file holds it now: a sync tool may have
+        replaced it since it was cached (keeping ours as a copy, whose names
+        are then shown as stranded).  A missing or damaged file leaves what
+        ``diriv`` decided."""
+        try:
+            iv = read_diriv(fd)
+        except NameDecodeError:
+            return cached
+        if iv != cached:
+            self.dirs.set_iv(dir_ino, iv)
+        return iv
 
     def _remember_shown(self, dir_ino: int, names: Directory) -> None:
         state = ShownNames(diriv_copies=bool(names.diriv_copies))
