@@ -167,16 +167,16 @@ def resolve(names: NameCipher, iv: bytes, dir_fd: int, entries: Iterable[str]) -
     its entry names ``entries``).  Our own files (the IV, sidecars, the key
     file, the lock) are in no list; anything unexplained is ``foreign``."""
     result = Directory()
-    entries = sorted(entries)
     reader = _Reader(names, iv, dir_fd, set(entries))
     failed: list[str] = []
     copies: list[tuple[str, ConflictCopy]] = []
-    for name in entries:
-        if name == DIRIV_NAME or is_sidecar(name):
+    for name in reader.present:  # the usual case first and fast: a name that decodes
+        reserved = name.startswith(RESERVED_PREFIX)
+        if reserved and (name == DIRIV_NAME or is_sidecar(name)):
             continue
-        if not name.startswith(RESERVED_PREFIX) or is_longname(name):
+        if not reserved or is_longname(name):
             try:
-                plain, _, sidecar = reader.decode(name, iv)
+                plain = names.decode(iv, name) if not reserved else reader.decode(name, iv)[0]
             except (FileNameError, OSError, UnicodeDecodeError):
                 pass
             else:
@@ -189,11 +189,11 @@ def resolve(names: NameCipher, iv: bytes, dir_fd: int, entries: Iterable[str]) -
         elif found is not None or not name.startswith(RESERVED_PREFIX) or is_longname(name):
             failed.append(name)
         # else one of our other files (key file, lock, temporaries): no entry
+    # Sorted: an unchanged directory shows the same names at every listing.
+    copies.sort()
     _own_copies(reader, result, copies)
-    failed = _retry_longnames(reader, result, failed)
+    failed = _retry_longnames(reader, result, sorted(failed)) if failed else failed
     stranded, rest = _stranded(reader, result, failed)
-    for shown in stranded:
-        reader.taken.add(shown.name)
     result.shown += stranded
     for name in rest:
         _conflict_copy(reader, result, name)
@@ -276,13 +276,13 @@ def _stranded(reader: _Reader, result: Directory,
             rest.append(name)
             continue
         assert diriv is not None
-        taken = reader.taken | {s.name for s in shown}
         try:
-            label = plain if plain not in taken else \
-                display_name(plain, diriv.copy, taken.__contains__)
+            label = plain if not reader.is_taken(plain) else \
+                display_name(plain, diriv.copy, reader.is_taken)
         except ValueError as exc:
             result.foreign.append((name, exc))
             continue
+        reader.taken.add(label)
         diriv.used += 1
         shown.append(Shown(BackingName(name, encoded), plain, label, iv, os.fsencode(name),
                            None, diriv.name))
