@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.errors import ExitCode
 from cryptfs.names.conflicts import Tool
 from cryptfs.names.filenames import DIRIV_NAME
 from tests.conftest import (
@@ -359,3 +360,36 @@ def test_fsck_lists_every_conflict_copy(own_mount):
     own_mount.start()
     assert listing(mnt) == {"report.txt": b"winner",
                             "report (conflict 2026-12-07 ABCDEFG).txt": b"loser"}
+
+
+def test_repair_refuses_a_mounted_directory(own_mount):
+    run = [*cryptfs_cmd("fsck", str(own_mount.cipherdir), "--passfile",
+                        str(own_mount.passfile), "--repair")]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    assert proc.returncode == ExitCode.MOUNTED, proc.stderr
+    proc = subprocess.run([*run, "--force"], capture_output=True, text=True,
+                          timeout=MOUNT_TIMEOUT)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+
+
+def test_sidecar_copy_with_other_bytes_is_listed_and_kept(own_mount):
+    mnt = own_mount.mountpoint
+    entry = backing_entry_of(own_mount, lambda: (mnt / LONG).write_bytes(b"kept"))
+    odd = entry.parent / conflict_name(Tool.DROPBOX, entry.name + ".name")
+    odd.write_bytes(b"not the encoded name")
+    assert listing(mnt) == {LONG: b"kept"}
+    own_mount.stop()
+    code, report = fsck(own_mount, "--repair")
+    assert code == 20 and kinds(report) == [("conflict-sidecar", "/")]
+    assert "different bytes" in report["problems"][0]["message"]
+    assert report["repaired"] == [] and odd.exists()
+    own_mount.start()
+
+
+def test_copy_in_an_authenticated_directory(authenticated_mount):
+    mnt = authenticated_mount.mountpoint / "auth"
+    backing_dir(authenticated_mount, mnt)
+    entry, copy = edited(authenticated_mount, mnt / "ledger.csv", b"1,2,3\n" * 1000, b"4\n")
+    plant(copy, conflict_name(Tool.ONEDRIVE_LINUX, entry.name))
+    assert listing(mnt) == {"ledger.csv": b"4\n",
+                            "ledger (conflict laptop).csv": b"1,2,3\n" * 1000}

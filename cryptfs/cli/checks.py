@@ -11,7 +11,7 @@ from pathlib import Path
 from cryptfs.cli.common import cipherdir_arg, environment_overrides, log, unlock
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
-from cryptfs.daemon.lock import MountLock, lock_for_check
+from cryptfs.daemon.lock import MountLock, lock_cipherdir, lock_for_check
 from cryptfs.engines import select_engine
 from cryptfs.errors import AlreadyMountedError, ProblemsFound, UsageError
 from cryptfs.names.filenames import NameCipher
@@ -47,7 +47,11 @@ def cmd_fsck(args: argparse.Namespace) -> None:
     cipherdir = cipherdir_arg(args.cipherdir)
     if args.repair and args.force:
         raise UsageError("fsck --repair never runs while the directory is mounted (no --force)")
-    with _lock_for_fsck(cipherdir, args.force):
+    # --repair writes: it holds the lock exclusively, as a mount does (no
+    # mount and no other fsck meanwhile); a check shares it with other checks.
+    lock = lock_cipherdir(cipherdir, read_only=False) if args.repair else \
+        _lock_for_fsck(cipherdir, args.force)
+    with lock:
         _fsck(cipherdir, args)
 
 
