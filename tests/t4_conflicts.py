@@ -393,3 +393,27 @@ def test_copy_in_an_authenticated_directory(authenticated_mount):
     plant(copy, conflict_name(Tool.ONEDRIVE_LINUX, entry.name))
     assert listing(mnt) == {"ledger.csv": b"4\n",
                             "ledger (conflict laptop).csv": b"1,2,3\n" * 1000}
+
+
+def test_repair_interrupted_after_a_symlink_was_made_runs_again(own_mount):
+    """A crash between making the re-sealed symlink and unlinking the old
+    one (and before the diriv copy went) leaves both: a second run keeps one."""
+    here, shared = two_machines(own_mount)
+    own_mount.stop()
+    before = {p.name: p for p in here.iterdir()}
+    saved = {name: (os.readlink(p) if p.is_symlink() else p.read_bytes())
+             for name, p in before.items() if p.is_symlink() or "sync-conflict" in name}
+    code, report = fsck(own_mount, "--repair")
+    assert code == 0, report
+    for name, value in saved.items():  # put back the old symlink and the diriv copy
+        if isinstance(value, str):
+            if not (here / name).is_symlink():
+                os.symlink(value, here / name)
+        elif not (here / name).exists():
+            (here / name).write_bytes(value)
+    assert sum(p.is_symlink() for p in here.iterdir()) == 2
+    code, report = fsck(own_mount, "--repair")
+    assert code == 0 and report["problems"] == [], report
+    assert sum(p.is_symlink() for p in here.iterdir()) == 1
+    own_mount.start()
+    assert listing(shared) == STRANDED

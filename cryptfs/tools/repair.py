@@ -169,6 +169,9 @@ def _move(repair: Repair, place: Place, shown: Shown) -> BackingName:
     if new.sidecar is not None:
         _write_sidecar(place.fd, new)
     if repair.metadata.bound and stat.S_ISLNK(st.st_mode):
+        done = _moved_before(repair, place, shown)
+        if done is not None:
+            return done
         _move_symlink(repair, place, shown, new, st)
     else:
         renameat2(place.fd, os.fsencode(old), place.fd, os.fsencode(new.name),
@@ -195,15 +198,43 @@ def _write_sidecar(dir_fd: int, entry: BackingName) -> None:
         os.close(fd)
 
 
+def _moved_before(repair: Repair, place: Place, shown: Shown) -> BackingName | None:
+    """A run interrupted in ``_move_symlink`` left the re-sealed symlink
+    under the stranded one's own name (which now takes it, so the stranded
+    one is shown with a marker): if it holds the same target, only the old
+    one has to go.  Its new name, or None."""
+    assert place.iv is not None
+    if shown.copy is not None or shown.name == shown.plain:
+        return None
+    made = repair.names.to_backing(place.iv, shown.plain)
+    try:
+        existing = os.fsencode(os.readlink(made.name, dir_fd=place.fd))
+        same = repair.metadata.decrypt_target(
+            existing, SymlinkPlace(place.iv, os.fsencode(made.name))) == _target(repair, place,
+                                                                                 shown)
+    except (OSError, FileNameError):
+        return None
+    if not same:
+        return None
+    os.unlink(shown.backing.name, dir_fd=place.fd)
+    return made
+
+
+def _target(repair: Repair, place: Place, shown: Shown) -> bytes:
+    stored = os.fsencode(os.readlink(shown.backing.name, dir_fd=place.fd))
+    return repair.metadata.decrypt_target(stored, SymlinkPlace(shown.iv, shown.sealed_as))
+
+
 def _move_symlink(repair: Repair, place: Place, shown: Shown, new: BackingName,
                   st: os.stat_result) -> None:
     """A bound symlink's target is sealed to its name: the new symlink is
     made (re-sealed) before the old one is unlinked.  After a crash between
-    the two, the next run finds the new one holding the same target."""
+    the two, the next run finds the new one holding the same target
+    (``_moved_before``; here, if the stranded name was shown with a marker
+    and so moved to that name)."""
     assert place.iv is not None
     old = shown.backing.name
-    target = repair.metadata.decrypt_target(os.fsencode(os.readlink(old, dir_fd=place.fd)),
-                                            SymlinkPlace(shown.iv, shown.sealed_as))
+    target = _target(repair, place, shown)
     new_place = SymlinkPlace(place.iv, os.fsencode(new.name))
     try:
         os.symlink(repair.metadata.encrypt_target(target, new_place), new.name,
