@@ -102,7 +102,7 @@ def test_failed_create_keeps_the_existing_entry_and_its_sidecar(stack):
 
 
 def test_mkdir_leaves_nothing_when_its_iv_cannot_be_written(stack, monkeypatch):
-    def disk_full(fd, sync=True):
+    def disk_full(fd, sync=True, dir_iv=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("cryptfs.fs.tree.create_diriv", disk_full)

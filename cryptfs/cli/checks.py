@@ -55,7 +55,7 @@ def _fsck(cipherdir: Path, args: argparse.Namespace) -> None:
                             keys)
     try:
         codec = ContentCodec(keys, sessions, keyfile.authenticated)
-        checker = Checker(str(cipherdir), codec, NameCipher(keys),
+        checker = Checker(str(cipherdir), codec, NameCipher.for_features(keys, keyfile.features),
                           MetadataCipher.for_features(keys, keyfile.features),
                           progress=not args.json and sys.stderr.isatty())
         problems = checker.run()
