@@ -23,6 +23,8 @@ all start with ``cryptfs.``.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -263,9 +265,16 @@ def create_diriv(dir_fd: int, sync: bool = True, dir_iv: bytes | None = None) ->
                  dir_fd=dir_fd)
     try:
         os.fchmod(fd, 0o440)  # whatever the daemon's umask
-        os.write(fd, dir_iv)
+        if os.write(fd, dir_iv) != DIRIV_LEN:
+            raise OSError(errno.EIO, f"short write to {DIRIV_NAME}")
         if sync:
             os.fsync(fd)
+    except BaseException:
+        # A partial IV file reads as damaged, where a missing one may still
+        # be derived: leave none (ours: O_EXCL made it).
+        with contextlib.suppress(OSError):
+            os.unlink(DIRIV_NAME, dir_fd=dir_fd)
+        raise
     finally:
         os.close(fd)
     return dir_iv
