@@ -176,6 +176,7 @@ def test_without_the_flag_ivs_stay_random(tmp_path):
             os.listdir(plain / "same")
         assert info.value.errno == errno.EIO
     assert not (dir_a / DIRIV_NAME).exists()
+    assert fsck_problems(Mount(a, tmp_path / "x", passfile, ENGINE)) == [("diriv", "/same")]
 
 
 def _renamed_while_the_other_side_adds(tmp_path: Path, made_as: str) -> tuple[Path, Path, Path]:
