@@ -136,3 +136,32 @@ def test_a_directory_renamed_on_one_side_while_the_other_adds_to_it(tmp_path):
             assert (side / lost[0][0].name / DIRIV_NAME).read_bytes() == \
                 (a / lost[0][0].name / DIRIV_NAME).read_bytes()
             assert fsck_problems(Mount(side, tmp_path / "x", passfile, ENGINE)) == []
+
+
+def test_the_same_symlinks_long_names_and_lock_file_made_apart(tmp_path):
+    """Everything else two machines write for the same operation
+    (format.md §6.1): the lock file (each side's first mount creates it)
+    and long-name sidecars come out byte-identical, so Syncthing makes no
+    conflict copy of them; the symlink too (Syncthing 1.19 makes no
+    conflict copy of a symlink even when the two differ, as with random
+    nonces: it keeps one, and either would open; tests/t4_convergent.py
+    checks the bytes)."""
+    a, b, passfile = tmp_path / "A", tmp_path / "B", tmp_path / "password"
+    init_cipherdir(a, passfile)
+    shutil.copytree(a, b)
+    long = "L" * 200  # stored as cryptfs.longname.* with a sidecar
+    with syncthing_pair(tmp_path / "st", a, b, marker=KEYFILE_NAME) as pair:
+        with pair.apart():
+            for side in (a, b):
+                with mounted(side, passfile) as plain:
+                    (plain / long / "sub").mkdir(parents=True)
+                    os.symlink(f"{long}/sub", plain / "link")
+                    (plain / long / "sub" / f"{side.name}.txt").write_bytes(side.name.encode())
+        pair.sync()
+        for side in (a, b):
+            assert conflict_copies(side) == []
+    for side in (a, b):
+        with mounted(side, passfile) as plain:
+            assert sorted(os.listdir(plain / "link")) == ["A.txt", "B.txt"]
+            assert os.readlink(plain / "link") == f"{long}/sub"
+        assert fsck_problems(Mount(side, tmp_path / "x", passfile, ENGINE)) == []
