@@ -399,3 +399,24 @@ def test_a_failed_write_back_leaves_no_partial_iv(stack, monkeypatch, caplog):
     assert plain(stack, d.ino) == {b"f"}
     assert _iv_file(stack, d.ino) is None
     assert "could not write it back" in caplog.text
+
+
+def test_a_long_named_directory_without_iv_or_sidecar_reads_eio(stack, caplog):
+    """Its name cannot be read, so its IV cannot be derived: EIO for what
+    is inside, logged once, and the rest of the tree works."""
+    d, _ = stack.tree.mkdir(ROOT_INODE, LONG, 0o755)
+    touch(stack, d.ino, b"f")
+    (sidecar,) = [n for n in backing(stack) if n.endswith(".name")]
+    fd = stack.tree.open_dir(ROOT_INODE)
+    try:
+        os.unlink(sidecar, dir_fd=fd)
+    finally:
+        os.close(fd)
+    _lose_iv(stack, d.ino)
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            plain(stack, d.ino)
+        assert info.value.errno == errno.EIO
+    assert caplog.text.count("cannot be derived") == 1
+    touch(stack, ROOT_INODE, b"other")
+    assert _iv_file(stack, d.ino) is None

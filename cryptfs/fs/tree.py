@@ -355,7 +355,10 @@ class BackingTree:
         parent, backing = self._inodes.link(dir_ino)
         parent_iv = self.diriv(parent)
         with self._pinned(parent) as (parent_fd,):
-            name = self._decode(parent_fd, parent_iv, os.fsdecode(backing))
+            try:
+                name = self._decode(parent_fd, parent_iv, os.fsdecode(backing))
+            except (NameDecodeError, OSError):  # a long name whose sidecar is gone too
+                name = None
         where = os.fsdecode(self._inodes.path(dir_ino))
         fd = self.open_dir(dir_ino)
         try:
