@@ -28,6 +28,7 @@ from tests.helpers.syncthing import syncthing_pair
 pytestmark = pytest.mark.fuse
 ENGINE = MOUNT_ENGINES[0]
 HEALED = "had no cryptfs.diriv"  # the mount's line when it writes a derived IV back
+LONG = "L" * 200  # stored as cryptfs.longname.* with a sidecar
 
 
 @contextlib.contextmanager
@@ -44,15 +45,20 @@ def mounted(cipher: Path, passfile: Path, expected: tuple[str, ...] = ()) -> Ite
 
 
 def tree(plain: Path) -> dict[str, bytes | None]:
-    """Every entry below ``plain``: file contents, None for a directory."""
+    """Every entry below ``plain``: file contents, ``b"-> " + target`` for
+    a symlink, None for a directory."""
     found: dict[str, bytes | None] = {}
     for dirpath, dirnames, filenames in os.walk(plain):
-        for name in dirnames:
-            found[os.path.relpath(os.path.join(dirpath, name), plain)] = None
-        for name in filenames:
+        for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, plain)] = f.read()
+            rel = os.path.relpath(path, plain)
+            if os.path.islink(path):
+                found[rel] = b"-> " + os.fsencode(os.readlink(path))
+            elif name in dirnames:
+                found[rel] = None
+            else:
+                with open(path, "rb") as f:
+                    found[rel] = f.read()
     return found
 
 
@@ -75,24 +81,41 @@ def _write(plain: Path, files: dict[str, bytes]) -> None:
 
 
 def test_the_same_new_directories_made_apart_merge_cleanly(tmp_path):
+    """Also everything else two machines write for the same operation
+    (format.md §6.1): the lock file (each side's first mount creates it)
+    and long-name sidecars come out byte-identical, so Syncthing makes no
+    conflict copy of them; the symlink too (Syncthing 1.19 makes no
+    conflict copy of a symlink even when the two differ, as with random
+    nonces: it keeps one, and either would open; tests/t4_convergent.py
+    checks the bytes)."""
     a, b, passfile = tmp_path / "A", tmp_path / "B", tmp_path / "password"
     init_cipherdir(a, passfile)
     shutil.copytree(a, b)  # one cipher directory, two copies (same keys, same root IV)
+    # Each side's first mount makes its own cryptfs.lock, before the two
+    # Syncthing instances first meet (as machines that were apart).
+    with mounted(a, passfile) as plain:
+        _write(plain, {"shared/common.txt": b"before the split\n"})
+    with mounted(b, passfile):
+        pass
     with syncthing_pair(tmp_path / "st", a, b, marker=KEYFILE_NAME) as pair:
-        with mounted(a, passfile) as plain:
-            _write(plain, {"shared/common.txt": b"before the split\n"})
         pair.sync()
         with pair.apart():
-            with mounted(a, passfile) as plain:
-                _write(plain, A_FILES)
-            with mounted(b, passfile) as plain:
-                _write(plain, {**B_FILES, "shared/from-B.txt": b"B, in an old directory\n"})
+            for side, files in ((a, A_FILES), (b, B_FILES)):
+                with mounted(side, passfile) as plain:
+                    _write(plain, files)
+                    (plain / LONG / "sub").mkdir(parents=True)
+                    os.symlink(f"{LONG}/sub", plain / "link")
+                    (plain / LONG / "sub" / f"{side.name}.txt").write_bytes(side.name.encode())
+                    if side == b:
+                        (plain / "shared/from-B.txt").write_bytes(b"B, in an old directory\n")
         pair.sync()
         for side in (a, b):
             assert conflict_copies(side) == []
     expected = {"shared": None, "shared/common.txt": b"before the split\n",
                 "shared/from-B.txt": b"B, in an old directory\n",
                 "project": None, "project/src": None, "project/docs": None, "notes": None,
+                LONG: None, f"{LONG}/sub": None, f"{LONG}/sub/A.txt": b"A",
+                f"{LONG}/sub/B.txt": b"B", "link": f"-> {LONG}/sub".encode(),
                 **A_FILES, **B_FILES}
     for side in (a, b):
         with mounted(side, passfile) as plain:
@@ -137,31 +160,3 @@ def test_a_directory_renamed_on_one_side_while_the_other_adds_to_it(tmp_path):
                 (a / lost[0][0].name / DIRIV_NAME).read_bytes()
             assert fsck_problems(Mount(side, tmp_path / "x", passfile, ENGINE)) == []
 
-
-def test_the_same_symlinks_long_names_and_lock_file_made_apart(tmp_path):
-    """Everything else two machines write for the same operation
-    (format.md §6.1): the lock file (each side's first mount creates it)
-    and long-name sidecars come out byte-identical, so Syncthing makes no
-    conflict copy of them; the symlink too (Syncthing 1.19 makes no
-    conflict copy of a symlink even when the two differ, as with random
-    nonces: it keeps one, and either would open; tests/t4_convergent.py
-    checks the bytes)."""
-    a, b, passfile = tmp_path / "A", tmp_path / "B", tmp_path / "password"
-    init_cipherdir(a, passfile)
-    shutil.copytree(a, b)
-    long = "L" * 200  # stored as cryptfs.longname.* with a sidecar
-    with syncthing_pair(tmp_path / "st", a, b, marker=KEYFILE_NAME) as pair:
-        with pair.apart():
-            for side in (a, b):
-                with mounted(side, passfile) as plain:
-                    (plain / long / "sub").mkdir(parents=True)
-                    os.symlink(f"{long}/sub", plain / "link")
-                    (plain / long / "sub" / f"{side.name}.txt").write_bytes(side.name.encode())
-        pair.sync()
-        for side in (a, b):
-            assert conflict_copies(side) == []
-    for side in (a, b):
-        with mounted(side, passfile) as plain:
-            assert sorted(os.listdir(plain / "link")) == ["A.txt", "B.txt"]
-            assert os.readlink(plain / "link") == f"{long}/sub"
-        assert fsck_problems(Mount(side, tmp_path / "x", passfile, ENGINE)) == []
