@@ -135,6 +135,11 @@ class NameDecodeError(FileNameError):
     """A backing name is not a valid encrypted name for this directory."""
 
 
+class DirIvMissingError(NameDecodeError):
+    """A backing directory has no ``cryptfs.diriv`` (in a ``convergent-dirivs``
+    directory it may be derived again: docs/format.md §5.1)."""
+
+
 class NameTooLongError(FileNameError):
     """A plaintext name is longer than 255 bytes (ENAMETOOLONG)."""
 

@@ -178,9 +178,9 @@ def test_new_key_files_require_bound_metadata(created, monkeypatch):
     metadata encoding) breaks every slot."""
     cipherdir, _ = created
     path = cipherdir / KEYFILE_NAME
-    assert json.loads(path.read_bytes())["features"] == ["bound-metadata"]
+    assert json.loads(path.read_bytes())["features"] == ["bound-metadata", "convergent-dirivs"]
     monkeypatch.setattr("cryptfs.keys.keyfile.KNOWN_FEATURES", frozenset())
-    with pytest.raises(UnsupportedFeatureError, match="bound-metadata"):
+    with pytest.raises(UnsupportedFeatureError, match="bound-metadata, convergent-dirivs"):
         KeyFile.load(cipherdir)
     monkeypatch.undo()
     assert KeyFile.create(b"pw", fast(), features=())[0].features == []  # version-1 metadata

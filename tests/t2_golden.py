@@ -102,6 +102,56 @@ def test_bound_metadata_independent_decoder():
     assert unpad(siv.decrypt(value[16:], ad)).decode() == ex["xattr_value"]
 
 
+CONVERGENT = json.loads((ROOT / "tests/golden/convergent.json").read_text())
+
+
+def test_convergent_example_is_reproduced():
+    example = runpy.run_path(str(ROOT / "scripts/convergent-example"))["example"]
+    assert example() == CONVERGENT
+
+
+def test_convergent_independent_derivation():
+    """Derive the example's IVs and symlink nonce from docs/format.md §5.1
+    and §6.1 alone (HKDF, HMAC-SHA256, AES-SIV), and decode its names."""
+    import base64
+
+    def unb64url(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    def unpad(data: bytes) -> bytes:
+        return data[:-data[-1]]
+
+    ex = CONVERGENT
+    master = bytes.fromhex(ex["master_key"])
+    k_diriv = reference_hkdf("sha512", master, b"", b"cryptfs v1 directory iv key", 32)
+    k_nonce = reference_hkdf("sha512", master, b"", b"cryptfs v1 symlink nonce key", 32)
+    names = AESSIV(reference_hkdf("sha512", master, b"", b"cryptfs v1 filename key", 64))
+    meta = AESSIV(reference_hkdf("sha512", master, b"", b"cryptfs v1 metadata key", 64))
+
+    def derive(parent: bytes, name: str) -> bytes:
+        return hmac.new(k_diriv, b"cryptfs v1 directory iv" + parent + name.encode(),
+                        "sha256").digest()[:16]
+
+    def decode(parent: bytes, entry: str) -> str:
+        return unpad(names.decrypt(unb64url(entry), [b"cryptfs v1 name", parent])).decode()
+
+    root = bytes.fromhex(ex["root_iv"])
+    docs = derive(root, ex["docs_name"])
+    year = derive(docs, ex["year_name"])
+    assert (docs.hex(), year.hex()) == (ex["docs_iv"], ex["year_iv"])
+    assert decode(root, ex["docs_entry"]) == ex["docs_name"]
+    assert decode(docs, ex["year_entry"]) == ex["year_name"]
+    assert decode(docs, ex["file_entry"]) == ex["file_name"]
+    assert decode(year, ex["symlink_entry"]) == ex["symlink_name"]
+    entry = ex["symlink_entry"].encode()
+    raw = unb64url(ex["stored_target"])
+    nonce = hmac.new(k_nonce, b"cryptfs v1 symlink nonce" + year + entry + b"\x00"
+                     + ex["symlink_target"].encode(), "sha256").digest()[:16]
+    assert raw[:16] == nonce
+    target = meta.decrypt(raw[16:], [b"cryptfs v2 symlink", year, entry, nonce])
+    assert unpad(target).decode() == ex["symlink_target"]
+
+
 AUTH = json.loads((ROOT / "tests/golden/format-v1-authenticated.json").read_text())
 
 

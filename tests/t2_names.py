@@ -284,3 +284,70 @@ def test_name_caches_agree_with_the_cipher():
     entry = cached.to_backing(IV, b"moved")
     with pytest.raises(NameDecodeError):  # same name, another directory: no cache hit
         cached.decode(other_iv, entry.name)
+
+
+# --- convergent directory IVs and symlink nonces (docs/format.md §5.1, §6.1) ---
+
+CONVERGENT = NameCipher(KEYS, convergent=True)
+
+
+def _independent_subkey(info: bytes) -> bytes:
+    """HKDF-SHA512 of the master key (empty salt), computed here from
+    ``cryptography`` alone, as format.md §3 specifies."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    return HKDF(algorithm=hashes.SHA512(), length=32, salt=None, info=info).derive(
+        bytes(range(32)))
+
+
+def test_convergent_diriv_known_answer():
+    """The derivation recomputed with plain ``hmac`` against fixed bytes
+    (the worked example of format.md §5.1)."""
+    import hashlib
+    import hmac
+    k_diriv = _independent_subkey(b"cryptfs v1 directory iv key")
+    parent = bytes(16)
+    expected = hmac.new(k_diriv, b"cryptfs v1 directory iv" + parent + b"docs",
+                        hashlib.sha256).digest()[:16]
+    assert CONVERGENT.new_diriv(parent, b"docs") == expected
+    assert CONVERGENT.derived_diriv(parent, b"docs") == expected
+    assert expected.hex() == "50cf040b1b3d7b7047ec16d0a3e0ea5b"
+    child = CONVERGENT.new_diriv(expected, b"2026")
+    assert child == hmac.new(k_diriv, b"cryptfs v1 directory iv" + expected + b"2026",
+                             hashlib.sha256).digest()[:16]
+
+
+def test_convergent_ivs_depend_on_parent_and_name_only():
+    a, b = os.urandom(16), os.urandom(16)
+    assert CONVERGENT.new_diriv(a, b"x") == CONVERGENT.new_diriv(a, b"x")
+    assert CONVERGENT.new_diriv(a, b"x") != CONVERGENT.new_diriv(b, b"x")
+    assert CONVERGENT.new_diriv(a, b"x") != CONVERGENT.new_diriv(a, b"y")
+    other = NameCipher(KeyRing(bytes(range(1, 33))), convergent=True)
+    assert other.new_diriv(a, b"x") != CONVERGENT.new_diriv(a, b"x")  # keyed
+    with pytest.raises(InvalidNameError):
+        CONVERGENT.new_diriv(a, b"a/b")
+
+
+def test_random_ivs_without_the_flag():
+    assert not NAMES.convergent and NAMES.derived_diriv(IV, b"x") is None
+    assert NAMES.new_diriv(IV, b"x") != NAMES.new_diriv(IV, b"x")
+
+
+def test_convergent_symlink_nonce_known_answer():
+    """Same symlink at the same place: byte-identical; it still opens with
+    the ordinary reader; its R is the documented HMAC."""
+    import hashlib
+    import hmac
+    meta = MetadataCipher(KEYS, bound=True, convergent=True)
+    entry = NAMES.to_backing(IV, b"link").name.encode()
+    place = SymlinkPlace(IV, entry)
+    stored = meta.encrypt_target(b"hello.txt", place)
+    assert stored == meta.encrypt_target(b"hello.txt", place)
+    assert BOUND.decrypt_target(stored, place) == b"hello.txt"
+    key = _independent_subkey(b"cryptfs v1 symlink nonce key")
+    nonce = hmac.new(key, b"cryptfs v1 symlink nonce" + IV + entry + b"\x00" + b"hello.txt",
+                     hashlib.sha256).digest()[:16]
+    assert unb64url(stored.decode())[:NONCE_LEN] == nonce
+    other = SymlinkPlace(IV, NAMES.to_backing(IV, b"link2").name.encode())
+    assert meta.encrypt_target(b"hello.txt", other) != stored
+    assert meta.encrypt_target(b"hello.txt2", place) != stored

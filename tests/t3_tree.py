@@ -102,7 +102,7 @@ def test_failed_create_keeps_the_existing_entry_and_its_sidecar(stack):
 
 
 def test_mkdir_leaves_nothing_when_its_iv_cannot_be_written(stack, monkeypatch):
-    def disk_full(fd, sync=True):
+    def disk_full(fd, sync=True, dir_iv=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("cryptfs.fs.tree.create_diriv", disk_full)
@@ -349,3 +349,74 @@ def test_rename_over_a_long_name_leaves_its_sidecar_alone(stack):
     touch(stack, ROOT_INODE, b"tmp")
     stack.tree.rename(ROOT_INODE, b"tmp", ROOT_INODE, LONG, 0)  # a damaged one is rewritten
     assert plain(stack) == {LONG}
+
+
+def _lose_iv(stack: Stack, ino: int) -> None:
+    """Delete directory ``ino``'s backing IV file and the mount's cached copy."""
+    fd = stack.tree.open_dir(ino)
+    try:
+        os.unlink(DIRIV_NAME, dir_fd=fd)
+    finally:
+        os.close(fd)
+    stack.tree.dirs.forget(ino)
+
+
+def _iv_file(stack: Stack, ino: int) -> bytes | None:
+    fd = stack.tree.open_dir(ino)
+    try:
+        iv = os.open(DIRIV_NAME, os.O_RDONLY, dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return os.read(iv, 17)
+    finally:
+        os.close(iv)
+
+
+def test_a_lost_iv_under_a_long_name_is_derived_and_written_back(stack):
+    """The directory's name is read through its sidecar to derive the IV."""
+    d, _ = stack.tree.mkdir(ROOT_INODE, LONG, 0o755)
+    iv = stack.tree.diriv(d.ino)
+    touch(stack, d.ino, b"f")
+    _lose_iv(stack, d.ino)
+    assert plain(stack, d.ino) == {b"f"}
+    assert _iv_file(stack, d.ino) == iv
+
+
+def test_a_failed_write_back_leaves_no_partial_iv(stack, monkeypatch, caplog):
+    """A half-written IV file would read as damaged, where a missing one can
+    still be derived: none is left, and the mount goes on with the IV."""
+    d, _ = stack.tree.mkdir(ROOT_INODE, b"d", 0o755)
+    touch(stack, d.ino, b"f")
+    _lose_iv(stack, d.ino)
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("cryptfs.names.filenames.os.fsync", failing_fsync)
+    assert plain(stack, d.ino) == {b"f"}
+    assert _iv_file(stack, d.ino) is None
+    assert "could not write it back" in caplog.text
+
+
+def test_a_long_named_directory_without_iv_or_sidecar_reads_eio(stack, caplog):
+    """Its name cannot be read, so its IV cannot be derived: EIO for what
+    is inside, logged once, and the rest of the tree works."""
+    d, _ = stack.tree.mkdir(ROOT_INODE, LONG, 0o755)
+    touch(stack, d.ino, b"f")
+    (sidecar,) = [n for n in backing(stack) if n.endswith(".name")]
+    fd = stack.tree.open_dir(ROOT_INODE)
+    try:
+        os.unlink(sidecar, dir_fd=fd)
+    finally:
+        os.close(fd)
+    _lose_iv(stack, d.ino)
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            plain(stack, d.ino)
+        assert info.value.errno == errno.EIO
+    assert caplog.text.count("cannot be derived") == 1
+    touch(stack, ROOT_INODE, b"other")
+    assert _iv_file(stack, d.ino) is None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cryptfs.fs.tree import SYMLINK_TMP_PREFIX
-from cryptfs.keys.keyfile import FEATURE_BOUND_METADATA, KeyFile
+from cryptfs.keys.keyfile import FEATURE_BOUND_METADATA, FEATURE_CONVERGENT_DIRIVS, KeyFile
 from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from tests.conftest import (
     Mount,
@@ -71,7 +71,8 @@ def rename2(old: Path, new: Path, flags: int) -> None:
 
 def test_init_writes_the_flag(fmt, request):
     features = KeyFile.load(fmt.cipherdir).features
-    assert features == ([FEATURE_BOUND_METADATA] if "bound" in request.node.name else [])
+    assert features == ([FEATURE_BOUND_METADATA, FEATURE_CONVERGENT_DIRIVS]
+                        if "bound" in request.node.name else [])
 
 
 def test_swapped_symlink_targets(fmt):
@@ -347,7 +348,8 @@ def test_authenticated_directories_bind_metadata_too(tmp_path):
     an empty file given a header for its first xattr stays empty)."""
     passfile, cipher = tmp_path / "pw", tmp_path / "cipher"
     init_cipherdir(cipher, passfile, "--authenticated")
-    assert KeyFile.load(cipher).features == ["authenticated", FEATURE_BOUND_METADATA]
+    assert KeyFile.load(cipher).features == ["authenticated", FEATURE_BOUND_METADATA,
+                                             FEATURE_CONVERGENT_DIRIVS]
     mount = Mount(cipher, tmp_path / "plain", passfile, "openssl")
     try:
         mount.start()

@@ -27,9 +27,16 @@ from cryptfs.engines.base import XtsEngine
 from cryptfs.errors import ExitCode
 from cryptfs.fs.tree import read_xattr_owner
 from cryptfs.keys.hierarchy import KeyRing
-from cryptfs.keys.keyfile import KEYFILE_NAME, KeyFile
+from cryptfs.keys.keyfile import FEATURE_CONVERGENT_DIRIVS, KEYFILE_NAME, KeyFile
 from cryptfs.keys.recovery import decode_recovery_code
-from cryptfs.names.filenames import NameCipher, is_longname, is_reserved, read_diriv, sidecar_name
+from cryptfs.names.filenames import (
+    DIRIV_NAME,
+    NameCipher,
+    is_longname,
+    is_reserved,
+    read_diriv,
+    sidecar_name,
+)
 from cryptfs.names.metadata import MetadataCipher, SymlinkPlace, XattrOwner
 from tests.conftest import ENGINE_PARAMS, MOUNT_TIMEOUT, Mount, cryptfs_cmd, mount_engine_param
 
@@ -189,3 +196,28 @@ def test_fsck_finds_nothing(golden):
                           capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
     assert proc.returncode == ExitCode.OK, proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["problems"] == []
+
+
+def test_convergent_ivs_are_the_derived_ones(golden):
+    """In a ``convergent-dirivs`` directory every IV but the root's is the
+    one derived from its parent's IV and its name (no directory in the
+    fixtures was renamed): a change to the derivation would make machines
+    of two cryptfs versions write different IVs for one path again."""
+    keyfile = KeyFile.load(golden.cipher)
+    if FEATURE_CONVERGENT_DIRIVS not in keyfile.features:
+        pytest.skip("random directory IVs")
+    keys = keyfile.unlock(golden.password)
+    names = NameCipher.for_features(keys, keyfile.features)
+    checked = 0
+    for dirpath, dirnames, _ in os.walk(golden.cipher):
+        parent_iv = (Path(dirpath) / DIRIV_NAME).read_bytes()
+        for entry in dirnames:
+            if is_longname(entry):
+                name = names.decode_longname(
+                    parent_iv, entry, (Path(dirpath) / sidecar_name(entry)).read_bytes())
+            else:
+                name = names.decode(parent_iv, entry)
+            iv = (Path(dirpath) / entry / DIRIV_NAME).read_bytes()
+            assert iv == names.derived_diriv(parent_iv, name), (dirpath, name)
+            checked += 1
+    assert checked >= 2

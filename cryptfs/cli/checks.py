@@ -61,7 +61,7 @@ def _fsck(cipherdir: Path, args: argparse.Namespace) -> None:
                             keys)
     try:
         codec = ContentCodec(keys, sessions, keyfile.authenticated)
-        names = NameCipher(keys)
+        names = NameCipher.for_features(keys, keyfile.features)
         metadata = MetadataCipher.for_features(keys, keyfile.features)
         repaired = repair.Repair(str(cipherdir), names, metadata).run() if args.repair else []
         checker = Checker(str(cipherdir), codec, names, metadata,

@@ -88,7 +88,8 @@ def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
 
     inodes = InodeTable((st.st_dev, st.st_ino), on_gone=gone)
     metadata = MetadataCipher.for_features(keys, features)
-    tree = BackingTree(root_fd, inodes, NameCipher(keys), dirs, metadata, codec)
+    tree = BackingTree(root_fd, inodes, NameCipher.for_features(keys, features), dirs,
+                       metadata, codec, read_only=options.read_only)
     try:
         tree.diriv(pyfuse3.ROOT_INODE)
     except NameDecodeError as exc:

@@ -32,6 +32,19 @@ or at both names (both valid), never lost; a stray temporary
 to a symlink is stored as such a re-sealed copy (the target is the same;
 the copy's link count is 1).  Xattrs are sealed to their owner: a regular
 file's ID (from its header) or a directory's IV.
+
+With convergent directory IVs (docs/format.md §5.1) a directory whose
+``cryptfs.diriv`` is missing (a sync tool recreated it: another machine
+renamed it while this one added a file under the old name) gets its IV
+derived again from its parent's IV and its name.  It is used if one of its
+entries decodes under it, and then written back (read-write mounts), so the
+directory heals wherever the sync tool carries it.  A directory with no
+encrypted entry to confirm it gets the derived IV too, but only for the
+moment (not cached) and written only before an entry is made in it: a sync
+tool may be about to deliver the real IV of a directory renamed on another
+machine, which no entry of it can yet contradict.  A directory renamed
+since it was made got its IV from its old name: it cannot be derived, its
+names stay unreadable (EIO), logged once; ``cryptfs fsck`` lists it.
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ from typing import Any, TypeVar
 
 from cryptfs.content.codec import ContentCodec, EncryptedFile
 from cryptfs.content.format import HEADER_SIZE, FileHeader
-from cryptfs.errors import NameDecodeError, StaleInodeError
+from cryptfs.errors import DirIvMissingError, NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache, ShownNames
 from cryptfs.fs.inodes import ROOT_INODE, ClosedFileId, Inode, InodeTable
 from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2, syncfs
@@ -61,9 +74,11 @@ from cryptfs.names.filenames import (
     BackingName,
     NameCipher,
     create_diriv,
+    derive_missing_diriv,
     is_longname,
     read_diriv,
     sidecar_name,
+    write_derived_diriv,
 )
 from cryptfs.names.metadata import (
     OWNER_DIRECTORY,
@@ -221,11 +236,13 @@ def ensure_header(codec: ContentCodec, path: str, dir_fd: int | None = None,
 
 class BackingTree:
     def __init__(self, root_fd: int, inodes: InodeTable, names: NameCipher,
-                 dirs: DirCache, metadata: MetadataCipher, codec: ContentCodec) -> None:
+                 dirs: DirCache, metadata: MetadataCipher, codec: ContentCodec,
+                 read_only: bool = False) -> None:
         """``root_fd``: an ``O_PATH`` descriptor of the cipher directory (the
         tree owns it); ``dirs`` is the cache the inode table's ``on_gone``
         clears; ``metadata`` seals symlink targets (and, if bound, tells
-        what xattrs are sealed to, read with ``codec``)."""
+        what xattrs are sealed to, read with ``codec``); ``read_only``: a
+        derived directory IV is not written back."""
         self._root_fd = root_fd
         self._inodes = inodes
         self._names = names
@@ -234,6 +251,8 @@ class BackingTree:
         self._codec = codec
         self._unsynced = UnsyncedSidecars()
         self._undecryptable = Once()  # directories whose undecryptable entries were logged
+        self._read_only = read_only
+        self._derived_notes = Once()  # directories whose missing IV was logged
 
     def close(self) -> None:
         self.dirs.close()
@@ -320,9 +339,77 @@ class BackingTree:
     def diriv(self, dir_ino: int) -> bytes:
         iv = self.dirs.iv(dir_ino)
         if iv is None:
-            iv = read_diriv(self._dir_fd(dir_ino))
+            try:
+                iv = read_diriv(self._dir_fd(dir_ino))
+            except DirIvMissingError:
+                if dir_ino == ROOT_INODE or not self._names.convergent:
+                    raise
+                iv, confirmed = self._recover_diriv(dir_ino)
+                if not confirmed:
+                    return iv  # not cached: the real one may yet arrive (module docstring)
             self.dirs.set_iv(dir_ino, iv)
         return iv
+
+    def _recover_diriv(self, dir_ino: int) -> tuple[bytes, bool]:
+        """The derived IV of directory ``dir_ino``, whose IV file is missing,
+        and whether an entry confirmed it (then it is written back unless the
+        mount is read-only); ``OSError(EIO)`` if it cannot be derived."""
+        parent, backing = self._inodes.link(dir_ino)
+        parent_iv = self.diriv(parent)
+        with self._pinned(parent) as (parent_fd,):
+            try:
+                name = self._decode(parent_fd, parent_iv, os.fsdecode(backing))
+            except (NameDecodeError, OSError):  # a long name whose sidecar is gone too
+                name = None
+        where = os.fsdecode(self._inodes.path(dir_ino))
+        fd = self.open_dir(dir_ino)
+        try:
+            derived = None if name is None else \
+                derive_missing_diriv(fd, self._names, parent_iv, name)
+            if derived is None:
+                if self._derived_notes.first(self._inodes.get(dir_ino).dev_ino):
+                    log.warning("directory %r has no %s and its IV cannot be derived from "
+                                "its name (renamed since it was made?): its entries stay "
+                                "unreadable; cryptfs fsck lists them", where, DIRIV_NAME)
+                raise OSError(errno.EIO, f"directory {where!r} has no {DIRIV_NAME}")
+            if derived.confirmed and not self._read_only:
+                return self._write_back(dir_ino, fd, derived.iv, where), True
+        finally:
+            os.close(fd)
+        return derived.iv, derived.confirmed
+
+    def _write_back(self, dir_ino: int, fd: int, iv: bytes, where: str) -> bytes:
+        """Store a derived IV in directory ``fd`` (once per directory: fsync'd
+        here, on the event loop, as it happens once per healed directory);
+        the IV to use: the one found there if another writer was first, ours
+        if the write fails (logged: the directory works for this mount)."""
+        try:
+            if not write_derived_diriv(fd, iv):
+                return read_diriv(fd)
+        except OSError as exc:
+            log.warning("directory %r had no %s: derived it from its name, but could not "
+                        "write it back: %s", where, DIRIV_NAME, exc)
+            return iv
+        if self._derived_notes.first(self._inodes.get(dir_ino).dev_ino):
+            log.warning("directory %r had no %s (a sync tool recreated it?): derived it "
+                        "from its name and wrote it back", where, DIRIV_NAME)
+        return iv
+
+    def _settle_diriv(self, dir_ino: int) -> None:
+        """Before something is made in ``dir_ino`` that depends on its IV: a
+        derived IV that no entry confirmed yet is written now, so the new
+        entry's name survives a rename of the directory."""
+        if dir_ino == ROOT_INODE or self.dirs.iv(dir_ino) is not None:
+            return
+        iv = self.diriv(dir_ino)
+        if self.dirs.iv(dir_ino) is not None or self._read_only:
+            return  # read from its file (or confirmed) after all
+        fd = self.open_dir(dir_ino)
+        try:
+            iv = self._write_back(dir_ino, fd, iv, os.fsdecode(self._inodes.path(dir_ino)))
+        finally:
+            os.close(fd)
+        self.dirs.set_iv(dir_ino, iv)
 
     def entry(self, parent: int, name: bytes) -> BackingName:
         """Where ``name`` lives in directory ``parent``: a conflict copy (or
@@ -496,6 +583,8 @@ class BackingTree:
         if (st.st_dev, st.st_ino) != inode.dev_ino:
             raise StaleInodeError(f"backing entry of inode {ino} was replaced")
         if stat.S_ISDIR(st.st_mode):
+            if create:
+                self._settle_diriv(ino)
             return XattrOwner(OWNER_DIRECTORY, self.diriv(ino))
         if not stat.S_ISREG(st.st_mode):
             return None
@@ -534,6 +623,7 @@ class BackingTree:
         (mknod, symlink, open with O_CREAT), its long-name sidecar first;
         on failure neither is left behind.  ``mode``: its permission bits
         exactly (None: a symlink's, which has none)."""
+        self._settle_diriv(parent)
         entry = self.entry(parent, name)
         return self._make(parent, self._dir_fd(parent), entry, make, owner, fresh=True,
                           mode=mode)
@@ -585,6 +675,7 @@ class BackingTree:
         """A new hard link of ``ino`` at ``parent/name``; for a bound
         symlink, a copy re-sealed for its name (a new backing inode)."""
         source_parent, source = self._inodes.link(ino)
+        self._settle_diriv(parent)
         entry = self.entry(parent, name)
         place = self._place(parent, entry.name)
         with self._pinned(source_parent, parent) as (source_fd, fd):
@@ -631,8 +722,11 @@ class BackingTree:
 
     def mkdir(self, parent: int, name: bytes, mode: int,
               owner: Owner = None) -> tuple[Inode, os.stat_result]:
-        """A new directory with its IV; on failure nothing is left behind."""
+        """A new directory with its IV (derived from the parent's and
+        ``name`` with convergent IVs); on failure nothing is left behind."""
+        self._settle_diriv(parent)
         entry = self.entry(parent, name)
+        new_iv = self._names.new_diriv(self.diriv(parent), name)
         made: list[bytes] = []  # the new directory's IV, once it is complete
 
         def make(dir_fd: int, backing: str) -> None:
@@ -641,7 +735,7 @@ class BackingTree:
             try:
                 fd = os.open(backing, _DIR_READ, dir_fd=dir_fd)
                 try:
-                    iv = create_diriv(fd, sync=False)  # the caller fsyncs it: sync_diriv
+                    iv = create_diriv(fd, sync=False, dir_iv=new_iv)  # fsync: _sync_diriv
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(DIRIV_NAME, dir_fd=fd)
@@ -699,13 +793,17 @@ class BackingTree:
             os.close(fd)
 
     @staticmethod
-    def _take_diriv(fd: int) -> bytes:
+    def _take_diriv(fd: int) -> bytes | None:
         """Check that directory ``fd`` holds nothing but its IV; remove the
-        IV and return its contents."""
+        IV and return its contents (None: it had none, as a directory a
+        sync tool recreated)."""
         with os.scandir(fd) as entries:
             if any(entry.name != DIRIV_NAME for entry in entries):
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
-        iv = os.open(DIRIV_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            iv = os.open(DIRIV_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except FileNotFoundError:
+            return None
         try:
             saved = os.read(iv, DIRIV_LEN + 1)
         finally:
@@ -720,6 +818,7 @@ class BackingTree:
         """rename(2) with ``RENAME_NOREPLACE``/``RENAME_EXCHANGE``: sidecars
         follow long names, and an empty directory replaced by another one
         loses its IV first (restored if the rename fails)."""
+        self._settle_diriv(new_parent)
         old = self.entry(old_parent, old_name)
         new = self.entry(new_parent, new_name)
         old_link = (old_parent, old.name.encode())
@@ -980,7 +1079,9 @@ def _holds(dir_fd: int, name: str, data: bytes) -> bool:
         os.close(fd)
 
 
-def _restore_diriv(dir_fd: int, saved: bytes) -> None:
+def _restore_diriv(dir_fd: int, saved: bytes | None) -> None:
+    if saved is None:
+        return
     fd = os.open(DIRIV_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440,
                  dir_fd=dir_fd)
     try:

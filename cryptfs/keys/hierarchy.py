@@ -25,6 +25,8 @@ INFO_NAMES = b"cryptfs v1 filename key"
 INFO_METADATA = b"cryptfs v1 metadata key"
 INFO_KEYFILE_MAC = b"cryptfs v1 key file mac key"
 INFO_PAGE_TAG = b"cryptfs v1 page tag key"
+INFO_DIRIV = b"cryptfs v1 directory iv key"  # convergent directory IVs
+INFO_SYMLINK_NONCE = b"cryptfs v1 symlink nonce key"  # convergent symlink targets
 
 
 def hkdf_sha512(ikm: bytes, info: bytes, length: int) -> bytes:
@@ -52,6 +54,9 @@ class KeyRing:
         self.metadata_key = hkdf_sha512(master, INFO_METADATA, 64)
         self.keyfile_mac_key = hkdf_sha512(master, INFO_KEYFILE_MAC, 32)
         self.page_tag_key = hkdf_sha512(master, INFO_PAGE_TAG, 32)  # authenticated mode
+        # feature convergent-dirivs (docs/format.md §5.1, §6.1)
+        self.diriv_key = hkdf_sha512(master, INFO_DIRIV, 32)
+        self.symlink_nonce_key = hkdf_sha512(master, INFO_SYMLINK_NONCE, 32)
         # HKDF is Extract then Expand (RFC 5869); the Extract step is the
         # same for every file, so it is done once and each file's key costs
         # one Expand (half the work, same bytes as ``hkdf_sha512``).

@@ -51,11 +51,15 @@ FORMAT_VERSION = 1
 # Feature flags this release understands.  A key file may require only these.
 FEATURE_AUTHENTICATED = "authenticated"  # page tags on every file (format.md §4.6)
 FEATURE_BOUND_METADATA = "bound-metadata"  # targets and xattrs sealed to their entry (format.md §2)
-KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_BOUND_METADATA, FEATURE_AUTHENTICATED})
+# Directory IVs (and symlink nonces) derived from their place, so two
+# machines that make the same path write the same bytes (format.md §5.1)
+FEATURE_CONVERGENT_DIRIVS = "convergent-dirivs"
+KNOWN_FEATURES: frozenset[str] = frozenset(
+    {FEATURE_BOUND_METADATA, FEATURE_AUTHENTICATED, FEATURE_CONVERGENT_DIRIVS})
 # What ``cryptfs init`` writes (a key file without them is an older format,
 # still read and written in its own encoding); ``init --authenticated`` adds
 # FEATURE_AUTHENTICATED.
-NEW_FEATURES: tuple[str, ...] = (FEATURE_BOUND_METADATA,)
+NEW_FEATURES: tuple[str, ...] = (FEATURE_BOUND_METADATA, FEATURE_CONVERGENT_DIRIVS)
 MAX_KEYFILE_BYTES = 1 << 20
 
 # The fixed content and name parameters of format version 1 (bound into

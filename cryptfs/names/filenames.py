@@ -1,12 +1,17 @@
 """Encrypted file names: plaintext name <-> backing name.
 
-Each backing directory holds a random 16-byte *directory IV* in the file
-``cryptfs.diriv``.  A name is padded (PKCS#7 to a multiple of 16, hiding its
-exact length), sealed with AES-256-SIV under the filename key with the
-associated data ``["cryptfs v1 name", diriv]``, and encoded as unpadded
-base64url.  SIV is deterministic, so a lookup needs no directory listing;
-the directory IV makes the same name differ between directories; and since
-SIV is a PRF over the whole name, names sharing a prefix share nothing.
+Each backing directory holds a 16-byte *directory IV* in the file
+``cryptfs.diriv``: random, or with the key file feature ``convergent-dirivs``
+(every new cipher directory) derived at mkdir from the parent's IV and the
+new directory's name, so two machines that make the same path write the same
+IV and a sync tool sees no conflict; a lost IV can then be derived again
+(``derive_missing_diriv``) unless the directory was renamed since it was
+made.  A name is padded (PKCS#7 to a multiple of 16, hiding its exact
+length), sealed with AES-256-SIV under the filename key with the associated
+data ``["cryptfs v1 name", diriv]``, and encoded as unpadded base64url.  SIV
+is deterministic, so a lookup needs no directory listing; the directory IV
+makes the same name differ between directories; and since SIV is a PRF
+over the whole name, names sharing a prefix share nothing.
 
 Encoded names longer than 255 bytes are stored as
 ``cryptfs.longname.<base64url(SHA-256(encoded))>`` with the full encoded name
@@ -18,19 +23,24 @@ all start with ``cryptfs.``.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import os
 import re
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-from cryptfs.errors import InvalidNameError, NameDecodeError, NameTooLongError
+from cryptfs.errors import DirIvMissingError, InvalidNameError, NameDecodeError, NameTooLongError
 from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.keys.keyfile import FEATURE_CONVERGENT_DIRIVS
 
 NAME_MAX = 255  # bytes, for plaintext and backing names alike
 DIRIV_NAME = "cryptfs.diriv"
@@ -39,6 +49,7 @@ LONGNAME_PREFIX = "cryptfs.longname."
 SIDECAR_SUFFIX = ".name"
 RESERVED_PREFIX = "cryptfs."
 NAME_AD = b"cryptfs v1 name"
+DIRIV_LABEL = b"cryptfs v1 directory iv"  # HMAC input prefix of a derived IV
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _LONGNAME = re.compile(re.escape(LONGNAME_PREFIX) + r"[A-Za-z0-9_-]{43}")
 
@@ -139,10 +150,33 @@ class NameCipher:
     decryption: listing what was just created, a lookup after a listing, or
     ``rm -rf`` listing a directory three times cost no cipher work."""
 
-    def __init__(self, keys: KeyRing) -> None:
+    def __init__(self, keys: KeyRing, convergent: bool = False) -> None:
+        """``convergent``: new directories get derived IVs (``new_diriv``)."""
         self._siv = AESSIV(keys.name_key)
         self._backing = _LRU(NAME_CACHE_SIZE)  # (dir IV, name) -> BackingName
         self._plain = _LRU(NAME_CACHE_SIZE)  # (dir IV, full encoded name) -> name
+        self._diriv_key = keys.diriv_key if convergent else None
+
+    @classmethod
+    def for_features(cls, keys: KeyRing, features: Collection[str]) -> NameCipher:
+        return cls(keys, FEATURE_CONVERGENT_DIRIVS in features)
+
+    @property
+    def convergent(self) -> bool:
+        return self._diriv_key is not None
+
+    def new_diriv(self, parent_iv: bytes, name: bytes) -> bytes:
+        """The IV of a new directory ``name`` in the directory with IV ``parent_iv``."""
+        if self._diriv_key is None:
+            return secrets.token_bytes(DIRIV_LEN)
+        return derive_diriv(self._diriv_key, parent_iv, name)
+
+    def derived_diriv(self, parent_iv: bytes, name: bytes) -> bytes | None:
+        """The IV ``name`` got if it was made in its parent under that name;
+        None where IVs are random."""
+        if self._diriv_key is None:
+            return None
+        return derive_diriv(self._diriv_key, parent_iv, name)
 
     def to_backing(self, dir_iv: bytes, name: bytes) -> BackingName:
         entry = self._backing.get((dir_iv, name))
@@ -207,17 +241,40 @@ class NameCipher:
 # --- directory IVs ---------------------------------------------------------------
 
 
-def create_diriv(dir_fd: int, sync: bool = True) -> bytes:
-    """Write a fresh directory IV into the (new, empty) backing directory;
-    ``sync=False``: the caller fsyncs it (the mount does, off its event loop)."""
-    dir_iv = secrets.token_bytes(DIRIV_LEN)
+def derive_diriv(key: bytes, parent_iv: bytes, name: bytes) -> bytes:
+    """A convergent directory IV: the first 16 bytes of HMAC-SHA256 under
+    ``K_diriv`` of label, parent IV and plaintext name (docs/format.md §5.1).
+    The label and the IV have fixed lengths, so the input is unambiguous."""
+    if len(parent_iv) != DIRIV_LEN:
+        raise ValueError(f"directory IV must be {DIRIV_LEN} bytes")
+    check_name(name)
+    mac = hmac.HMAC(key, hashes.SHA256())
+    mac.update(DIRIV_LABEL + parent_iv + name)
+    return mac.finalize()[:DIRIV_LEN]
+
+
+def create_diriv(dir_fd: int, sync: bool = True, dir_iv: bytes | None = None) -> bytes:
+    """Write a directory IV (``dir_iv``, or fresh random bytes) into the
+    (new, empty) backing directory; ``sync=False``: the caller fsyncs it
+    (the mount does, off its event loop)."""
+    if dir_iv is None:
+        dir_iv = secrets.token_bytes(DIRIV_LEN)
+    if len(dir_iv) != DIRIV_LEN:
+        raise ValueError(f"directory IV must be {DIRIV_LEN} bytes")
     fd = os.open(DIRIV_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440,
                  dir_fd=dir_fd)
     try:
         os.fchmod(fd, 0o440)  # whatever the daemon's umask
-        os.write(fd, dir_iv)
+        if os.write(fd, dir_iv) != DIRIV_LEN:
+            raise OSError(errno.EIO, f"short write to {DIRIV_NAME}")
         if sync:
             os.fsync(fd)
+    except BaseException:
+        # A partial IV file reads as damaged, where a missing one may still
+        # be derived: leave none (ours: O_EXCL made it).
+        with contextlib.suppress(OSError):
+            os.unlink(DIRIV_NAME, dir_fd=dir_fd)
+        raise
     finally:
         os.close(fd)
     return dir_iv
@@ -229,7 +286,7 @@ def read_diriv(dir_fd: int) -> bytes:
     try:
         fd = os.open(DIRIV_NAME, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError as exc:
-        raise NameDecodeError(f"directory has no {DIRIV_NAME}") from exc
+        raise DirIvMissingError(f"directory has no {DIRIV_NAME}") from exc
     try:
         data = os.read(fd, DIRIV_LEN + 1)
     finally:
@@ -239,3 +296,77 @@ def read_diriv(dir_fd: int) -> bytes:
     return data
 
 
+
+
+@dataclass(frozen=True, slots=True)
+class DerivedIv:
+    """A missing directory IV derived again.  ``confirmed``: an entry of the
+    directory decodes under it; otherwise no entry needed an IV (nothing
+    could contradict it)."""
+
+    iv: bytes
+    confirmed: bool
+
+
+def derive_missing_diriv(dir_fd: int, names: NameCipher, parent_iv: bytes,
+                         name: bytes) -> DerivedIv | None:
+    """The IV that directory ``dir_fd`` (named ``name`` in the directory with
+    IV ``parent_iv``) got at mkdir, if it can be trusted: a directory renamed
+    since it was made got its IV from its old name, which is not known, so
+    the derived IV is used only when one of its encrypted entries decodes
+    under it or it has none.  None: not derivable (random IVs, or no entry
+    decodes)."""
+    iv = names.derived_diriv(parent_iv, name)
+    if iv is None:
+        return None
+    needing = 0
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if not _needs_iv(entry.name):
+                continue
+            needing += 1
+            if _decodes(dir_fd, names, iv, entry.name):
+                return DerivedIv(iv, confirmed=True)
+    return DerivedIv(iv, confirmed=False) if needing == 0 else None
+
+
+def _needs_iv(backing: str) -> bool:
+    """Whether a backing entry is an encrypted name (foreign files, sync
+    tools' temporaries and conflict copies, and our own files are not)."""
+    if backing.startswith(RESERVED_PREFIX):
+        return is_longname(backing)
+    try:
+        sealed = unb64url(backing)
+    except ValueError:
+        return False
+    return len(sealed) >= 32 and len(sealed) % 16 == 0
+
+
+def _decodes(dir_fd: int, names: NameCipher, iv: bytes, backing: str) -> bool:
+    try:
+        if not is_longname(backing):
+            names.decode(iv, backing)
+            return True
+        fd = os.open(sidecar_name(backing), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            sidecar = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        names.decode_longname(iv, backing, sidecar)
+        return True
+    except (NameDecodeError, OSError):
+        return False
+
+
+def write_derived_diriv(dir_fd: int, dir_iv: bytes) -> bool:
+    """Put a derived IV back into directory ``dir_fd`` as mkdir would have
+    (``O_EXCL``, mode 0440, fsync'd, then the directory fsync'd), so the
+    directory heals wherever a sync tool carries it.  False if an IV file
+    is there already (left as it is).  For the mount and for fsck's repair."""
+    try:
+        create_diriv(dir_fd, sync=True, dir_iv=dir_iv)
+    except FileExistsError:
+        return False
+    os.fsync(dir_fd)
+    return True

@@ -20,6 +20,11 @@ bytes so their exact lengths do not show.
   so equal names differ between files; the value is
   ``R || SIV(pad(value), ["cryptfs v2 xattr value", kind, id, stored name, R])``.
 
+With ``convergent-dirivs`` a symlink's nonce R is not random but derived
+from what it seals (``symlink_nonce``): the same symlink made at the same
+place on two machines is stored byte for byte the same.  Xattr values keep
+random nonces (docs/format.md §6.1 says why).
+
 **Version 1** (no flag): the same shapes without the owner, the entry or the
 padding: a target is ``["cryptfs v1 symlink", R]``, a name
 ``["cryptfs v1 xattr name"]`` (identical on every file), a value
@@ -33,6 +38,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from cryptfs.errors import (
@@ -42,7 +48,7 @@ from cryptfs.errors import (
     XattrTooBigError,
 )
 from cryptfs.keys.hierarchy import KeyRing
-from cryptfs.keys.keyfile import FEATURE_BOUND_METADATA
+from cryptfs.keys.keyfile import FEATURE_BOUND_METADATA, FEATURE_CONVERGENT_DIRIVS
 from cryptfs.names.filenames import b64url, pad16, unb64url, unpad16
 
 NONCE_LEN = 16
@@ -57,6 +63,7 @@ XATTR_VALUE_AD = b"cryptfs v1 xattr value"
 BOUND_SYMLINK_AD = b"cryptfs v2 symlink"
 BOUND_XATTR_NAME_AD = b"cryptfs v2 xattr name"
 BOUND_XATTR_VALUE_AD = b"cryptfs v2 xattr value"
+SYMLINK_NONCE_LABEL = b"cryptfs v1 symlink nonce"  # HMAC input prefix (convergent)
 OWNER_FILE = b"file"
 OWNER_DIRECTORY = b"directory"
 
@@ -85,15 +92,19 @@ class MetadataCipher:
     Version 1 ignores ``place`` and ``owner`` (an owner may be None there)."""
 
     def __init__(self, keys: KeyRing, bound: bool,
-                 random: Callable[[int], bytes] = secrets.token_bytes) -> None:
-        """``random`` supplies nonces (fixed only by scripts/metadata-example)."""
+                 random: Callable[[int], bytes] = secrets.token_bytes,
+                 convergent: bool = False) -> None:
+        """``random`` supplies nonces (fixed only by scripts/metadata-example);
+        ``convergent``: symlink nonces are derived (``symlink_nonce``)."""
         self._siv = AESSIV(keys.metadata_key)
         self.bound = bound
         self._random = random
+        self._nonce_key = keys.symlink_nonce_key if convergent else None
 
     @classmethod
     def for_features(cls, keys: KeyRing, features: Collection[str]) -> MetadataCipher:
-        return cls(keys, FEATURE_BOUND_METADATA in features)
+        return cls(keys, FEATURE_BOUND_METADATA in features,
+                   convergent=FEATURE_CONVERGENT_DIRIVS in features)
 
     def _pad(self, data: bytes) -> bytes:
         return pad16(data) if self.bound else data
@@ -116,7 +127,8 @@ class MetadataCipher:
     def encrypt_target(self, target: bytes, place: SymlinkPlace) -> bytes:
         if not target or b"\x00" in target:
             raise InvalidNameError("symlink target is empty or contains NUL")
-        nonce = self._random(NONCE_LEN)
+        nonce = self._random(NONCE_LEN) if self._nonce_key is None else \
+            symlink_nonce(self._nonce_key, target, place)
         sealed = self._siv.encrypt(self._pad(target), self._target_ad(nonce, place))
         stored = b64url(nonce + sealed).encode()
         if len(stored) >= PATH_MAX:
@@ -198,3 +210,13 @@ class MetadataCipher:
             raise NameDecodeError("xattr value does not decrypt (damaged, or moved from "
                                   "another attribute or entry)") from exc
         return self._unpad(value)
+
+
+def symlink_nonce(key: bytes, target: bytes, place: SymlinkPlace) -> bytes:
+    """A convergent symlink's R: the first 16 bytes of HMAC-SHA256 under
+    ``K_symlink`` of label, parent IV, entry name, a zero byte (no entry
+    name holds one) and target (docs/format.md §6.1).  SIV stays safe with
+    a repeated R: equal stored targets mean equal targets at equal places."""
+    mac = hmac.HMAC(key, hashes.SHA256())
+    mac.update(SYMLINK_NONCE_LABEL + place.dir_iv + place.entry + b"\x00" + target)
+    return mac.finalize()[:NONCE_LEN]

@@ -10,6 +10,10 @@ path and, where it could be decrypted, the plaintext path.  Sync-tool
 conflict copies and names stranded under a copy of a directory IV are read
 as the mount reads them (``names/resolve.py``) and listed with their
 plaintext names.  It only reads (``tools/repair.py`` is ``--repair``).
+
+A directory whose IV file is missing but derivable (``convergent-dirivs``,
+docs/format.md §5.1) is reported as ``diriv-missing`` and checked with the
+derived IV, kept in ``Checker.derived`` for ``write_back_diriv``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from cryptfs.engines.base import PAGE_SIZE
 from cryptfs.errors import (
     BackingSizeError,
     CryptfsError,
+    DirIvMissingError,
     FileNameError,
     HeaderAuthError,
     HeaderCorruptError,
@@ -44,8 +49,10 @@ from cryptfs.names.filenames import (
     DIRIV_NAME,
     SIDECAR_SUFFIX,
     NameCipher,
+    derive_missing_diriv,
     is_longname,
     read_diriv,
+    write_derived_diriv,
 )
 from cryptfs.names.metadata import MetadataCipher, SymlinkPlace, XattrOwner
 from cryptfs.names.resolve import Directory, Shown, resolve
@@ -62,7 +69,7 @@ MOVED_CANDIDATES = 256  # failing pages kept to look for pages moved elsewhere
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # diriv, name, sidecar, symlink, xattr, size, header, header-mac,
+    kind: str  # diriv, diriv-missing, name, sidecar, symlink, xattr, size, header, header-mac,
     #            version, final-page, io, stale-keyfile, leftover; authenticated
     #            directories also tag-missing, page-zeroed, page-moved, page-tag,
     #            truncated; sync tools' copies: conflict, stranded, conflict-diriv,
@@ -119,6 +126,9 @@ class Checker:
         self.root = os.path.abspath(cipherdir)
         self.codec, self.names, self.metadata = codec, names, metadata
         self.problems: list[Problem] = []
+        # Directories whose missing IV was derived: backing path -> IV
+        # (what ``write_back_diriv`` puts back).
+        self.derived: dict[str, bytes] = {}
         # Authenticated mode: failing pages, to recognise one that was moved
         # (it matches the tag of the place it came from): (file ID, page, problem).
         self._failed: list[tuple[bytes, BadPage, Problem]] = []
@@ -171,12 +181,17 @@ class Checker:
                         "(pages swapped or moved)")
                     break
 
-    def _check_dir(self, fd: int, rel: str, plain: str) -> None:
+    def _check_dir(self, fd: int, rel: str, plain: str,
+                   origin: tuple[bytes, bytes] | None = None) -> None:
+        """``origin``: the parent's IV and this directory's plaintext name
+        (None for the root, or a name that does not decrypt)."""
         try:
             dir_iv = read_diriv(fd)
         except (OSError, FileNameError) as exc:
-            self.report("diriv", rel, plain, f"directory IV unusable, names lost: {exc}")
-            return
+            derived = self._derive_diriv(fd, rel, plain, origin, exc)
+            if derived is None:
+                return
+            dir_iv = derived
         try:
             entries = sorted(os.listdir(fd))
         except OSError as exc:
@@ -257,6 +272,30 @@ class Checker:
                     "mount; keep, rename or delete it there",
                     {**_marker(copy), "original": original, "shown": os.fsdecode(shown.name)})
 
+    def _derive_diriv(self, fd: int, rel: str, plain: str,
+                      origin: tuple[bytes, bytes] | None, exc: Exception) -> bytes | None:
+        """The IV to check a directory without a usable IV file with: its
+        derived IV, reported as ``diriv-missing``; None (reported as
+        ``diriv``) where there is none."""
+        derived = None
+        if isinstance(exc, DirIvMissingError) and origin is not None:
+            try:
+                derived = derive_missing_diriv(fd, self.names, *origin)
+            except OSError as err:
+                self.report("io", rel, plain, f"directory unreadable: {err}")
+                return None
+        if derived is None:
+            hint = " (convergent IVs: it cannot be derived from its name, so it was " \
+                "renamed since it was made)" if self.names.convergent and origin else ""
+            self.report("diriv", rel, plain, f"directory IV unusable, names lost: {exc}{hint}")
+            return None
+        self.derived[rel or "."] = derived.iv
+        self.report("diriv-missing", rel, plain,
+                    f"{DIRIV_NAME} is missing but derivable from the directory's name "
+                    "(convergent IVs); its entries were checked with the derived IV, which "
+                    "a read-write mount writes back when it next uses the directory")
+        return derived.iv
+
     @staticmethod
     def _size(dir_fd: int, name: str) -> int:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
@@ -290,8 +329,10 @@ class Checker:
             except OSError as exc:
                 self.report("io", child, plain, f"directory unreadable: {exc}")
                 return
+            origin = None if plain is None else \
+                (place.dir_iv, os.fsencode(os.path.basename(plain)))
             try:
-                self._check_dir(fd, child, plain or "?")
+                self._check_dir(fd, child, plain or "?", origin)
             finally:
                 os.close(fd)
             return
@@ -389,6 +430,21 @@ _SIDECAR = {
 def _marker(copy: ConflictCopy) -> dict[str, str | None]:
     return {"tool": copy.tool.value, "date": copy.date, "time": copy.time,
             "device": None if copy.device is None else os.fsdecode(copy.device)}
+
+def write_back_diriv(cipherdir: str, rel: str, dir_iv: bytes) -> bool:
+    """Write a derived IV (``Checker.derived``) back into the backing
+    directory ``rel`` of ``cipherdir`` (opened one component at a time,
+    never following a symlink), as mkdir would have; False if the directory
+    has an IV file by now.  For a repair after ``Checker.run``."""
+    fd = os.open(cipherdir, _DIR_READ)
+    try:
+        for part in [] if rel in ("", ".") else rel.split(os.sep):
+            child = os.open(part, _DIR_READ, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        return write_derived_diriv(fd, dir_iv)
+    finally:
+        os.close(fd)
 
 
 def print_report(problems: list[Problem], out: Callable[[str], None] = print) -> None:
