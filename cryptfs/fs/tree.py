@@ -87,7 +87,7 @@ from cryptfs.names.metadata import (
     SymlinkPlace,
     XattrOwner,
 )
-from cryptfs.names.resolve import Directory, Shown, resolve
+from cryptfs.names.resolve import Directory, Shown, read_small, resolve
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,16 @@ class BackingTree:
         finally:
             os.close(fd)
         return derived.iv, derived.confirmed
+
+    def _decode(self, dir_fd: int, iv: bytes, name: str) -> bytes | None:
+        """The plaintext of backing entry ``name`` (a long name through its
+        sidecar); None for our own files."""
+        if not name.startswith(RESERVED_PREFIX):
+            return self._names.decode(iv, name)
+        if not is_longname(name):
+            return None  # our own files: IVs, sidecars, key file
+        sidecar = read_small(dir_fd, sidecar_name(name), 4096)
+        return self._names.decode_longname(iv, name, sidecar)
 
     def _write_back(self, dir_ino: int, fd: int, iv: bytes, where: str) -> bytes:
         """Store a derived IV in directory ``fd`` (once per directory: fsync'd
