@@ -81,6 +81,22 @@ def test_changes_through_one_mount_are_seen_at_once_through_the_other(dirs):
     assert os.stat(b / "h1").st_ino == os.stat(b / "h2").st_ino
 
 
+def test_a_rewrite_that_keeps_size_and_mtime_is_read_by_an_open_file(dirs):
+    """A has the file open and cached; B rewrites it with the same size and
+    puts the modification time back, so the kernel's own check (size,
+    mtime) sees nothing: A's next open must still drop its cached pages."""
+    a, b = dirs
+    (a / "f").write_bytes(b"first version")
+    with open(a / "f", "rb") as held:
+        assert held.read() == b"first version"
+        assert (a / "f").read_bytes() == b"first version"  # cached now
+        st = os.stat(b / "f")
+        (b / "f").write_bytes(b"other version")
+        os.utime(b / "f", ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert os.stat(a / "f").st_mtime_ns == st.st_mtime_ns
+        assert (a / "f").read_bytes() == b"other version"
+
+
 def test_a_file_replaced_in_its_backing_inode_reads_as_the_new_file(pair, dirs):
     """Another mounter's delete and re-create that reuses the backing inode
     number, forced: B's second file's bytes put into the first file's
