@@ -97,6 +97,17 @@ def test_a_rewrite_that_keeps_size_and_mtime_is_read_by_an_open_file(dirs):
         assert (a / "f").read_bytes() == b"other version"
 
 
+def test_a_renamed_symlink_keeps_its_inode(dirs):
+    """Renaming a symlink re-seals it into a new backing inode (bound
+    metadata): still the same file, not one re-created by another mounter."""
+    a, b = dirs
+    os.symlink("target", a / "link")
+    before = os.lstat(a / "link").st_ino
+    os.rename(a / "link", a / "moved")
+    assert os.lstat(a / "moved").st_ino == before
+    assert os.readlink(a / "moved") == "target" == os.readlink(b / "moved")
+
+
 def test_a_file_replaced_in_its_backing_inode_reads_as_the_new_file(pair, dirs):
     """Another mounter's delete and re-create that reuses the backing inode
     number, forced: B's second file's bytes put into the first file's

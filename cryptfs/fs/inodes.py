@@ -262,6 +262,7 @@ class InodeTable:
             del self._by_dev_ino[inode.dev_ino]
         inode.dev_ino = (st.st_dev, st.st_ino)
         inode.closed_file_id = None  # (a symlink has none; nothing read from the old entry stays)
+        inode.identity = None  # the re-sealed target is this file's too: read afresh
         self._by_dev_ino[inode.dev_ino] = inode
 
     def exchange(self, a: Link, b: Link) -> None:
