@@ -23,6 +23,7 @@ from cryptfs.errors import ExitCode, OptionError
     ("no_xattr,noatime", {}, {"no_xattr"}, {"noatime"}),
     ("nonempty,nodev", {}, {"nonempty"}, {"nodev"}),  # ours, never the kernel's
     ("readahead=0", {"readahead": "0"}, set(), set()),
+    ("shared,nodev", {}, {"shared"}, {"nodev"}),  # a cryptfs mode, not the kernel's
 ])
 def test_options(text, values, flags, fuse):
     parsed = parse_mount_options(text)
@@ -30,7 +31,7 @@ def test_options(text, values, flags, fuse):
 
 
 @pytest.mark.parametrize("bad", ["bogus", "passfile", "passfile=", "ro=1", "uid=5,bogus=1",
-                                 "no_xattr=1", "noxattr", "nonempty=1"])
+                                 "no_xattr=1", "noxattr", "nonempty=1", "shared=1"])
 def test_unknown_or_malformed(bad):
     with pytest.raises(OptionError) as info:
         parse_mount_options(bad)
@@ -43,6 +44,14 @@ def test_helper_form_becomes_mount_arguments():
                     "--fuse-flag=nodev"]
     args = parser().parse_args(argv)
     assert (args.no_xattr, args.ro, args.passfile) == (True, True, "/pw")
+
+
+def test_shared_through_the_helper_form():
+    """fstab / ``mount -t fuse.cryptfs ... -o shared`` mounts ``--shared``."""
+    argv = mount_helper_args(["/c", "/p", "-o", "shared,passfile=/pw"])
+    assert argv == ["mount", "/c", "/p", "--passfile", "/pw", "--shared"]
+    assert parser().parse_args(argv).shared
+    assert not parser().parse_args(["mount", "/c", "/p"]).shared
 
 
 def test_readahead_values():

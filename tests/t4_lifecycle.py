@@ -236,8 +236,9 @@ def test_fsck_refuses_a_mounted_directory(dirs):
 
 @pytest.mark.fuse
 def test_no_mount_while_fsck_runs(dirs):
-    """fsck holds the lock shared for its run: a mount is refused (after its
-    grace period for an ending daemon), another fsck is not."""
+    """fsck holds the lock exclusive for its run: a mount is refused (after
+    its grace period for an ending daemon), a --shared mount and another
+    fsck too (fsck --repair changes the directory)."""
     cipher, plain, _, passfile = dirs
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
     cryptfs("unmount", str(plain))  # leaves the lock file
@@ -247,7 +248,15 @@ def test_no_mount_while_fsck_runs(dirs):
         assert proc.returncode == ExitCode.MOUNTED
         assert "being checked by cryptfs fsck" in one_line(proc)
         assert not is_mounted(plain)
-        assert raw_fsck_problems(cipher, passfile) == []
+        proc = cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile),
+                       "--shared", check=False)
+        assert proc.returncode == ExitCode.MOUNTED
+        assert "being checked by cryptfs fsck" in one_line(proc)
+        assert not is_mounted(plain)
+        proc = cryptfs("fsck", str(cipher), "--passfile", str(passfile), check=False)
+        assert proc.returncode == ExitCode.MOUNTED
+        assert "being checked by cryptfs fsck" in one_line(proc)
+    assert raw_fsck_problems(cipher, passfile) == []
     cryptfs("mount", str(cipher), str(plain), "--passfile", str(passfile))
     cryptfs("unmount", str(plain))
 

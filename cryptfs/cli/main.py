@@ -93,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
                        metavar="KIB",
                        help="kernel read-ahead on the mount, as root (default 1024: "
                             "1 MiB read requests; 0: the kernel's default)")
+    mount.add_argument("--shared", action="store_true",
+                       help="for a cipher directory others change while it is mounted "
+                            "(other --shared mounts, here or on other machines over NFS): "
+                            "no kernel caching of names and attributes (see README)")
     mount.add_argument("--nonempty", action="store_true",
                        help="mount over a non-empty directory (hiding its files)")
     mount.add_argument("-f", "--foreground", action="store_true",

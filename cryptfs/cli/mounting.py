@@ -57,7 +57,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         check_writable(cipherdir, hint=" (mount it with --ro)")
     # The lock is refused before the password is asked for; the daemon holds
     # it until it ends, however it ends.
-    with lock_cipherdir(cipherdir, read_only=args.ro):
+    with lock_cipherdir(cipherdir, read_only=args.ro, shared=args.shared):
         prepare_mountpoint(mountpoint, nonempty=args.nonempty)
         _mount_and_serve(cipherdir, mountpoint, args)
 
@@ -66,7 +66,8 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
     keyfile, keys = unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
                            inline_max=args.inline_max, dir_fds=args.dir_fds,
-                           xattrs=not args.no_xattr, readahead_kb=args.readahead)
+                           xattrs=not args.no_xattr, readahead_kb=args.readahead,
+                           shared=args.shared)
     overrides = environment_overrides()
     stack = build_stack(cipherdir, keys, args.engine, options, keyfile.features,
                         overrides.engine)
@@ -74,7 +75,8 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
     where = canonical(mountpoint)  # before mounting: resolving a mount waits for it
     with mounted(stack, mountpoint, opts, overrides.own_request_loop):
-        log.info("mounted %s on %s", cipherdir, mountpoint)
+        log.info("mounted %s on %s%s", cipherdir, mountpoint,
+                 " (shared: others may mount it too)" if args.shared else "")
         if not args.foreground:
             detach()
             keys.lock_memory()  # memory locks are not inherited across fork
@@ -137,6 +139,6 @@ def mount_helper_args(argv: list[str]) -> list[str]:
         out += [f"--{key}", value]
     flag_map = {"ro": "--ro", "allow_other": "--allow-other", "recovery": "--recovery",
                 "foreground": "--foreground", "no_xattr": "--no-xattr",
-                "nonempty": "--nonempty"}
+                "nonempty": "--nonempty", "shared": "--shared"}
     out += [flag_map[f] for f in sorted(parsed.flags) if f in flag_map]
     return out + [f"--fuse-flag={flag}" for flag in sorted(parsed.fuse)]

@@ -17,7 +17,7 @@ from cryptfs.errors import OptionError
 # cryptfs options that take a value, and flags.
 VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname", "readahead"}
 FLAG_OPTIONS = {"ro", "rw", "allow_other", "recovery", "foreground", "no_xattr",
-                "nonempty"}
+                "nonempty", "shared"}
 # Mount flags the kernel applies to a FUSE mount (libfuse passes them on).
 FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime",
               "relatime", "norelatime", "strictatime", "nodiratime", "diratime",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import signal
@@ -78,8 +79,9 @@ def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
     root_fd = os.open(cipherdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     st = os.fstat(root_fd)
     sessions = SessionCache(engine, keys)
-    codec = ContentCodec(keys, sessions, FEATURE_AUTHENTICATED in features)
-    handles = HandleTable(codec, read_only=options.read_only)
+    codec = ContentCodec(keys, sessions, FEATURE_AUTHENTICATED in features,
+                         **_byte_range_locks(options.shared))
+    handles = HandleTable(codec, read_only=options.read_only, shared=options.shared)
     dirs = DirCache(options.dir_fds)
 
     def gone(ino: int) -> None:  # the inode table dropped ino, or its last name
@@ -89,7 +91,7 @@ def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
     inodes = InodeTable((st.st_dev, st.st_ino), on_gone=gone)
     metadata = MetadataCipher.for_features(keys, features)
     tree = BackingTree(root_fd, inodes, NameCipher.for_features(keys, features), dirs,
-                       metadata, codec, read_only=options.read_only)
+                       metadata, codec, read_only=options.read_only, shared=options.shared)
     try:
         tree.diriv(pyfuse3.ROOT_INODE)
     except NameDecodeError as exc:
@@ -103,6 +105,16 @@ def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
         options = replace(options, inline_max=engine.inline_max)
     ops = Operations(inodes, tree, handles, codec, metadata, workers, options)
     return Stack(ops, engine, sessions, handles, tree, workers)
+
+
+def _byte_range_locks(shared: bool) -> dict[str, bool]:
+    """``ContentCodec(byte_range_locks=...)`` for a shared mount (every
+    read-modify-write under a byte-range lock on the backing file).
+    MERGE(rmw): the parameter comes from the rmw branch; until it is merged
+    it is passed only where it exists, so this branch runs without it."""
+    if "byte_range_locks" not in inspect.signature(ContentCodec).parameters:
+        return {}
+    return {"byte_range_locks": shared}
 
 
 def _remove_stale_keyfiles(cipherdir: Path) -> None:

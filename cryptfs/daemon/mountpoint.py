@@ -75,6 +75,24 @@ def cryptfs_mounts(cipherdir: Path | None = None) -> list[str]:
             and (wanted is None or os.path.realpath(e.source) == wanted)]
 
 
+NETWORK_FSTYPES = ("nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "afs", "9p",
+                   "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "lustre", "gpfs", "ocfs2", "gfs2")
+
+
+def network_filesystem(path: Path) -> str | None:
+    """The type of the filesystem ``path`` is on if other machines may
+    share it (NFS, SMB, ...), else None: a lock refused there may be held
+    by another machine, which mountinfo here cannot name."""
+    real = os.path.realpath(path)
+    holding = [e for e in _mounts() if real == e.mountpoint
+               or real.startswith(e.mountpoint.rstrip("/") + "/")]
+    if not holding:
+        return None
+    # the deepest mount point; among equals the last mounted (on top)
+    fstype = max(reversed(holding), key=lambda e: len(e.mountpoint)).fstype
+    return fstype if fstype in NETWORK_FSTYPES else None
+
+
 def canonical(mountpoint: Path) -> str:
     """The path the kernel records (realpath survives a dead mount: it only
     lstat()s, and goes on past errors)."""

@@ -94,6 +94,14 @@ class DirCache:
         if len(self._fds) > self.limit:
             self._evict(keep=-1)
 
+    def drop_fds(self) -> None:
+        """Close every cached descriptor (they are reopened from the root by
+        name): one went stale (ESTALE: another NFS client removed or
+        replaced its directory), and which ones is not known."""
+        for ino, fd in list(self._fds.items()):
+            del self._fds[ino]
+            self._retire(ino, fd)
+
     def _retire(self, ino: int, fd: int) -> None:
         if ino in self._pins:
             self._orphans.setdefault(ino, []).append(fd)

@@ -49,15 +49,20 @@ class OpenFile:
 
 
 class HandleTable:
-    def __init__(self, codec: ContentCodec, read_only: bool = False) -> None:
+    def __init__(self, codec: ContentCodec, read_only: bool = False,
+                 shared: bool = False) -> None:
+        """``shared``: others write the backing files too (``--shared``)."""
         self._codec = codec
         self._read_only = read_only
+        self._shared = shared
         self._by_ino: dict[int, OpenFile] = {}
         self._by_fh: dict[int, OpenFile] = {}
         self._next_fh = 1
         # (backing mtime, size) when each inode's last handle closed: if
         # unchanged at the next open, the kernel may keep its page cache.
         self._closed_state: dict[int, tuple[int, int]] = {}
+        # Shared: (backing mtime, size, ctime) at each inode's last open.
+        self._opened_state: dict[int, tuple[int, int, int]] = {}
 
     def open(self, ino: int, opener: Opener, write: bool) -> tuple[int, OpenFile, bool]:
         """A new handle on ``ino`` (``opener`` opens its backing file if it is
@@ -76,8 +81,24 @@ class HandleTable:
             keep_cache = self._closed_state.pop(ino, None) == (st.st_mtime_ns, st.st_size)
         else:
             keep_cache = True  # open already: the kernel's cache is current
+        if self._shared:
+            keep_cache = self._unchanged_since_open(current)
         current.refs += 1
         return self._new_fh(current), current, keep_cache
+
+    def _unchanged_since_open(self, opened: OpenFile) -> bool:
+        """Shared: whether the backing file is as it was at this inode's
+        last open here (mtime, size and ctime: a rewrite that restores the
+        size and mtime still changes the ctime).  Checked even while it is
+        open: another mounter may have written it meanwhile.  Taken at
+        open, not at close, so a change made elsewhere just before our
+        close is not mistaken for ours; our own writes then cost the cache
+        at the next open."""
+        st = os.fstat(opened.fd)
+        state = (st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+        previous = self._opened_state.get(opened.ino)
+        self._opened_state[opened.ino] = state
+        return previous == state
 
     def _open_backing(self, opener: Opener, write: bool) -> int:
         if self._read_only:
@@ -153,6 +174,7 @@ class HandleTable:
 
     def forget(self, ino: int) -> None:
         self._closed_state.pop(ino, None)
+        self._opened_state.pop(ino, None)
 
     def close_all(self) -> None:
         for opened in self._by_ino.values():

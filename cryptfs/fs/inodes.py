@@ -34,6 +34,7 @@ from typing import NamedTuple
 import pyfuse3
 
 from cryptfs.errors import StaleInodeError
+from cryptfs.fs.identity import Identity
 
 ROOT_INODE = pyfuse3.ROOT_INODE
 
@@ -88,6 +89,9 @@ class Inode:
     # The owner of a closed regular file's bound xattrs, kept by
     # ``BackingTree.xattr_owner`` (an open file's is its EncryptedFile.header).
     closed_file_id: ClosedFileId | None = None
+    # --shared: what this backing inode was when last seen (``BackingTree``
+    # compares it to tell a re-created file that reuses the number).
+    identity: Identity | None = None
 
 
 def _ignore(ino: int) -> None:
@@ -171,6 +175,10 @@ class InodeTable:
             inode.lookups += 1
         return inode
 
+    def known(self, dev_ino: tuple[int, int]) -> Inode | None:
+        """The inode that backing inode ``dev_ino`` is mapped to, if any."""
+        return self._by_dev_ino.get(dev_ino)
+
     def number_for(self, dev_ino: tuple[int, int]) -> int | None:
         """The node ID derived from a backing inode, the same in every mount;
         None if it has none: inode number 0 or 1 on the cipher directory's
@@ -222,6 +230,14 @@ class InodeTable:
         if inode is not None:
             self._drop_link(inode, (parent, backing_name))
 
+    def forget_link(self, inode: Inode, link: Link) -> None:
+        """``inode`` is no longer at ``link`` (changed behind our back);
+        whatever another inode has there is kept."""
+        if self._by_link.get(link) is inode:
+            del self._by_link[link]
+        if link in inode.links:
+            self._drop_link(inode, link)
+
     def _drop_link(self, inode: Inode, link: Link) -> None:
         inode.links.discard(link)
         if not inode.links:
@@ -246,6 +262,7 @@ class InodeTable:
             del self._by_dev_ino[inode.dev_ino]
         inode.dev_ino = (st.st_dev, st.st_ino)
         inode.closed_file_id = None  # (a symlink has none; nothing read from the old entry stays)
+        inode.identity = None  # the re-sealed target is this file's too: read afresh
         self._by_dev_ino[inode.dev_ino] = inode
 
     def exchange(self, a: Link, b: Link) -> None:

@@ -18,7 +18,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyfuse3
 import trio
@@ -67,6 +67,20 @@ class MountOptions:
     # KiB the kernel reads ahead on this mount (root only; 0: its default,
     # 128).  1 MiB: sequential reads come as 1 MiB requests, not 128 KiB.
     readahead_kb: int = 1024
+    # --shared: others change the cipher directory while it is mounted
+    # (other --shared mounts, here or on other machines): see for_sharing().
+    shared: bool = False
+
+    def for_sharing(self) -> MountOptions:
+        """What ``shared`` means for the kernel: no caching of names (a
+        negative lookup included) or attributes, whose changes elsewhere we
+        are not told of, and no writeback cache (a write held in this
+        kernel is not in the backing file the others read).  The page
+        cache is kept only while the backing file is unchanged
+        (``HandleTable``)."""
+        if not self.shared:
+            return self
+        return replace(self, entry_timeout=0.0, attr_timeout=0.0, writeback_cache=False)
 
 
 def fuse_op(method):
@@ -79,7 +93,7 @@ def fuse_op(method):
     async def wrapper(self, *args):
         self.last_activity = time.monotonic()
         try:
-            return await method(self, *args)
+            return await _again_if_stale(self, method, args)
         except pyfuse3.FUSEError:
             raise
         except StaleInodeError as exc:  # forgotten, or replaced behind our back
@@ -102,6 +116,27 @@ def fuse_op(method):
             raise pyfuse3.FUSEError(errno.EIO) from exc
 
     return wrapper
+
+
+# Requests on an open file's descriptor: ESTALE there means the file itself
+# is gone (another NFS client removed it), and no path lookup brings it back.
+_ON_OPEN_FILE = frozenset({"read", "write", "fsync", "release"})
+
+
+async def _again_if_stale(self, method, args):
+    """Run a handler; if it fails with ESTALE (NFS: another client removed
+    or replaced a directory we hold a descriptor of), drop the cached
+    directory descriptors and run it once more: they are reopened from the
+    root by name.  Safe to repeat: ESTALE comes from resolving a descriptor,
+    before the change the handler makes."""
+    try:
+        return await method(self, *args)
+    except OSError as exc:
+        if exc.errno != errno.ESTALE or method.__name__ in _ON_OPEN_FILE:
+            raise
+    log.debug("%s: stale descriptor (ESTALE): looking the path up again", method.__name__)
+    self.tree.stale()
+    return await method(self, *args)
 
 
 def no_reply_op(method):
@@ -141,6 +176,7 @@ class Operations(pyfuse3.Operations):
                  codec: ContentCodec, metadata: MetadataCipher, workers: WorkerPool,
                  options: MountOptions) -> None:
         super().__init__()
+        options = options.for_sharing()
         self.inodes = inodes
         self.tree = tree
         self.handles = handles
@@ -507,7 +543,7 @@ class Operations(pyfuse3.Operations):
                 return
         for index in range(max(start_id - len(dots), 0), len(listing)):
             item = listing[index]
-            inode = self.inodes.remember(ino, item.backing, item.stat, lookup=False)
+            inode = self.tree.remember_listed(ino, item.backing, item.stat)
             attr = self._attrs(inode.ino, item.stat)
             if not pyfuse3.readdir_reply(token, item.name, attr, index + len(dots) + 1):
                 self.inodes.drop_unused(inode)

@@ -63,6 +63,7 @@ from cryptfs.content.codec import ContentCodec, EncryptedFile
 from cryptfs.content.format import HEADER_SIZE, FileHeader
 from cryptfs.errors import DirIvMissingError, NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache, ShownNames
+from cryptfs.fs.identity import read_identity, same_file
 from cryptfs.fs.inodes import ROOT_INODE, ClosedFileId, Inode, InodeTable
 from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2, syncfs
 from cryptfs.lowlevel.log import Once
@@ -237,12 +238,15 @@ def ensure_header(codec: ContentCodec, path: str, dir_fd: int | None = None,
 class BackingTree:
     def __init__(self, root_fd: int, inodes: InodeTable, names: NameCipher,
                  dirs: DirCache, metadata: MetadataCipher, codec: ContentCodec,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, shared: bool = False) -> None:
         """``root_fd``: an ``O_PATH`` descriptor of the cipher directory (the
         tree owns it); ``dirs`` is the cache the inode table's ``on_gone``
         clears; ``metadata`` seals symlink targets (and, if bound, tells
         what xattrs are sealed to, read with ``codec``); ``read_only``: a
-        derived directory IV is not written back."""
+        derived directory IV is not written back; ``shared``: others
+        change the backing tree too (``--shared``): entries found are
+        checked to be the file their inode number stood for."""
+        self._shared = shared
         self._root_fd = root_fd
         self._inodes = inodes
         self._names = names
@@ -525,18 +529,72 @@ class BackingTree:
         """The inode and attributes of ``name`` in ``parent``, None if absent
         (one more kernel lookup on the inode)."""
         entry = self.entry(parent, name)
+        dir_fd = self._dir_fd(parent)
         try:
-            st = os.stat(entry.name, dir_fd=self._dir_fd(parent), follow_symlinks=False)
+            st = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             shown = self._rescan_for(parent, name)
             if shown is None:
                 return None
             entry = shown.backing
+            dir_fd = self._dir_fd(parent)
             try:
-                st = os.stat(entry.name, dir_fd=self._dir_fd(parent), follow_symlinks=False)
+                st = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 return None
-        return self._inodes.remember(parent, entry.name.encode(), st), st
+        return self._remember(parent, dir_fd, entry.name, st), st
+
+    def remember_listed(self, parent: int, backing: bytes, st: os.stat_result) -> Inode:
+        """The inode of a listed entry (no kernel lookup counted yet)."""
+        if not self._shared:
+            return self._inodes.remember(parent, backing, st, lookup=False)
+        return self._remember(parent, self._dir_fd(parent), os.fsdecode(backing), st,
+                              lookup=False)
+
+    def _remember(self, parent: int, dir_fd: int, backing: str, st: os.stat_result,
+                  lookup: bool = True) -> Inode:
+        """``InodeTable.remember`` for an entry found in ``dir_fd`` (which
+        may not be used after this).  In a shared mount, a new inode if the
+        backing inode number now stands for another file (deleted and
+        re-created by another mounter): the kernel and open handles must not
+        take one for the other; and its old names are checked."""
+        name = os.fsencode(backing)
+        if not self._shared:
+            return self._inodes.remember(parent, name, st, lookup)
+        known = self._inodes.known((st.st_dev, st.st_ino))
+        if known is not None and known.identity is not None \
+                and known.identity.ctime_ns == st.st_ctime_ns:
+            return self._inodes.remember(parent, name, st, lookup)
+        seen = read_identity(dir_fd, backing, st)
+        replaced = known is not None and known.ino != ROOT_INODE \
+            and known.identity is not None and not same_file(known.identity, seen)
+        if replaced:
+            log.debug("backing inode %d of %r is another file now: a new inode",
+                      st.st_ino, backing)
+        inode = self._inodes.remember(parent, name, st, lookup, fresh=replaced)
+        inode.identity = seen
+        if len(inode.links) > 1:
+            self._prune_links(inode, (parent, name))
+        return inode
+
+    def _prune_links(self, inode: Inode, found: tuple[int, bytes]) -> None:
+        """Shared: forget the names of ``inode`` other than ``found`` that no
+        longer lead to it (another mounter renamed or removed them): an
+        operation on the inode must not reach it through a stale name.
+        Hard links that still do are kept."""
+        for parent, name in sorted(inode.links - {found}):
+            try:
+                st = os.stat(name, dir_fd=self._dir_fd(parent), follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == inode.dev_ino:
+                    continue
+            except (FileNotFoundError, NotADirectoryError, StaleInodeError):
+                pass
+            self._inodes.forget_link(inode, (parent, name))
+
+    def stale(self) -> None:
+        """A cached directory descriptor went stale (ESTALE): drop them all;
+        the next use reopens each from the root by name."""
+        self.dirs.drop_fds()
 
     def stat(self, ino: int) -> os.stat_result:
         fd, name = self._locate(ino)
