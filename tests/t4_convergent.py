@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import json
 import os
 import shutil
 import stat
@@ -23,14 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.content.codec import ContentCodec
-from cryptfs.content.sessions import SessionCache
-from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.keys.keyfile import FEATURE_BOUND_METADATA, FEATURE_CONVERGENT_DIRIVS, KeyFile
-from cryptfs.names.filenames import DIRIV_NAME, SIDECAR_SUFFIX, NameCipher
-from cryptfs.names.metadata import MetadataCipher
-from cryptfs.tools.fsck import Checker, write_back_diriv
-from tests.conftest import PASSWORD, Mount, fsck_problems, init_cipherdir
+from cryptfs.names.filenames import DIRIV_NAME, SIDECAR_SUFFIX
+from tests.conftest import PASSWORD, Mount, cryptfs_cmd, fsck_problems, init_cipherdir
 
 pytestmark = pytest.mark.fuse
 ENGINE = "openssl"
@@ -297,23 +293,17 @@ def test_new_directories_carry_the_flag(tmp_path):
     assert FEATURE_CONVERGENT_DIRIVS in KeyFile.load(a).features
 
 
-def test_fsck_keeps_the_derived_iv_for_a_repair(tmp_path):
-    """``Checker.derived`` and ``write_back_diriv``: what a repair calls."""
+def test_fsck_repair_writes_the_derived_iv_back(tmp_path):
+    """``cryptfs fsck --repair`` puts the derived IV back, as the mount would."""
     _, b, passfile = _renamed_while_the_other_side_adds(tmp_path, made_as="X")
-    keyfile = KeyFile.load(b)
-    keys = keyfile.unlock(PASSWORD.encode())
-    sessions = SessionCache(OpenSSLEngine(), keys)
-    try:
-        checker = Checker(str(b), ContentCodec(keys, sessions),
-                          NameCipher.for_features(keys, keyfile.features),
-                          MetadataCipher.for_features(keys, keyfile.features))
-        assert [p.kind for p in checker.run()] == ["diriv-missing"]
-        ((rel, iv),) = checker.derived.items()
-        assert write_back_diriv(str(b), rel, iv)
-        assert not write_back_diriv(str(b), rel, iv)  # it is there now: left alone
-    finally:
-        sessions.close()
-        keys.wipe()
-    assert (b / rel / DIRIV_NAME).read_bytes() == derived_iv(b, b, b"X")
-    assert stat.S_IMODE((b / rel / DIRIV_NAME).stat().st_mode) == 0o440
+    (x,) = [p for p in b.iterdir() if p.is_dir() and not (p / DIRIV_NAME).exists()]
+    proc = subprocess.run(cryptfs_cmd("fsck", str(b), "--passfile", str(passfile), "--repair",
+                                      "--json"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr  # repaired, then checked clean
+    report = json.loads(proc.stdout)
+    assert [(r["kind"], r["plaintext"]) for r in report["repaired"]] == \
+        [("diriv-restored", "/X")]
+    assert report["problems"] == []
+    assert (x / DIRIV_NAME).read_bytes() == derived_iv(b, b, b"X")
+    assert stat.S_IMODE((x / DIRIV_NAME).stat().st_mode) == 0o440
     assert fsck_problems(Mount(b, tmp_path / "x", passfile, ENGINE)) == []

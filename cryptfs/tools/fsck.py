@@ -13,7 +13,7 @@ plaintext names.  It only reads (``tools/repair.py`` is ``--repair``).
 
 A directory whose IV file is missing but derivable (``convergent-dirivs``,
 docs/format.md §5.1) is reported as ``diriv-missing`` and checked with the
-derived IV, kept in ``Checker.derived`` for ``write_back_diriv``.
+derived IV (``--repair`` writes it back: ``tools/repair.py``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from cryptfs.names.filenames import (
     derive_missing_diriv,
     is_longname,
     read_diriv,
-    write_derived_diriv,
 )
 from cryptfs.names.metadata import MetadataCipher, SymlinkPlace, XattrOwner
 from cryptfs.names.resolve import Directory, Shown, resolve
@@ -126,9 +125,6 @@ class Checker:
         self.root = os.path.abspath(cipherdir)
         self.codec, self.names, self.metadata = codec, names, metadata
         self.problems: list[Problem] = []
-        # Directories whose missing IV was derived: backing path -> IV
-        # (what ``write_back_diriv`` puts back).
-        self.derived: dict[str, bytes] = {}
         # Authenticated mode: failing pages, to recognise one that was moved
         # (it matches the tag of the place it came from): (file ID, page, problem).
         self._failed: list[tuple[bytes, BadPage, Problem]] = []
@@ -289,11 +285,10 @@ class Checker:
                 "renamed since it was made)" if self.names.convergent and origin else ""
             self.report("diriv", rel, plain, f"directory IV unusable, names lost: {exc}{hint}")
             return None
-        self.derived[rel or "."] = derived.iv
         self.report("diriv-missing", rel, plain,
                     f"{DIRIV_NAME} is missing but derivable from the directory's name "
                     "(convergent IVs); its entries were checked with the derived IV, which "
-                    "a read-write mount writes back when it next uses the directory")
+                    "--repair, or a read-write mount using the directory, writes back")
         return derived.iv
 
     @staticmethod
@@ -430,21 +425,6 @@ _SIDECAR = {
 def _marker(copy: ConflictCopy) -> dict[str, str | None]:
     return {"tool": copy.tool.value, "date": copy.date, "time": copy.time,
             "device": None if copy.device is None else os.fsdecode(copy.device)}
-
-def write_back_diriv(cipherdir: str, rel: str, dir_iv: bytes) -> bool:
-    """Write a derived IV (``Checker.derived``) back into the backing
-    directory ``rel`` of ``cipherdir`` (opened one component at a time,
-    never following a symlink), as mkdir would have; False if the directory
-    has an IV file by now.  For a repair after ``Checker.run``."""
-    fd = os.open(cipherdir, _DIR_READ)
-    try:
-        for part in [] if rel in ("", ".") else rel.split(os.sep):
-            child = os.open(part, _DIR_READ, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        return write_derived_diriv(fd, dir_iv)
-    finally:
-        os.close(fd)
 
 
 def print_report(problems: list[Problem], out: Callable[[str], None] = print) -> None:

@@ -5,6 +5,10 @@ Each backing directory is visited once, top down, by every step of
 ``STEPS`` in order; a step gets the directory (``Place``) and records what
 it changed.  Steps today:
 
+* ``rederive_diriv``: a directory of a ``convergent-dirivs`` cipher
+  directory whose ``cryptfs.diriv`` is missing (a sync tool brought it back
+  without it) gets the IV mkdir derived for it, written back once one of
+  its entries decodes under it (docs/format.md §5.1).
 * ``restrand``: names sealed under a losing ``cryptfs.diriv`` copy's IV
   (docs/conflicts.md) are re-encrypted under the directory's IV, under the
   name the mount shows them by (so nothing changes in the mount): renamed
@@ -20,10 +24,10 @@ mount and the user decides.  Every step is crash-safe in the same way: the
 new name exists (and is synced) before the old one goes, so an interrupted
 repair leaves every entry readable and can simply be run again.
 
-To add a repair (say, a missing directory IV recomputed), write a function
-``step(repair, place)`` and put it in ``STEPS`` where it must run (one that
-sets ``place.iv`` goes first); ``place.iv`` is None while the directory has
-no usable IV, and the walk descends only once some step gave it one.
+To add a repair, write a function ``step(repair, place)`` and put it in
+``STEPS`` where it must run (one that sets ``place.iv`` goes first);
+``place.iv`` is None while the directory has no usable IV, and the walk
+descends only once some step gave it one.
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ from dataclasses import asdict, dataclass
 
 from cryptfs.errors import FileNameError
 from cryptfs.lowlevel.linux import RENAME_NOREPLACE, renameat2
-from cryptfs.names.filenames import SIDECAR_SUFFIX, BackingName, NameCipher, read_diriv
+from cryptfs.names.filenames import (
+    DIRIV_NAME,
+    SIDECAR_SUFFIX,
+    BackingName,
+    NameCipher,
+    derive_missing_diriv,
+    read_diriv,
+    write_derived_diriv,
+)
 from cryptfs.names.metadata import MetadataCipher, SymlinkPlace
 from cryptfs.names.resolve import SIDECAR_MAX, Directory, Shown, read_small, resolve
 
@@ -48,7 +60,8 @@ _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class Repaired:
     """One change made (``--json``: kinds are stable)."""
 
-    kind: str  # restranded, diriv-removed, sidecar-removed, sidecar-restored, failed
+    # diriv-restored, restranded, diriv-removed, sidecar-removed, sidecar-restored, failed
+    kind: str
     backing: str  # relative to the cipher directory
     plaintext: str | None
     message: str
@@ -62,6 +75,9 @@ class Place:
     rel: str  # backing path relative to the cipher directory ("" for the root)
     plain: str  # plaintext path ("/" for the root)
     iv: bytes | None  # None: no usable IV (yet)
+    # The parent's IV and this directory's plaintext name as it was made
+    # (None for the root): what a convergent IV is derived from.
+    origin: tuple[bytes, bytes] | None = None
 
     def path(self, name: str) -> str:
         return os.path.join(self.rel, name)
@@ -106,15 +122,17 @@ class Repair:
         if place.iv is None:
             return
         names = self.resolve(place)
-        children = [*names.real.items(), *((s.backing.name, s.name) for s in names.shown)]
-        for backing, plain in sorted(children):
+        children = [*((backing, plain, (place.iv, plain)) for backing, plain in names.real.items()),
+                    *((s.backing.name, s.name, (s.iv, s.plain)) for s in names.shown)]
+        for backing, plain, origin in sorted(children):
             try:
                 fd = os.open(backing, _DIR_READ, dir_fd=place.fd)
             except OSError:  # not a directory (or gone): nothing below it
                 continue
             try:
                 self._visit(Place(fd, place.path(backing),
-                                  os.path.join(place.plain, os.fsdecode(plain)), _iv(fd)))
+                                  os.path.join(place.plain, os.fsdecode(plain)), _iv(fd),
+                                  origin))
             finally:
                 os.close(fd)
 
@@ -127,6 +145,27 @@ def _iv(fd: int) -> bytes | None:
 
 
 # --- steps ---------------------------------------------------------------------------
+
+
+def rederive_diriv(repair: Repair, place: Place) -> None:
+    """A missing IV file (not a damaged one) derived again and written
+    back, as the mount does; only where an entry confirms the derived IV
+    (an empty directory's real IV may still be on its way)."""
+    if place.iv is not None or place.origin is None or not repair.names.convergent:
+        return
+    try:
+        os.stat(DIRIV_NAME, dir_fd=place.fd, follow_symlinks=False)
+        return  # there but unusable: not ours to replace
+    except FileNotFoundError:
+        pass
+    derived = derive_missing_diriv(place.fd, repair.names, *place.origin)
+    if derived is None or not derived.confirmed:
+        return
+    if write_derived_diriv(place.fd, derived.iv):
+        repair.record("diriv-restored", place, DIRIV_NAME, place.plain,
+                      "missing directory IV derived from the directory's name and "
+                      "written back")
+    place.iv = _iv(place.fd)
 
 
 def restrand(repair: Repair, place: Place) -> None:
@@ -286,7 +325,7 @@ def sidecar_copies(repair: Repair, place: Place) -> None:
     os.fsync(place.fd)
 
 
-STEPS: tuple[Step, ...] = (restrand, drop_diriv_copies, sidecar_copies)
+STEPS: tuple[Step, ...] = (rederive_diriv, restrand, drop_diriv_copies, sidecar_copies)
 
 
 def print_repairs(done: list[Repaired], out: Callable[[str], None] = print) -> None:
