@@ -5,6 +5,7 @@ order, read locks shared by threads) on real files with real fcntl locks."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
@@ -140,3 +141,32 @@ def test_two_writers_keep_both_halves_of_every_page(path, authenticated, race):
                                    header_first)
         assert problems == [], f"seed {seed}: {problems[:5]}"
     assert _damaged_without_locks(path, keys, authenticated, rounds, pages, header_first)
+
+
+@MODES
+def test_a_refused_lock_fails_the_write_and_changes_nothing(path, authenticated, caplog):
+    """A lock the kernel refuses (here: a write lock through a read-only
+    descriptor, EBADF; ENOLCK from a lock service goes the same way) fails
+    the write with that errno and a logged error; nothing is written
+    unlocked and nothing stays locked."""
+    keys = KeyRing(secrets.token_bytes(32))
+    path.write_bytes(b"")
+    rw = os.open(path, os.O_RDWR)
+    ro = os.open(path, os.O_RDONLY)
+    try:
+        with two_writers.codec(keys, authenticated, True) as c:
+            c.open(rw).write(0, b"x" * (P + 10))
+            before = path.read_bytes()
+            f = c.open(ro)
+            with pytest.raises(rangelock.RangeLockError) as refused:
+                f.write(5, b"y")
+            assert refused.value.errno == errno.EBADF
+            with pytest.raises(rangelock.RangeLockError):
+                f.truncate(3)
+            assert path.read_bytes() == before
+            assert "refused rather than done without the lock" in caplog.text
+            assert _locked(path, 0, None) == fcntl.F_UNLCK
+            assert c.open(rw).read(0, 2 * P) == b"x" * (P + 10)
+    finally:
+        os.close(rw)
+        os.close(ro)

@@ -34,7 +34,7 @@ def test_two_writers_through_two_nfs_clients_keep_both_halves(tmp_path):
             os.close(fd2)
         keys = KeyRing(secrets.token_bytes(32))
         for authenticated in (False, True):
-            problems = two_writers.run(export / "shared", keys, authenticated, True, rounds=5,
+            problems = two_writers.run(export / "shared", keys, authenticated, True, rounds=3,
                                        pages=(1, 6), seed=int(authenticated),
                                        via=(client1 / "shared", client2 / "shared"))
             assert problems == [], f"authenticated={authenticated}: {problems[:5]}"

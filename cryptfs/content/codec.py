@@ -297,8 +297,8 @@ class EncryptedFile:
             held = merged([*held, *wanted])
         try:
             yield
-        finally:
-            rangelock.unlock(self.fd, held)
+        finally:  # one call: the per-file lock keeps this file's readers out meanwhile
+            rangelock.unlock(self.fd, [(held[0][0], None)])
 
     # -- scheduling --
 

@@ -125,13 +125,15 @@ def acquire(fd: int, ranges: list[Range], kind: int = fcntl.F_WRLCK) -> None:
 
 @contextmanager
 def exclusive(fd: int, ranges: Iterable[Range]) -> Iterator[None]:
-    """Hold write locks on ``ranges`` for the ``with`` block."""
+    """Hold write locks on ``ranges`` for the ``with`` block (no other lock
+    of this open file description may be taken meanwhile: all are
+    released at the end, in one call)."""
     held = merged(ranges)
     acquire(fd, held)
     try:
         yield
     finally:
-        unlock(fd, held)
+        unlock(fd, [(held[0][0], None)] if held else [])
 
 
 def holder(fd: int, start: int, end: int | None, kind: int = fcntl.F_WRLCK) -> int:
@@ -178,7 +180,10 @@ class SharedReads:
         with self._mutex:
             for r in ranges:
                 self._active.remove(r)
-            unlock(self._fd, _subtract(ranges, merged(self._active)))
+            if self._active:
+                unlock(self._fd, _subtract(ranges, merged(self._active)))
+            else:  # the last reader: nothing else of this description is locked
+                unlock(self._fd, [(0, None)])
 
 
 def _subtract(ranges: list[Range], others: list[Range]) -> list[Range]:
