@@ -53,7 +53,7 @@ from cryptfs.engines.base import (
     pread_into,
     unit_count,
 )
-from cryptfs.errors import HeaderCorruptError, PageTagError, TrailerError
+from cryptfs.errors import BackingSizeError, HeaderCorruptError, PageTagError, TrailerError
 from cryptfs.keys.hierarchy import FILE_ID_LEN, KeyRing
 from cryptfs.lowlevel import rangelock
 from cryptfs.lowlevel.linux import FALLOC_FL_KEEP_SIZE, fallocate, filesystem_type, page_cached
@@ -282,7 +282,10 @@ class EncryptedFile:
         seen before, then widened (everything released and taken again in
         order, never waiting while holding a higher range) until the size
         under the lock needs nothing more."""
-        held = merged(ranges_for(self._known_size()))
+        try:
+            held = merged(ranges_for(self._known_size()))
+        except BackingSizeError:  # seen unlocked, maybe mid-change: lock it all
+            held = [(0, None)]
         while True:
             rangelock.acquire(self.fd, held)
             try:
