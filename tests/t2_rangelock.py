@@ -170,3 +170,28 @@ def test_a_refused_lock_fails_the_write_and_changes_nothing(path, authenticated,
     finally:
         os.close(rw)
         os.close(ro)
+
+
+def test_stat_waits_for_a_size_change_in_progress(path):
+    """``EncryptedFile.stat`` never returns a size another mounter is
+    changing: every size change holds its range to EOF."""
+    keys = KeyRing(secrets.token_bytes(32))
+    path.write_bytes(b"")
+    fds = [os.open(path, os.O_RDWR) for _ in range(2)]
+    try:
+        with two_writers.codec(keys, False, True) as c:
+            f = c.open(fds[0])
+            f.write(0, b"z" * 10)
+            seen: list[int] = []
+            with rangelock.exclusive(fds[1], [(P, None)]):  # as a growing write holds
+                t = threading.Thread(target=lambda: seen.append(f.stat().st_size))
+                t.start()
+                os.ftruncate(fds[1], 5 * P + 1)  # the size in mid-change
+                t.join(0.2)
+                assert seen == []  # still waiting
+                os.ftruncate(fds[1], 5 * P + 16)
+            t.join()
+            assert seen == [5 * P + 16]
+    finally:
+        for fd in fds:
+            os.close(fd)

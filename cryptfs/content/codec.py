@@ -326,6 +326,16 @@ class EncryptedFile:
     def size(self) -> int:
         return self._layout.plaintext_size(os.fstat(self.fd).st_size)
 
+    def stat(self) -> os.stat_result:
+        """``fstat`` of the backing file.  With byte-range locks, under a
+        read lock on ``SIZE_BYTE``: never a size in the middle of another
+        mounter's change, and on NFS fresh from the server (taking a lock
+        drops the client's cached attributes, docs/design.md)."""
+        if self._reads is None:
+            return os.fstat(self.fd)
+        with self._reads.hold([SIZE_BYTE]):
+            return os.fstat(self.fd)
+
     def ensure_header(self, via: int | None = None) -> FileHeader:
         """The file's header, written first if it has none.  ``via``: a
         read-write descriptor of the same backing file, for a file whose own
