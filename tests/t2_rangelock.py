@@ -116,6 +116,7 @@ MODES = pytest.mark.parametrize("authenticated", [False, True], ids=["default", 
 RACES = {  # name: (rounds, pages per round (from, to), header written before the race)
     "pages": (12, (1, 10), True),
     "first-header": (1, (0, 2), False),
+    "small": (12, (0, 3), False),  # partial first pages, shrinks within them
     "tag-pages": (3, (250, 262), True),  # authenticated: tags past the header page
 }
 

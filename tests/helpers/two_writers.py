@@ -89,7 +89,8 @@ class Plan:
     @classmethod
     def random(cls, rounds: int, pages: tuple[int, int], rng: random.Random) -> Plan:
         sizes = [rng.randrange(pages[0] * P + 1, pages[1] * P) for _ in range(rounds)]
-        shrink = [0] + [rng.randrange(P // 4, sizes[r - 1]) for r in range(1, rounds)]
+        shrink = [0] + [rng.randrange(min(P // 4, sizes[r - 1] - 1), sizes[r - 1])
+                        for r in range(1, rounds)]
         return cls(shrink, sizes)
 
 
