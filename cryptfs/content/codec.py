@@ -13,6 +13,11 @@ become holes get the tags of holes.
 
 Callers serialise writes and truncates of the same file (the filesystem
 layer holds a per-inode lock); reads may run concurrently with each other.
+
+With ``byte_range_locks`` (``cryptfs mount --shared``: other mounters
+change the same backing files) every operation also holds OFD byte-range
+locks on the backing bytes it reads and rewrites, and re-reads the backing
+size and header under them: docs/design.md "Byte-range locks".
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptfs.content import format as plain_layout
@@ -29,6 +35,7 @@ from cryptfs.content.format import (
     FLAG_AUTHENTICATED,
     HEADER_FIELDS,
     HEADER_SIZE,
+    HEADER_USED,
     TRAILER_SIZE,
     FileHeader,
     PageRun,
@@ -46,9 +53,11 @@ from cryptfs.engines.base import (
     pread_into,
     unit_count,
 )
-from cryptfs.errors import HeaderCorruptError, PageTagError, TrailerError
+from cryptfs.errors import BackingSizeError, HeaderCorruptError, PageTagError, TrailerError
 from cryptfs.keys.hierarchy import FILE_ID_LEN, KeyRing
+from cryptfs.lowlevel import rangelock
 from cryptfs.lowlevel.linux import FALLOC_FL_KEEP_SIZE, fallocate, filesystem_type, page_cached
+from cryptfs.lowlevel.rangelock import Range, SharedReads, covers, merged
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,12 @@ AUTHENTICATED = Layout(tagged_layout.plaintext_size, tagged_layout.backing_size,
 
 class ContentCodec:
     def __init__(self, keys: KeyRing, sessions: SessionCache,
-                 authenticated: bool = False) -> None:
+                 authenticated: bool = False, byte_range_locks: bool = False) -> None:
+        """``byte_range_locks``: other writers may change the backing files
+        meanwhile (a shared mount); off, the mount is the only writer and
+        pays nothing for them."""
         self._header_key = keys.header_key
+        self.byte_range_locks = byte_range_locks
         self.sessions = sessions
         self.layout = AUTHENTICATED if authenticated else DEFAULT
         self.tagger = PageTagger(keys.page_tag_key) if authenticated else None
@@ -154,6 +167,14 @@ def pwritev_all(fd: int, parts: list[bytes | bytearray | memoryview], offset: in
         offset += len(part)
 
 
+# Every change of a backing file's size is made under a write lock reaching
+# to the end of the file and beyond (``rangelock`` ranges ending in None), so
+# a read lock on this byte, far past any real file, keeps the size still: a
+# growing write changes the size in steps (page by page) that a reader must
+# not see, even one whose pages the writer does not touch.
+SIZE_BYTE: Range = (1 << 62, (1 << 62) + 1)
+
+
 # Per-thread buffers, reused by every file: plaintext being decrypted out of
 # or encrypted into a run, the run's ciphertext on its way to the disk, and
 # (authenticated mode) ciphertext read for checking and decrypting.  One per
@@ -171,23 +192,126 @@ class EncryptedFile:
         self._tagger = codec.tagger
         self.fd = fd
         self.header: FileHeader | None = None
-        st = os.fstat(fd)
-        self._dev, stored = st.st_dev, st.st_size
+        self._header_raw = b""  # its first HEADER_USED bytes as stored
+        self._dev = os.fstat(fd).st_dev
+        self._reads = SharedReads(fd) if codec.byte_range_locks else None
+        if self._reads is None:
+            self._load_header(fd)
+        else:  # not while another mounter is writing the first header
+            with self._reads.hold([(0, HEADER_SIZE), SIZE_BYTE]):
+                self._load_header(fd)
+
+    def _load_header(self, fd: int) -> None:
+        """Read the header of the backing file (none if it is empty)."""
+        stored = os.fstat(fd).st_size
         self._layout.plaintext_size(stored)  # impossible sizes are refused now, not read as empty
-        if stored:
-            data = os.pread(fd, HEADER_SIZE, 0)
-            if len(data) < HEADER_SIZE:
-                raise HeaderCorruptError(f"backing file is only {len(data)} bytes")
-            self.header = codec.decode_header(data)
-            if stored == HEADER_SIZE and self._tagger is not None:
-                refuse_stale_tags(data)
+        if not stored:
+            self.header = None
+            return
+        data = os.pread(fd, HEADER_SIZE, 0)
+        if len(data) < HEADER_SIZE:
+            raise HeaderCorruptError(f"backing file is only {len(data)} bytes")
+        header = self._codec.decode_header(data)
+        if stored == HEADER_SIZE and self._tagger is not None:
+            refuse_stale_tags(data)
+        self.header, self._header_raw = header, data[:HEADER_USED]
+
+    # -- byte-range locks (shared mounts) --
+
+    def _refresh_header(self, fd: int) -> None:
+        """Under a lock: the header as stored now.  A header never changes
+        once written, so a stored one equal to the known one is kept; any
+        other (first written by another mounter, or the file rewritten
+        behind cryptfs's back) is read again."""
+        if self.header is not None and os.pread(fd, HEADER_USED, 0) == self._header_raw:
+            return
+        self._load_header(fd)
+
+    def _known_size(self) -> int | None:
+        """The plaintext size, or None while the file has no header."""
+        return None if self.header is None else self.size()
+
+    def _tag_ranges(self, first: int, last: int) -> list[Range]:
+        """Authenticated mode: the tag slots of pages ``first..last``."""
+        if self._tagger is None:
+            return []
+        return [(tag_offset(a), tag_offset(a) + TAG_SIZE * (b - a + 1))
+                for a, b in segments(first, last)]
+
+    def _write_ranges(self, first: int, last: int, old: int | None) -> list[Range]:
+        """What a write of pages ``first..last`` rewrites in a file of
+        ``old`` bytes: those pages (and their tags); from the old final
+        page to the end if it touches or passes it (retired, holes, new
+        size); everything from the header on if the file is empty."""
+        if not old:
+            return [(0, None)]
+        final = final_page(old)
+        if last < final:
+            return [(self._layout.unit_offset(first), self._layout.unit_offset(last + 1)),
+                    *self._tag_ranges(first, last)]
+        low = min(first, final)
+        return [(self._layout.unit_offset(low), None), *self._tag_ranges(low, last)]
+
+    def _truncate_ranges(self, size: int, old: int | None) -> list[Range]:
+        """What a truncate from ``old`` to ``size`` bytes rewrites: from the
+        lower of the old and new final pages to the end, their tags and the
+        rest of that tag page (cleared when shrinking)."""
+        if not old or not size:
+            return [(0, None)]
+        low, high = sorted((final_page(size), final_page(old)))
+        _, tag_page_end = next(segments(low, low + SLOTS))
+        return [(self._layout.unit_offset(low), None),
+                *self._tag_ranges(low, max(high, tag_page_end))]
+
+    def _read_ranges(self, offset: int, length: int) -> list[Range]:
+        """What a read may look at: its pages (a final one's trailer may
+        spill into the next), their tags, the header if not known yet, and
+        ``SIZE_BYTE``, so that the size it reads is not changing."""
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        ranges = [(self._layout.unit_offset(first),
+                   self._layout.unit_offset(last) + PAGE_SIZE + TRAILER_SIZE),
+                  *self._tag_ranges(first, last)]
+        if self.header is None:
+            ranges.append((0, HEADER_SIZE))
+        return [*ranges, SIZE_BYTE]
+
+    @contextmanager
+    def _exclusive(self, ranges_for: Callable[[int | None], list[Range]]) -> Iterator[None]:
+        """Hold write locks on what ``ranges_for(size)`` says an operation
+        rewrites, for the size found under the lock: locked for the size
+        seen before, then widened (everything released and taken again in
+        order, never waiting while holding a higher range) until the size
+        under the lock needs nothing more."""
+        try:
+            held = merged(ranges_for(self._known_size()))
+        except BackingSizeError:  # seen unlocked, maybe mid-change: lock it all
+            held = [(0, None)]
+        while True:
+            rangelock.acquire(self.fd, held)
+            try:
+                self._refresh_header(self.fd)
+                wanted = ranges_for(self._known_size())
+            except BaseException:
+                rangelock.unlock(self.fd, held)
+                raise
+            if covers(held, wanted):
+                break
+            rangelock.unlock(self.fd, held)
+            held = merged([*held, *wanted])
+        try:
+            yield
+        finally:  # one call: the per-file lock keeps this file's readers out meanwhile
+            rangelock.unlock(self.fd, [(held[0][0], None)])
 
     # -- scheduling --
 
     def cached(self, offset: int, length: int) -> bool:
         """True if the backing pages that an I/O of ``length`` plaintext
         bytes at ``offset`` may read (its first and last page) are in memory,
-        so the call will not wait for a disk."""
+        so the call will not wait for a disk.  Never with byte-range locks:
+        taking one may wait for another mounter."""
+        if self._reads is not None:
+            return False
         if self._codec.in_memory(self._dev, self.fd):
             return True
         last = offset + max(length, 1) - 1
@@ -202,10 +326,28 @@ class EncryptedFile:
     def size(self) -> int:
         return self._layout.plaintext_size(os.fstat(self.fd).st_size)
 
+    def stat(self) -> os.stat_result:
+        """``fstat`` of the backing file.  With byte-range locks, under a
+        read lock on ``SIZE_BYTE``: never a size in the middle of another
+        mounter's change, and on NFS fresh from the server (taking a lock
+        drops the client's cached attributes, docs/design.md)."""
+        if self._reads is None:
+            return os.fstat(self.fd)
+        with self._reads.hold([SIZE_BYTE]):
+            return os.fstat(self.fd)
+
     def ensure_header(self, via: int | None = None) -> FileHeader:
         """The file's header, written first if it has none.  ``via``: a
         read-write descriptor of the same backing file, for a file whose own
         descriptor is read-only (a first bound xattr gives it a header)."""
+        if self._reads is None or self.header is not None:
+            return self._ensure_header(via)
+        fd = self.fd if via is None else via
+        with rangelock.exclusive(fd, [(0, HEADER_SIZE)]):
+            self._refresh_header(fd)  # another mounter may have written it
+            return self._ensure_header(via)
+
+    def _ensure_header(self, via: int | None = None) -> FileHeader:
         if self.header is None:
             self._write_header(self._codec.new_header(), via=via)
         assert self.header is not None
@@ -283,7 +425,7 @@ class EncryptedFile:
         zero except for ``pieces``: (offset in the run, bytes)."""
         # A new file's first pages go out in one write with its header.
         with_header = self._tagger is None and self.header is None and first == 0
-        header = self._codec.new_header() if with_header else self.ensure_header()
+        header = self._codec.new_header() if with_header else self._ensure_header()
         plain = _plaintext.get(length)  # page-aligned: the kernel engine vmsplices it
         filled = 0
         for at, piece in pieces:  # in order, not overlapping; zeros in the gaps
@@ -319,15 +461,16 @@ class EncryptedFile:
         reaches the disk and ``self.header`` is set.  A failed write of the
         header with units leaves the file empty."""
         fd = self.fd if via is None else via
+        encoded = self._codec.encode_header(header)
         if units is None:
-            pwrite_all(fd, self._codec.encode_header(header), 0)
+            pwrite_all(fd, encoded, 0)
         else:
             try:
-                pwritev_all(fd, [self._codec.encode_header(header), units], 0)
+                pwritev_all(fd, [encoded, units], 0)
             except OSError:
                 os.ftruncate(fd, 0)
                 raise
-        self.header = header
+        self.header, self._header_raw = header, encoded[:HEADER_USED]
 
     def _reserve_tags(self, first: int, last: int) -> None:
         """Allocate the tag slots of pages ``first..last`` (see ``reserve``)."""
@@ -356,12 +499,21 @@ class EncryptedFile:
     def _page(self, page: int, size: int) -> bytes:
         """The plaintext bytes of one existing page (0..4096 of them)."""
         count = page_bytes(page, size)
-        return self.read(page * PAGE_SIZE, count, size) if count else b""
+        return self._read(page * PAGE_SIZE, count, size) if count else b""
 
     # -- the operations --
 
     def read(self, offset: int, length: int, size: int | None = None) -> bytes:
-        """Up to ``length`` plaintext bytes at ``offset`` (short at EOF)."""
+        """Up to ``length`` plaintext bytes at ``offset`` (short at EOF).
+        With byte-range locks, under read locks on what it reads: a page
+        being rewritten by another mounter is never returned torn."""
+        if self._reads is None or length <= 0:
+            return self._read(offset, length, size)
+        with self._reads.hold(self._read_ranges(offset, length)):
+            self._refresh_header(self.fd)
+            return self._read(offset, length, size)
+
+    def _read(self, offset: int, length: int, size: int | None = None) -> bytes:
         if size is None:
             size = self.size()
         end = min(size, offset + length)
@@ -386,6 +538,14 @@ class EncryptedFile:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` at ``offset``, extending the file (with a hole) if needed."""
         length = len(data)
+        if self._reads is None or not length:
+            return self._write(offset, data)
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        with self._exclusive(lambda old: self._write_ranges(first, last, old)):
+            return self._write(offset, data)
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        length = len(data)
         if not length:
             return 0
         old = self.size()
@@ -395,8 +555,8 @@ class EncryptedFile:
         # Old plaintext that the run's edge pages keep.  Read everything
         # before writing anything: the write may overwrite the old trailer.
         page_start, page_end = run.first * PAGE_SIZE, (run.last + 1) * PAGE_SIZE
-        head = self.read(page_start, offset - page_start, old)
-        tail = self.read(end, page_end - end, old)
+        head = self._read(page_start, offset - page_start, old)
+        tail = self._read(end, page_end - end, old)
         stale = final_page(old) if old and final_page(old) < run.first else None
         stale_plain = self._page(stale, old) if stale is not None else b""
         holes_from = stale + 1 if stale is not None else 0 if not old else run.first
@@ -424,6 +584,13 @@ class EncryptedFile:
 
     def truncate(self, size: int) -> None:
         """Set the plaintext size, growing with a hole or shrinking."""
+        if self._reads is None:
+            self._truncate(size)
+            return
+        with self._exclusive(lambda old: self._truncate_ranges(size, old)):
+            self._truncate(size)
+
+    def _truncate(self, size: int) -> None:
         old = self.size()
         if size == old:
             return
@@ -447,7 +614,7 @@ class EncryptedFile:
             return
         # Growing past the old final page: that page becomes a full page and
         # the new final unit is a hole (all zeros), which reads as zeros.
-        self.ensure_header()
+        self._ensure_header()
         stale = final_page(old) if old else None
         plain = self._page(stale, old) if stale is not None else b""
         holes_from = stale + 1 if stale is not None else 0
