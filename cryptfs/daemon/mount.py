@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import os
 import signal
@@ -80,7 +79,7 @@ def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
     st = os.fstat(root_fd)
     sessions = SessionCache(engine, keys)
     codec = ContentCodec(keys, sessions, FEATURE_AUTHENTICATED in features,
-                         **_byte_range_locks(options.shared))
+                         byte_range_locks=options.shared)
     handles = HandleTable(codec, read_only=options.read_only, shared=options.shared)
     dirs = DirCache(options.dir_fds)
 
@@ -105,16 +104,6 @@ def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,
         options = replace(options, inline_max=engine.inline_max)
     ops = Operations(inodes, tree, handles, codec, metadata, workers, options)
     return Stack(ops, engine, sessions, handles, tree, workers)
-
-
-def _byte_range_locks(shared: bool) -> dict[str, bool]:
-    """``ContentCodec(byte_range_locks=...)`` for a shared mount (every
-    read-modify-write under a byte-range lock on the backing file).
-    MERGE(rmw): the parameter comes from the rmw branch; until it is merged
-    it is passed only where it exists, so this branch runs without it."""
-    if "byte_range_locks" not in inspect.signature(ContentCodec).parameters:
-        return {}
-    return {"byte_range_locks": shared}
 
 
 def _remove_stale_keyfiles(cipherdir: Path) -> None:
