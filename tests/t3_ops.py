@@ -128,6 +128,34 @@ async def test_readdir_dot_entries_count_no_lookups(fs, monkeypatch):
     assert d not in fs.inodes and f not in fs.inodes
 
 
+async def test_create_of_a_name_made_meanwhile_opens_it_without_o_excl(fs):
+    """The kernel sends CREATE after a lookup found nothing; another writer
+    of the backing tree (a shared mount, a sync tool) may have made the name
+    since: open(2) without O_EXCL must open that file, not fail EEXIST."""
+    ino = await create(fs, ROOT_INODE, b"raced", b"made elsewhere")
+    fi, attr = await fs.create(ROOT_INODE, b"raced", 0o644, os.O_RDWR, CTX)
+    try:
+        assert attr.st_ino == ino
+        assert await fs.read(fi.fh, 0, 100) == b"made elsewhere"
+    finally:
+        await fs.release(fi.fh)
+    fi, attr = await fs.create(ROOT_INODE, b"raced", 0o644, os.O_WRONLY | os.O_TRUNC, CTX)
+    await fs.release(fi.fh)
+    assert attr.st_ino == ino and await read_all(fs, ino) == b""
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.create(ROOT_INODE, b"raced", 0o644, os.O_RDWR | os.O_EXCL, CTX)
+    assert fuse_errno(info) == errno.EEXIST
+    await fs.setattr(ino, *changes(st_mode=stat.S_IFREG | 0o600), None, CTX)
+    with pytest.raises(pyfuse3.FUSEError) as info:  # its modes are checked for the caller
+        await fs.create(ROOT_INODE, b"raced", 0o644, os.O_RDONLY,
+                        SimpleNamespace(uid=NOBODY, gid=NOBODY, pid=1, umask=0o022))
+    assert fuse_errno(info) == errno.EACCES
+    await fs.mkdir(ROOT_INODE, b"dir", 0o755, CTX)
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.create(ROOT_INODE, b"dir", 0o644, os.O_RDWR, CTX)
+    assert fuse_errno(info) == errno.EISDIR
+
+
 async def test_rename_within_and_across_directories(fs, monkeypatch):
     d1 = (await fs.mkdir(ROOT_INODE, b"d1", 0o755, CTX)).st_ino
     d2 = (await fs.mkdir(ROOT_INODE, b"d2", 0o755, CTX)).st_ino

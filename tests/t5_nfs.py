@@ -25,6 +25,7 @@ from tests.conftest import (
     fsck_problems,
     init_cipherdir,
 )
+from tests.helpers.mount_writers import lost_halves, write_halves
 from tests.helpers.nfs import nfs_two_clients
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
@@ -162,6 +163,12 @@ def test_shared_mounts_through_both_clients_see_each_other(nfs, tmp_path):
         b = Mount(client2 / "shared", tmp_path / "b", passfile, ENGINE, ("--shared",)).start()
         try:
             _shared_story(a.mountpoint, b.mountpoint)
+            # Two writers on one file, one per client, each on its own half
+            # of every page: the byte-range locks reach the server.
+            one, two = a.mountpoint / "halves.bin", b.mountpoint / "halves.bin"
+            size = write_halves(one, two, pages=16, rounds=2)
+            assert lost_halves(one, 16, size, 2) == []
+            assert lost_halves(two, 16, size, 2) == []
             a.stop()
             (tmp_path / "c").mkdir()
             proc = subprocess.run(

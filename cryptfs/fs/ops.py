@@ -415,8 +415,17 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._check_writable()
-        fd, inode, st = self.tree.create_file(parent_inode, name,
-                                              stat.S_IMODE(mode & ~ctx.umask), self._owner(ctx))
+        try:
+            fd, inode, st = self.tree.create_file(parent_inode, name,
+                                                  stat.S_IMODE(mode & ~ctx.umask),
+                                                  self._owner(ctx))
+        except FileExistsError:
+            # The kernel saw no such name a moment ago: another writer of
+            # the backing tree (a shared mount, a sync tool) made it since.
+            # Without O_EXCL, open(2) opens what is there.
+            if flags & os.O_EXCL:
+                raise
+            return await self._open_existing(parent_inode, name, flags, ctx)
         # No header yet: the first write or growing truncate adds it (an
         # empty backing file is an empty file, docs/format.md 4.2), so a file
         # that stays empty costs no page and no MAC.
@@ -428,6 +437,27 @@ class Operations(pyfuse3.Operations):
             raise
         fh = self.handles.create_handle(opened)
         return pyfuse3.FileInfo(fh=fh), self._attrs(inode.ino, st)
+
+    async def _open_existing(self, parent_inode, name, flags, ctx):
+        """``create`` of a name that appeared meanwhile: looked up and opened
+        as ``open`` would (its permission checked here: the kernel checked
+        none for a name it did not know)."""
+        found = self.tree.lookup(parent_inode, name)
+        if found is None:  # gone again: the caller may retry
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        inode, st = found
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if not stat.S_ISREG(st.st_mode):
+                raise pyfuse3.FUSEError(errno.EEXIST)  # a fifo, socket or symlink: not ours to open
+            if not _may_open(st, flags, ctx):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            info = await self.open(inode.ino, flags, ctx)
+        except BaseException:
+            self.inodes.forget(inode.ino, 1)  # the lookup counted above is not the kernel's
+            raise
+        return info, self._attrs(inode.ino, st)
 
     @fuse_op
     async def open(self, inode, flags, ctx):
@@ -690,3 +720,18 @@ class Operations(pyfuse3.Operations):
         if opened is not None:  # also open files whose last name is gone
             return os.access(proc_path(opened.fd), mode)
         return self.tree.access(inode, mode)
+
+
+def _may_open(st: os.stat_result, flags: int, ctx) -> bool:
+    """Whether the caller may open a file with these attributes for
+    ``flags``, by its mode bits (what the kernel would check; the caller's
+    supplementary groups are not known here, so a file open to one of them
+    alone is refused: the safe side)."""
+    if ctx.uid == 0:
+        return True
+    want = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}.get(flags & os.O_ACCMODE, 6)
+    if flags & os.O_TRUNC:
+        want |= 2
+    shift = 6 if st.st_uid == ctx.uid else 3 if st.st_gid == ctx.gid else 0
+    return (st.st_mode >> shift) & want == want
+
