@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-from cryptfs.daemon.mountpoint import cryptfs_mounts, network_filesystem
+from cryptfs.daemon.mountpoint import cryptfs_mounts, local_locks, network_filesystem
 from cryptfs.errors import AlreadyMountedError, CipherDirError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,13 @@ class MountLock:
 def lock_cipherdir(cipherdir: Path, read_only: bool, shared: bool = False) -> MountLock:
     """Lock ``cipherdir`` for one mount (``shared``: a ``--shared`` one, which
     other shared mounts may join), or raise ``AlreadyMountedError`` naming
-    where it is mounted."""
+    where it is mounted.  A shared mount is refused where locks stay on this
+    machine although others share the directory (NFS ``nolock``): neither
+    this lock nor the content's byte-range locks would keep them apart."""
+    if shared and (why := local_locks(cipherdir)) is not None:
+        raise CipherDirError(f"{cipherdir}: --shared needs locks that reach the NFS server, "
+                             f"but {why}: remount it with local_lock=none (NFSv4 default), "
+                             "or mount without --shared on one machine at a time")
     path = os.path.join(cipherdir, LOCK_NAME)
     fd = _open(path, read_only)
     if fd is None:

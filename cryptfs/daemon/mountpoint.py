@@ -35,6 +35,7 @@ class MountEntry:
     fstype: str
     source: str
     device: str = ""  # "major:minor", also the name of its bdi in /sys/class/bdi
+    options: str = ""  # the superblock's options ("rw,vers=4.2,...,local_lock=none")
 
 
 def _unescape(field: str) -> str:
@@ -51,8 +52,9 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         if "-" not in fields[6:]:
             continue
         sep = fields.index("-", 6)
+        options = fields[sep + 3] if len(fields) > sep + 3 else ""
         entries.append(MountEntry(_unescape(fields[4]), _unescape(fields[sep + 1]),
-                                  _unescape(fields[sep + 2]), fields[2]))
+                                  _unescape(fields[sep + 2]), fields[2], options))
     return entries
 
 
@@ -79,18 +81,35 @@ NETWORK_FSTYPES = ("nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "afs", "9
                    "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "lustre", "gpfs", "ocfs2", "gfs2")
 
 
+def _holding(path: Path, mountinfo: str = MOUNTINFO) -> MountEntry | None:
+    """The mount ``path`` is on: the deepest mount point holding it; among
+    equals the last mounted (on top)."""
+    real = os.path.realpath(path)
+    holding = [e for e in _mounts(mountinfo) if real == e.mountpoint
+               or real.startswith(e.mountpoint.rstrip("/") + "/")]
+    return max(reversed(holding), key=lambda e: len(e.mountpoint)) if holding else None
+
+
 def network_filesystem(path: Path) -> str | None:
     """The type of the filesystem ``path`` is on if other machines may
     share it (NFS, SMB, ...), else None: a lock refused there may be held
     by another machine, which mountinfo here cannot name."""
-    real = os.path.realpath(path)
-    holding = [e for e in _mounts() if real == e.mountpoint
-               or real.startswith(e.mountpoint.rstrip("/") + "/")]
-    if not holding:
+    entry = _holding(path)
+    return entry.fstype if entry is not None and entry.fstype in NETWORK_FSTYPES else None
+
+
+def local_locks(path: Path, mountinfo: str = MOUNTINFO) -> str | None:
+    """Why locks taken on ``path`` would not reach other machines although
+    its filesystem is shared (an NFS mount with ``nolock`` or ``local_lock=``
+    other than ``none``), else None."""
+    entry = _holding(path, mountinfo)
+    if entry is None or entry.fstype not in ("nfs", "nfs4"):
         return None
-    # the deepest mount point; among equals the last mounted (on top)
-    fstype = max(reversed(holding), key=lambda e: len(e.mountpoint)).fstype
-    return fstype if fstype in NETWORK_FSTYPES else None
+    for option in entry.options.split(","):
+        if option == "nolock" or (option.startswith("local_lock=")
+                                  and option != "local_lock=none"):
+            return f"its NFS mount {entry.mountpoint} has {option}"
+    return None
 
 
 def canonical(mountpoint: Path) -> str:

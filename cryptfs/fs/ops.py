@@ -246,7 +246,9 @@ class Operations(pyfuse3.Operations):
     def _stat(self, ino: int) -> os.stat_result:
         opened = self.handles.by_ino(ino)
         if opened is not None:  # works even if every name was unlinked
-            return os.fstat(opened.fd)
+            # Shared mounts: under a read lock on the size, so never a size
+            # in mid-change and, on NFS, fresh from the server.
+            return opened.file.stat()
         return self.tree.stat(ino)
 
     def _owner(self, ctx) -> Owner:
