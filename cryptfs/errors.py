@@ -16,7 +16,8 @@ class ExitCode(enum.IntEnum):
     OK = 0  # success
     INTERNAL = 1  # a bug: a traceback was printed
     USAGE = 2  # bad command line or mount option
-    CIPHERDIR = 10  # cipher directory missing, not initialised, not empty, or not writable
+    CIPHERDIR = 10  # cipher directory missing, not initialised, not empty, or not writable;
+    #                 cryptfs path: the path is not in it
     KEYFILE = 11  # key file unreadable, corrupt, tampered or of an unsupported version
     PASSWORD = 12  # wrong password (or the key slot was modified)
     ENGINE = 13  # the requested crypto engine is not usable here
@@ -39,6 +40,11 @@ class CipherDirError(CryptfsError):
     """The cipher directory is missing, not initialised, or unusable."""
 
     exit_code = ExitCode.CIPHERDIR
+
+
+class PathNotFoundError(CipherDirError):
+    """``cryptfs path``: a path names nothing the mount would show (missing,
+    foreign, or under a directory whose names cannot be decrypted)."""
 
 
 class KeyFileError(CryptfsError):

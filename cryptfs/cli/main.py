@@ -17,6 +17,7 @@ from cryptfs import __version__
 from cryptfs.cli.checks import cmd_fsck, cmd_speed
 from cryptfs.cli.cipherdir import cmd_info, cmd_init, cmd_key, cmd_passwd
 from cryptfs.cli.mounting import cmd_install_helpers, cmd_mount, cmd_unmount, mount_helper_args
+from cryptfs.cli.paths import cmd_path
 from cryptfs.engines import ENGINE_NAMES
 from cryptfs.errors import CryptfsError, ExitCode
 from cryptfs.fs.dircache import DEFAULT_LIMIT
@@ -24,7 +25,7 @@ from cryptfs.fs.ops import MountOptions
 from cryptfs.lowlevel.log import setup_logging
 
 SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-helpers", "fsck",
-               "speed"}
+               "speed", "path"}
 
 
 # --- argument parsing ----------------------------------------------------------------
@@ -166,6 +167,23 @@ def parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="format, key slots and engine (never key material)")
     info.add_argument("cipherdir")
     info.set_defaults(func=cmd_info)
+
+    path = sub.add_parser("path", help="map plaintext paths to backing paths and back "
+                                       "(read-only; works while mounted)")
+    path_sub = path.add_subparsers(dest="path_command", required=True)
+    for command, what, help_text in (
+            ("encrypt", "plain_path", "print the backing path of a plaintext path (relative "
+             "to CIPHERDIR), then the sidecar of each long name, one per line"),
+            ("decrypt", "backing_path", "print the plaintext path of a backing path (relative "
+             "to CIPHERDIR or absolute; a sidecar maps to its entry)")):
+        p = path_sub.add_parser(command, help=help_text)
+        p.add_argument("cipherdir")
+        p.add_argument("path", metavar=what.upper())
+        _password_args(p)
+        p.add_argument("--recovery", action="store_true", help="unlock with the recovery code")
+        p.add_argument("--json", action="store_true",
+                       help="every component's plaintext and backing path and sidecar")
+    path.set_defaults(func=cmd_path)
 
     speed_cmd = sub.add_parser("speed", help="measure each crypto engine on this machine")
     speed_cmd.add_argument("--seconds", type=float, default=0.5, help="per figure (default 0.5)")
