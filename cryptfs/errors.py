@@ -16,8 +16,7 @@ class ExitCode(enum.IntEnum):
     OK = 0  # success
     INTERNAL = 1  # a bug: a traceback was printed
     USAGE = 2  # bad command line or mount option
-    CIPHERDIR = 10  # cipher directory missing, not initialised, not empty, or not writable;
-    #                 cryptfs path: the path is not in it
+    CIPHERDIR = 10  # cipher directory missing, not initialised, not empty, or not writable
     KEYFILE = 11  # key file unreadable, corrupt, tampered or of an unsupported version
     PASSWORD = 12  # wrong password (or the key slot was modified)
     ENGINE = 13  # the requested crypto engine is not usable here
