@@ -11,8 +11,10 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from cryptfs.daemon.lock import LOCK_NAME
-from cryptfs.errors import ExitCode
+from cryptfs.errors import ExitCode, PathNotFoundError
 from cryptfs.keys.keyfile import KEYFILE_NAME, KeyFile
 from cryptfs.names.conflicts import Tool
 from cryptfs.names.filenames import DIRIV_NAME, NameCipher, is_longname
@@ -179,6 +181,51 @@ def test_conflict_copy_maps_to_the_name_the_mount_shows(fresh_mount):
     assert path == f"/d/{shown}"
     assert pathmap.encrypt(path)[-1].backing == str(copy.relative_to(cipher))
     assert ino(plain / "d" / shown) == ino(copy)
+
+
+def test_names_stranded_under_a_diriv_copy(fresh_mount):
+    """Entries of one directory made on two machines, merged by a sync tool
+    that kept the second machine's IV file as a copy (as in t4_conflicts)."""
+    plain, cipher = fresh_mount.mountpoint, fresh_mount.cipherdir
+    for side in ("here", "there"):
+        (plain / side / "sub").mkdir(parents=True)
+        (plain / side / "same.txt").write_bytes(side.encode())
+    (plain / "there" / LONG_FILE).write_bytes(b"long")
+    (plain / "there" / "sub" / "deep.txt").write_bytes(b"deep")
+    pathmap = path_map(fresh_mount)
+    here, there = (cipher / pathmap.encrypt(f"/{side}")[0].backing for side in ("here", "there"))
+    fresh_mount.stop()
+    for name in os.listdir(there):
+        if name == DIRIV_NAME:
+            target = DIRIV_NAME.replace(".", ".sync-conflict-20261207-101500-ABCDEFG.")
+        elif name in os.listdir(here):  # the subdirectory made on both: keep both
+            target = name + ".sync-conflict-20261207-101500-ABCDEFG"
+        else:
+            target = name
+        os.rename(there / name, here / target)
+    there.rmdir()
+    fresh_mount.start()
+    shown = sorted(os.listdir(plain / "here"))
+    assert len(shown) == 5 and LONG_FILE in shown  # sub, same.txt and a copy of each
+    backing = [b for b in backing_entries(cipher) if b.startswith(here.name + "/")]
+    (diriv_copy,) = [b for b in backing if b.endswith(".diriv")]  # no entry: not mapped
+    with pytest.raises(PathNotFoundError, match="cryptfs's own files"):
+        pathmap.decrypt(diriv_copy)
+    backing.remove(diriv_copy)
+    mapped = {pathmap.decrypt(b)[-1].plaintext: b for b in backing}
+    assert sorted(mapped) == sorted(f"/here/{n}" for n in shown) + [
+        f"/here/{n}/deep.txt" for n in shown if n.startswith("sub") and n != "sub"]
+    for path, rel in mapped.items():
+        assert ino(plain / path.lstrip("/")) == ino(cipher / rel), path
+        assert pathmap.encrypt(path)[-1].backing == rel
+    sidecar = pathmap.encrypt(f"/here/{LONG_FILE}")[-1].sidecar
+    assert sidecar is not None and pathmap.decrypt(sidecar)[-1].plaintext == f"/here/{LONG_FILE}"
+
+
+def test_name_too_long_is_a_usage_error(fresh_mount):
+    proc = cryptfs("path", "encrypt", str(fresh_mount.cipherdir), "x" * 256, "--passfile",
+                   str(fresh_mount.passfile), check=False)
+    assert proc.returncode == ExitCode.USAGE and "255" in proc.stderr
 
 
 def test_missing_convergent_diriv_is_derived_not_written(fresh_mount):

@@ -66,7 +66,10 @@ def plain_parts(path: str) -> list[bytes]:
     for part in parts:
         if part == b"..":
             raise UsageError(f"{path!r}: '..' is not allowed in a plaintext path")
-        check_name(part)
+        try:
+            check_name(part)
+        except FileNameError as exc:  # no file can have that name: a bad argument
+            raise UsageError(f"{path!r}: {exc}") from exc
     return parts
 
 
