@@ -267,6 +267,20 @@ class Mount:
                 assert any(a in line for a in allowed), f"unexpected log line: {line}"
 
 
+@contextlib.contextmanager
+def mounted(cipher: Path, passfile: Path, expected: tuple[str, ...] = (),
+            extra: tuple[str, ...] = (), engine: str = "openssl") -> Iterator[Path]:
+    """``cipher`` mounted at ``<cipher>-plain`` for the block; its log
+    checked afterwards (``expected``: warnings the test causes)."""
+    mount = Mount(cipher, cipher.parent / f"{cipher.name}-plain", passfile, engine, extra)
+    mount.start()
+    try:
+        yield mount.mountpoint
+    finally:
+        mount.stop()
+    mount.check_log(expected)
+
+
 def backing_entry_of(mount: Mount, action) -> Path:
     """Run ``action`` on the mount; return the one backing entry it created."""
     before = set(mount.cipherdir.rglob("*"))

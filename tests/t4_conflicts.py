@@ -24,8 +24,6 @@ from tests.conftest import (
     Mount,
     backing_entry_of,
     cryptfs_cmd,
-    init_cipherdir,
-    require_fuse,
 )
 from tests.helpers.sync_tools import make_conflict
 
@@ -83,19 +81,6 @@ def kinds(report: dict) -> list[tuple[str, str | None]]:
     return sorted((p["kind"], p["plaintext"]) for p in report["problems"])
 
 
-@pytest.fixture
-def own_mount(tmp_path):
-    """A mount of its own (tests that run fsck stop it first)."""
-    require_fuse()
-    passfile = tmp_path / "password"
-    init_cipherdir(tmp_path / "cipher", passfile)
-    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
-    try:
-        yield mount
-    finally:
-        mount.stop()
-    mount.check_log()
-
 
 # --- every tool's copy of a file --------------------------------------------------------
 
@@ -147,11 +132,11 @@ def test_copy_deleted_directly_leaves_the_original(cryptfs_mount, mnt):
     assert listing(mnt / "d") == {"a.txt": b"new"}
 
 
-def test_copy_is_found_by_lookup_without_a_listing(own_mount):
-    mnt = own_mount.mountpoint
-    entry, copy = edited(own_mount, mnt / "doc.txt", b"one", b"two")
+def test_copy_is_found_by_lookup_without_a_listing(fresh_mount):
+    mnt = fresh_mount.mountpoint
+    entry, copy = edited(fresh_mount, mnt / "doc.txt", b"one", b"two")
     plant(copy, conflict_name(Tool.NEXTCLOUD, entry.name))
-    own_mount.restart()  # nothing cached: the first request is the lookup
+    fresh_mount.restart()  # nothing cached: the first request is the lookup
     assert (mnt / "doc (conflict 2026-12-07 laptop).txt").read_bytes() == b"one"
 
 
@@ -188,17 +173,17 @@ def test_renamed_long_copy_gets_its_own_sidecar(cryptfs_mount, mnt):
     assert len([n for n in os.listdir(bdir) if n.endswith(".name")]) == 2
 
 
-def test_missing_sidecar_is_replaced_by_its_copy(own_mount):
-    mnt = own_mount.mountpoint
-    entry = backing_entry_of(own_mount, lambda: (mnt / LONG).write_bytes(b"kept"))
+def test_missing_sidecar_is_replaced_by_its_copy(fresh_mount):
+    mnt = fresh_mount.mountpoint
+    entry = backing_entry_of(fresh_mount, lambda: (mnt / LONG).write_bytes(b"kept"))
     sidecar = entry.parent / (entry.name + ".name")
     sidecar.rename(entry.parent / conflict_name(Tool.SYNCTHING, sidecar.name))
-    own_mount.restart()
+    fresh_mount.restart()
     assert listing(mnt) == {LONG: b"kept"}
-    own_mount.stop()
-    code, report = fsck(own_mount)
+    fresh_mount.stop()
+    code, report = fsck(fresh_mount)
     assert code == 20 and kinds(report) == [("conflict-sidecar", "/")]
-    code, report = fsck(own_mount, "--repair")
+    code, report = fsck(fresh_mount, "--repair")
     assert code == 0 and report["problems"] == []
     assert [r["kind"] for r in report["repaired"]] == ["sidecar-restored"]
     assert sidecar.exists()
@@ -310,46 +295,46 @@ STRANDED = {
 }
 
 
-def test_names_stranded_under_a_diriv_copy_are_shown(own_mount):
-    _, shared = two_machines(own_mount)
+def test_names_stranded_under_a_diriv_copy_are_shown(fresh_mount):
+    _, shared = two_machines(fresh_mount)
     assert listing(shared) == STRANDED
     assert (shared / "sub" / "deep.txt").read_bytes() == b"deep"
     assert os.getxattr(shared / "sub", "user.tag") == b"kept"
-    own_mount.restart()  # looked up without a listing
+    fresh_mount.restart()  # looked up without a listing
     assert (shared / "b.txt").read_bytes() == b"made there"
     assert os.readlink(shared / "link") == "../a.txt"
 
 
-def test_fsck_lists_and_repair_moves_stranded_names(own_mount):
-    here, shared = two_machines(own_mount)
+def test_fsck_lists_and_repair_moves_stranded_names(fresh_mount):
+    here, shared = two_machines(fresh_mount)
     (shared / "b.txt").rename(shared / "b-renamed.txt")  # stranded, renamed in the mount
     expected = {**STRANDED, "b-renamed.txt": STRANDED["b.txt"]}
     del expected["b.txt"]
-    own_mount.stop()
-    code, report = fsck(own_mount)
+    fresh_mount.stop()
+    code, report = fsck(fresh_mount)
     assert code == 20
     assert kinds(report) == sorted([
         ("conflict-diriv", "/shared"),
         ("stranded", f"/shared/{LONG}"), ("stranded", "/shared/link"),
         ("stranded", "/shared/same (conflict 2026-12-07 ABCDEFG).txt"),
         ("stranded", "/shared/sub")])
-    code, report = fsck(own_mount, "--repair")
+    code, report = fsck(fresh_mount, "--repair")
     assert code == 0 and report["problems"] == [], report
     assert sorted(r["kind"] for r in report["repaired"]) == ["diriv-removed"] + [
         "restranded"] * 4
     assert not [n for n in os.listdir(here) if "sync-conflict" in n]
-    own_mount.start()
+    fresh_mount.start()
     assert listing(shared) == expected
     assert os.getxattr(shared / "sub", "user.tag") == b"kept"
     assert (shared / "sub" / "deep.txt").read_bytes() == b"deep"
 
 
-def test_fsck_lists_every_conflict_copy(own_mount):
-    mnt = own_mount.mountpoint
-    entry, copy = edited(own_mount, mnt / "report.txt", b"loser", b"winner")
+def test_fsck_lists_every_conflict_copy(fresh_mount):
+    mnt = fresh_mount.mountpoint
+    entry, copy = edited(fresh_mount, mnt / "report.txt", b"loser", b"winner")
     plant(copy, conflict_name(Tool.SYNCTHING, entry.name))
-    own_mount.stop()
-    code, report = fsck(own_mount, "--repair")  # never touches a copy of a file
+    fresh_mount.stop()
+    code, report = fsck(fresh_mount, "--repair")  # never touches a copy of a file
     assert code == 20 and report["repaired"] == []
     ((problem),) = report["problems"]
     assert problem["kind"] == "conflict"
@@ -357,14 +342,14 @@ def test_fsck_lists_every_conflict_copy(own_mount):
     assert problem["details"] == {"tool": "syncthing", "date": "2026-12-07", "time": "10:15:00",
                                   "device": "ABCDEFG", "original": "/report.txt",
                                   "shown": "report (conflict 2026-12-07 ABCDEFG).txt"}
-    own_mount.start()
+    fresh_mount.start()
     assert listing(mnt) == {"report.txt": b"winner",
                             "report (conflict 2026-12-07 ABCDEFG).txt": b"loser"}
 
 
-def test_repair_refuses_a_mounted_directory(own_mount):
-    run = [*cryptfs_cmd("fsck", str(own_mount.cipherdir), "--passfile",
-                        str(own_mount.passfile), "--repair")]
+def test_repair_refuses_a_mounted_directory(fresh_mount):
+    run = [*cryptfs_cmd("fsck", str(fresh_mount.cipherdir), "--passfile",
+                        str(fresh_mount.passfile), "--repair")]
     proc = subprocess.run(run, capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
     assert proc.returncode == ExitCode.MOUNTED, proc.stderr
     proc = subprocess.run([*run, "--force"], capture_output=True, text=True,
@@ -372,18 +357,18 @@ def test_repair_refuses_a_mounted_directory(own_mount):
     assert proc.returncode == ExitCode.USAGE, proc.stderr
 
 
-def test_sidecar_copy_with_other_bytes_is_listed_and_kept(own_mount):
-    mnt = own_mount.mountpoint
-    entry = backing_entry_of(own_mount, lambda: (mnt / LONG).write_bytes(b"kept"))
+def test_sidecar_copy_with_other_bytes_is_listed_and_kept(fresh_mount):
+    mnt = fresh_mount.mountpoint
+    entry = backing_entry_of(fresh_mount, lambda: (mnt / LONG).write_bytes(b"kept"))
     odd = entry.parent / conflict_name(Tool.DROPBOX, entry.name + ".name")
     odd.write_bytes(b"not the encoded name")
     assert listing(mnt) == {LONG: b"kept"}
-    own_mount.stop()
-    code, report = fsck(own_mount, "--repair")
+    fresh_mount.stop()
+    code, report = fsck(fresh_mount, "--repair")
     assert code == 20 and kinds(report) == [("conflict-sidecar", "/")]
     assert "different bytes" in report["problems"][0]["message"]
     assert report["repaired"] == [] and odd.exists()
-    own_mount.start()
+    fresh_mount.start()
 
 
 def test_copy_in_an_authenticated_directory(authenticated_mount):
@@ -395,15 +380,15 @@ def test_copy_in_an_authenticated_directory(authenticated_mount):
                             "ledger (conflict laptop).csv": b"1,2,3\n" * 1000}
 
 
-def test_repair_interrupted_after_a_symlink_was_made_runs_again(own_mount):
+def test_repair_interrupted_after_a_symlink_was_made_runs_again(fresh_mount):
     """A crash between making the re-sealed symlink and unlinking the old
     one (and before the diriv copy went) leaves both: a second run keeps one."""
-    here, shared = two_machines(own_mount)
-    own_mount.stop()
+    here, shared = two_machines(fresh_mount)
+    fresh_mount.stop()
     before = {p.name: p for p in here.iterdir()}
     saved = {name: (os.readlink(p) if p.is_symlink() else p.read_bytes())
              for name, p in before.items() if p.is_symlink() or "sync-conflict" in name}
-    code, report = fsck(own_mount, "--repair")
+    code, report = fsck(fresh_mount, "--repair")
     assert code == 0, report
     for name, value in saved.items():  # put back the old symlink and the diriv copy
         if isinstance(value, str):
@@ -412,8 +397,8 @@ def test_repair_interrupted_after_a_symlink_was_made_runs_again(own_mount):
         elif not (here / name).exists():
             (here / name).write_bytes(value)
     assert sum(p.is_symlink() for p in here.iterdir()) == 2
-    code, report = fsck(own_mount, "--repair")
+    code, report = fsck(fresh_mount, "--repair")
     assert code == 0 and report["problems"] == [], report
     assert sum(p.is_symlink() for p in here.iterdir()) == 1
-    own_mount.start()
+    fresh_mount.start()
     assert listing(shared) == STRANDED

@@ -10,7 +10,6 @@ and is reported.  Directories without the flag keep random IVs."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import hmac
@@ -19,14 +18,13 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cryptfs.keys.keyfile import FEATURE_BOUND_METADATA, FEATURE_CONVERGENT_DIRIVS, KeyFile
 from cryptfs.names.filenames import DIRIV_NAME, SIDECAR_SUFFIX
-from tests.conftest import PASSWORD, Mount, cryptfs_cmd, fsck_problems, init_cipherdir
+from tests.conftest import PASSWORD, Mount, cryptfs_cmd, fsck_problems, init_cipherdir, mounted
 
 pytestmark = pytest.mark.fuse
 ENGINE = "openssl"
@@ -50,19 +48,6 @@ def two_copies(tmp_path: Path, features: list[str] | None = None) -> tuple[Path,
     subprocess.run(["cp", "-a", str(a), str(b)], check=True)
     return a, b, passfile
 
-
-@contextlib.contextmanager
-def mounted(cipher: Path, passfile: Path, expected: tuple[str, ...] = (),
-            extra: tuple[str, ...] = ()) -> Iterator[Path]:
-    """``cipher`` mounted for the block; its log checked afterwards
-    (``expected``: warnings the test causes)."""
-    mount = Mount(cipher, cipher.parent / f"{cipher.name}-plain", passfile, ENGINE, extra)
-    mount.start()
-    try:
-        yield mount.mountpoint
-    finally:
-        mount.stop()
-    mount.check_log(expected)
 
 
 def backing_files(cipher: Path) -> dict[str, bytes]:

@@ -12,17 +12,15 @@ after the sync every entry decodes on both sides and both list the union."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cryptfs.keys.keyfile import KEYFILE_NAME
 from cryptfs.names.filenames import DIRIV_NAME
-from tests.conftest import MOUNT_ENGINES, Mount, fsck_problems, init_cipherdir
+from tests.conftest import MOUNT_ENGINES, Mount, fsck_problems, init_cipherdir, mounted
 from tests.helpers.syncthing import syncthing_pair
 
 pytestmark = pytest.mark.fuse
@@ -30,18 +28,6 @@ ENGINE = MOUNT_ENGINES[0]
 HEALED = "had no cryptfs.diriv"  # the mount's line when it writes a derived IV back
 LONG = "L" * 200  # stored as cryptfs.longname.* with a sidecar
 
-
-@contextlib.contextmanager
-def mounted(cipher: Path, passfile: Path, expected: tuple[str, ...] = ()) -> Iterator[Path]:
-    """``cipher`` mounted alone for the block (unmounted before a sync: a
-    mount does not expect its backing files to change under it)."""
-    mount = Mount(cipher, cipher.parent / f"{cipher.name}-plain", passfile, ENGINE)
-    mount.start()
-    try:
-        yield mount.mountpoint
-    finally:
-        mount.stop()
-    mount.check_log(expected)
 
 
 def tree(plain: Path) -> dict[str, bytes | None]:
