@@ -254,6 +254,35 @@ def test_foreign_junk_stays_hidden(cryptfs_mount, mnt):
     assert not (mnt / "d" / "real (conflict 2026-12-07 ABCDEFG).txt").exists()
 
 
+def test_sync_tool_files_are_skipped_quietly_and_temporaries_reported(fresh_mount):
+    """A sync tool's housekeeping (folder markers, journals) and transfer
+    temporaries are not cryptfs data and not damage: no listing, no warning
+    in the mount's log; fsck reports only the temporaries, as such."""
+    (fresh_mount.mountpoint / "d").mkdir()
+    (fresh_mount.mountpoint / "d" / "real.txt").write_bytes(b"data")
+    (bdir,) = [p for p in fresh_mount.cipherdir.iterdir() if p.is_dir()]
+    real = next(p.name for p in bdir.iterdir() if not p.name.startswith("cryptfs."))
+    for where, name in [(fresh_mount.cipherdir, ".stfolder"), (bdir, ".stversions"),
+                        (fresh_mount.cipherdir, ".dropbox.cache"),
+                        (fresh_mount.cipherdir, ".sync")]:
+        (where / name).mkdir()
+    for name in [".stignore", "._sync_0123abcd.db", "._sync_0123abcd.db-wal",
+                 ".nextcloudsync.log", ".dropbox"]:
+        (fresh_mount.cipherdir / name).write_bytes(b"state")
+    temporaries = [f".syncthing.{real}.tmp", f"~syncthing~{real}.tmp", f"{real}.!sync",
+                   f"{real}.a1b2c3d4.partial"]
+    for name in temporaries:
+        (bdir / name).write_bytes(b"half a transfer")
+    assert sorted(os.listdir(fresh_mount.mountpoint)) == ["d"]
+    assert sorted(os.listdir(fresh_mount.mountpoint / "d")) == ["real.txt"]
+    assert "skipping" not in fresh_mount.log()
+    fresh_mount.stop()
+    code, report = fsck(fresh_mount)
+    assert code == 20
+    assert sorted((p["kind"], p["backing"]) for p in report["problems"]) == sorted(
+        ("sync-temporary", f"{bdir.name}/{name}") for name in temporaries)
+
+
 # --- a directory made on two machines: names stranded under a diriv copy ---------------------
 
 

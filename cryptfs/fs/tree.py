@@ -89,6 +89,7 @@ from cryptfs.names.metadata import (
     XattrOwner,
 )
 from cryptfs.names.resolve import Directory, Shown, read_small, resolve
+from cryptfs.names.synctools import sync_tool_file
 
 log = logging.getLogger(__name__)
 
@@ -994,7 +995,8 @@ class BackingTree:
             with os.scandir(fd) as entries:
                 found = {entry.name: entry for entry in entries}
             names = resolve(self._names, iv, fd, found)
-            skipped = [(os.fsencode(name), exc) for name, exc in names.foreign]
+            skipped = [(os.fsencode(name), exc) for name, exc in names.foreign
+                       if sync_tool_file(name) is None]  # a sync tool's: not worth a warning
             shown = [(s.backing.name, s.name) for s in names.shown]
             for backing, plain in [*names.real.items(), *shown]:
                 try:  # (through ``fd``: it must still be open)

@@ -55,6 +55,7 @@ from cryptfs.names.filenames import (
 )
 from cryptfs.names.metadata import MetadataCipher, SymlinkPlace, XattrOwner
 from cryptfs.names.resolve import Directory, Shown, resolve
+from cryptfs.names.synctools import sync_tool_file
 
 # Problem kinds are part of the --json output: keep them stable.
 CONTENT_KINDS = {HeaderAuthError: "header-mac", HeaderCorruptError: "header",
@@ -200,6 +201,8 @@ class Checker:
             child = os.path.join(rel, name)
             if name == DIRIV_NAME or (rel == "" and name in OWN_FILES) or name in names.hidden:
                 continue
+            if name not in shown and name not in names.real and self._sync_tool_file(child, name):
+                continue
             if name.startswith(SYMLINK_TMP_PREFIX):
                 self.report("leftover", child, None, "temporary symlink of an interrupted "
                             "rename (the symlink is still at its old or new name): delete it")
@@ -226,6 +229,16 @@ class Checker:
                 self._check_entry(fd, name, child, child_plain, place)
             except OSError as exc:  # vanished or unreadable: report, go on
                 self.report("io", child, child_plain, str(exc))
+
+    def _sync_tool_file(self, child: str, name: str) -> bool:
+        """A sync tool's own file: housekeeping is not reported, a temporary
+        is (a transfer under way or cut off: check again once it is done)."""
+        found = sync_tool_file(name)
+        if found is not None and found.temporary:
+            self.report("sync-temporary", child, None,
+                        f"a temporary file of {found.tool} (a transfer in progress, or cut "
+                        "off): not cryptfs data; check again once the sync is done")
+        return found is not None
 
     def _sync_copies(self, fd: int, rel: str, plain: str, dir_iv: bytes,
                      entries: list[str]) -> Directory:
