@@ -65,7 +65,14 @@ from cryptfs.errors import DirIvMissingError, NameDecodeError, StaleInodeError
 from cryptfs.fs.dircache import DirCache, ShownNames
 from cryptfs.fs.identity import read_identity, same_file
 from cryptfs.fs.inodes import ROOT_INODE, ClosedFileId, Inode, InodeTable
-from cryptfs.lowlevel.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, proc_path, renameat2, syncfs
+from cryptfs.lowlevel.linux import (
+    DIR_READ,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    proc_path,
+    renameat2,
+    syncfs,
+)
 from cryptfs.lowlevel.log import Once
 from cryptfs.names.conflicts import backing_kind, candidates
 from cryptfs.names.filenames import (
@@ -75,6 +82,7 @@ from cryptfs.names.filenames import (
     BackingName,
     NameCipher,
     create_diriv,
+    decode_entry,
     derive_missing_diriv,
     is_longname,
     read_diriv,
@@ -88,7 +96,7 @@ from cryptfs.names.metadata import (
     SymlinkPlace,
     XattrOwner,
 )
-from cryptfs.names.resolve import Directory, Shown, read_small, resolve
+from cryptfs.names.resolve import Directory, Shown, resolve
 from cryptfs.names.synctools import sync_tool_file
 
 log = logging.getLogger(__name__)
@@ -97,7 +105,6 @@ _RESERVED = RESERVED_PREFIX.encode()
 _DIRIV = DIRIV_NAME.encode()
 MAX_UNSYNCED = 10000  # sidecars remembered as not yet synced; past it, sync them all
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ENTRY_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 T = TypeVar("T")
 Owner = tuple[int, int] | None  # (uid, gid) for a new entry, None: the daemon's
@@ -204,7 +211,7 @@ def read_xattr_owner(dir_fd: int, name: str, st: os.stat_result,
     file's ID (empty if the file has no header).  Linux allows user.*
     attributes on nothing else (EPERM)."""
     if stat.S_ISDIR(st.st_mode):
-        fd = os.open(name, _DIR_READ, dir_fd=dir_fd)
+        fd = os.open(name, DIR_READ, dir_fd=dir_fd)
         try:
             return XattrOwner(OWNER_DIRECTORY, read_diriv(fd))
         finally:
@@ -332,7 +339,7 @@ class BackingTree:
 
     def open_dir(self, ino: int) -> int:
         """A new readable descriptor of directory ``ino`` (the caller closes it)."""
-        return os.open(".", _DIR_READ, dir_fd=self._dir_fd(ino))
+        return os.open(".", DIR_READ, dir_fd=self._dir_fd(ino))
 
     # -- directory IVs and names --
 
@@ -363,7 +370,7 @@ class BackingTree:
         parent_iv = self.diriv(parent)
         with self._pinned(parent) as (parent_fd,):
             try:
-                name = self._decode(parent_fd, parent_iv, os.fsdecode(backing))
+                name = decode_entry(self._names, parent_iv, parent_fd, os.fsdecode(backing))
             except (NameDecodeError, OSError):  # a long name whose sidecar is gone too
                 name = None
         where = os.fsdecode(self._inodes.path(dir_ino))
@@ -382,16 +389,6 @@ class BackingTree:
         finally:
             os.close(fd)
         return derived.iv, derived.confirmed
-
-    def _decode(self, dir_fd: int, iv: bytes, name: str) -> bytes | None:
-        """The plaintext of backing entry ``name`` (a long name through its
-        sidecar); None for our own files."""
-        if not name.startswith(RESERVED_PREFIX):
-            return self._names.decode(iv, name)
-        if not is_longname(name):
-            return None  # our own files: IVs, sidecars, key file
-        sidecar = read_small(dir_fd, sidecar_name(name), 4096)
-        return self._names.decode_longname(iv, name, sidecar)
 
     def _write_back(self, dir_ino: int, fd: int, iv: bytes, where: str) -> bytes:
         """Store a derived IV in directory ``fd`` (once per directory: fsync'd
@@ -481,7 +478,7 @@ class BackingTree:
             return None
         if self._unsynced.overflowed:
             self._unsynced.take_all()
-            return NameSync([], [], os.open(".", _DIR_READ, dir_fd=self._root_fd))
+            return NameSync([], [], os.open(".", DIR_READ, dir_fd=self._root_fd))
         found: list[tuple[int, DevIno, str]] = []  # (directory inode, its id, sidecar)
         if directory:
             dev_ino = self._inodes.get(ino).dev_ino
@@ -802,13 +799,9 @@ class BackingTree:
             # Owner-writable until its IV is in; _make then sets ``mode``.
             os.mkdir(backing, 0o700, dir_fd=dir_fd)
             try:
-                fd = os.open(backing, _DIR_READ, dir_fd=dir_fd)
-                try:
+                fd = os.open(backing, DIR_READ, dir_fd=dir_fd)
+                try:  # (a failed create_diriv leaves no IV file: rmdir below works)
                     iv = create_diriv(fd, sync=False, dir_iv=new_iv)  # fsync: _sync_diriv
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(DIRIV_NAME, dir_fd=fd)
-                    raise
                 finally:
                     os.close(fd)
             except BaseException:
@@ -850,7 +843,7 @@ class BackingTree:
     def _remove_dir(self, dir_fd: int, backing: str) -> None:
         """Remove an empty backing directory and its IV (restored if the
         removal fails, so the directory's names stay readable)."""
-        fd = os.open(backing, _DIR_READ, dir_fd=dir_fd)
+        fd = os.open(backing, DIR_READ, dir_fd=dir_fd)
         try:
             saved = self._take_diriv(fd)
             try:
@@ -968,7 +961,7 @@ class BackingTree:
 
     def _rename_over_dir(self, old_fd: int, old: str, new_fd: int, new: str) -> None:
         """The backing target holds its IV; it must be empty to be replaced."""
-        target = os.open(new, _DIR_READ, dir_fd=new_fd)
+        target = os.open(new, DIR_READ, dir_fd=new_fd)
         try:
             saved = self._take_diriv(target)
             try:

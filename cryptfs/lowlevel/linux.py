@@ -30,6 +30,11 @@ def _bind(name: str, argtypes: list, restype=ctypes.c_int):
     return fn
 
 
+# A directory opened to list it or to reach its entries (``*at`` calls),
+# never through a symlink put in its place.
+DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def proc_path(fd: int) -> str:
     """A path that reaches exactly the file ``fd`` refers to, for calls that
     take no descriptor: the kernel jumps to the file (an ``O_PATH`` symlink

@@ -47,6 +47,7 @@ DIRIV_NAME = "cryptfs.diriv"
 DIRIV_LEN = 16
 LONGNAME_PREFIX = "cryptfs.longname."
 SIDECAR_SUFFIX = ".name"
+SIDECAR_MAX = 4096  # bytes read from a sidecar (an encoded name is at most ~4 KiB)
 RESERVED_PREFIX = "cryptfs."
 NAME_AD = b"cryptfs v1 name"
 DIRIV_LABEL = b"cryptfs v1 directory iv"  # HMAC input prefix of a derived IV
@@ -344,19 +345,28 @@ def _needs_iv(backing: str) -> bool:
 
 def _decodes(dir_fd: int, names: NameCipher, iv: bytes, backing: str) -> bool:
     try:
-        if not is_longname(backing):
-            names.decode(iv, backing)
-            return True
-        fd = os.open(sidecar_name(backing), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-        try:
-            sidecar = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        names.decode_longname(iv, backing, sidecar)
-        return True
+        decode_entry(names, iv, dir_fd, backing)
     except (NameDecodeError, OSError):
         return False
+    return True
+
+
+def decode_entry(names: NameCipher, iv: bytes, dir_fd: int, backing: str) -> bytes:
+    """The plaintext name of backing entry ``backing`` (encoded, or long
+    through its sidecar) in directory ``dir_fd`` whose IV is ``iv``."""
+    if not is_longname(backing):
+        return names.decode(iv, backing)
+    sidecar = read_small(dir_fd, sidecar_name(backing), SIDECAR_MAX)
+    return names.decode_longname(iv, backing, sidecar)
+
+
+def read_small(dir_fd: int, name: str, limit: int) -> bytes:
+    """Up to ``limit`` bytes of file ``name`` (never through a symlink)."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
 
 
 def write_derived_diriv(dir_fd: int, dir_iv: bytes) -> bool:

@@ -36,13 +36,13 @@ from cryptfs.names.filenames import (
     DIRIV_LEN,
     DIRIV_NAME,
     RESERVED_PREFIX,
+    SIDECAR_MAX,
     SIDECAR_SUFFIX,
     BackingName,
     NameCipher,
     is_longname,
+    read_small,
 )
-
-SIDECAR_MAX = 4096  # bytes read from a sidecar (an encoded name is at most ~4 KiB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,15 +147,6 @@ class _Reader:
 
     def is_taken(self, name: bytes) -> bool:
         return name in self.taken
-
-
-def read_small(dir_fd: int, name: str, limit: int) -> bytes:
-    """Up to ``limit`` bytes of file ``name`` (never through a symlink)."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        return os.read(fd, limit)
-    finally:
-        os.close(fd)
 
 
 def is_sidecar(name: str) -> bool:

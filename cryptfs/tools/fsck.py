@@ -43,7 +43,7 @@ from cryptfs.errors import (
 )
 from cryptfs.fs.tree import SYMLINK_TMP_PREFIX, read_xattr_owner
 from cryptfs.keys.keyfile import KEYFILE_NAME, is_stale_copy
-from cryptfs.lowlevel.linux import proc_path
+from cryptfs.lowlevel.linux import DIR_READ, proc_path
 from cryptfs.names.conflicts import ConflictCopy
 from cryptfs.names.filenames import (
     DIRIV_NAME,
@@ -113,7 +113,6 @@ class Progress:
             self._show(time.monotonic(), end="\n")
 
 
-_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Checker:
@@ -144,7 +143,7 @@ class Checker:
 
     def run(self) -> list[Problem]:
         try:
-            fd = os.open(self.root, _DIR_READ)
+            fd = os.open(self.root, DIR_READ)
         except OSError as exc:
             self.report("io", "", "/", f"cipher directory unreadable: {exc}")
         else:
@@ -333,7 +332,7 @@ class Checker:
         if stat.S_ISDIR(st.st_mode):
             self._check_xattrs(dir_fd, name, child, plain, st)
             try:
-                fd = os.open(name, _DIR_READ, dir_fd=dir_fd)
+                fd = os.open(name, DIR_READ, dir_fd=dir_fd)
             except OSError as exc:
                 self.report("io", child, plain, f"directory unreadable: {exc}")
                 return

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptfs.errors import DirIvMissingError, FileNameError, PathNotFoundError, UsageError
+from cryptfs.lowlevel.linux import DIR_READ
 from cryptfs.names.conflicts import Kind
 from cryptfs.names.filenames import (
     DIRIV_NAME,
@@ -33,21 +34,13 @@ from cryptfs.names.filenames import (
     SIDECAR_SUFFIX,
     NameCipher,
     check_name,
+    decode_entry,
     derive_missing_diriv,
     is_longname,
     read_diriv,
     sidecar_name,
 )
-from cryptfs.names.resolve import (
-    SIDECAR_MAX,
-    Directory,
-    Shown,
-    is_sidecar,
-    read_small,
-    resolve,
-)
-
-_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from cryptfs.names.resolve import Directory, Shown, is_sidecar, resolve
 
 
 @dataclass(frozen=True)
@@ -131,7 +124,7 @@ class PathMap:
     @contextmanager
     def _walk(self) -> Iterator[_Walker]:
         try:
-            fd = os.open(self.root, _DIR_READ)
+            fd = os.open(self.root, DIR_READ)
         except OSError as exc:
             raise PathNotFoundError(f"cannot open {self.root}: {exc.strerror}") from exc
         walker = _Walker(self.names, fd)
@@ -176,7 +169,7 @@ class _Walker:
         if not self._exists(backing):
             raise PathNotFoundError(f"{where}: no such file or directory")
         try:
-            plain = self._decode(backing)
+            plain = decode_entry(self.names, self.iv, self.fd, backing)
         except (FileNameError, OSError, UnicodeDecodeError):
             pass
         else:
@@ -208,7 +201,7 @@ class _Walker:
     def enter(self, backing: str, plain: str, origin: Origin) -> None:
         """Step into directory ``backing``; its IV read, or derived again."""
         try:
-            fd = os.open(backing, _DIR_READ, dir_fd=self.fd)
+            fd = os.open(backing, DIR_READ, dir_fd=self.fd)
         except OSError as exc:
             what = "a symlink or not a directory" if exc.errno in (
                 errno.ELOOP, errno.ENOTDIR) else exc.strerror
@@ -224,12 +217,6 @@ class _Walker:
         except FileNotFoundError:
             return False
         return True
-
-    def _decode(self, backing: str) -> bytes:
-        if not is_longname(backing):
-            return self.names.decode(self.iv, backing)
-        sidecar = read_small(self.fd, sidecar_name(backing), SIDECAR_MAX)
-        return self.names.decode_longname(self.iv, backing, sidecar)
 
     def _resolve(self) -> Directory:
         """The directory as the mount lists it (only read when a name is not

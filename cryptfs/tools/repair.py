@@ -40,20 +40,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from cryptfs.errors import FileNameError
-from cryptfs.lowlevel.linux import RENAME_NOREPLACE, renameat2
+from cryptfs.lowlevel.linux import DIR_READ, RENAME_NOREPLACE, renameat2
 from cryptfs.names.filenames import (
     DIRIV_NAME,
+    SIDECAR_MAX,
     SIDECAR_SUFFIX,
     BackingName,
     NameCipher,
     derive_missing_diriv,
     read_diriv,
+    read_small,
     write_derived_diriv,
 )
 from cryptfs.names.metadata import MetadataCipher, SymlinkPlace
-from cryptfs.names.resolve import SIDECAR_MAX, Directory, Shown, read_small, resolve
-
-_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from cryptfs.names.resolve import Directory, Shown, resolve
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class Repair:
         return resolve(self.names, place.iv, place.fd, os.listdir(place.fd))
 
     def run(self) -> list[Repaired]:
-        fd = os.open(self.root, _DIR_READ)
+        fd = os.open(self.root, DIR_READ)
         try:
             self._visit(Place(fd, "", "/", _iv(fd)))
         finally:
@@ -126,7 +126,7 @@ class Repair:
                     *((s.backing.name, s.name, (s.iv, s.plain)) for s in names.shown)]
         for backing, plain, origin in sorted(children):
             try:
-                fd = os.open(backing, _DIR_READ, dir_fd=place.fd)
+                fd = os.open(backing, DIR_READ, dir_fd=place.fd)
             except OSError:  # not a directory (or gone): nothing below it
                 continue
             try:
