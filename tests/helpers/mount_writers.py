@@ -1,5 +1,6 @@
-"""Two writers on one file through two mounts (plain files, through FUSE),
-page: the check that shared mounts never lose each other's bytes.
+"""Two writers on one file through two mounts (plain file calls, through
+FUSE), each on its own half of every page: the check that shared mounts
+never lose each other's bytes.
 
 Writer A owns bytes 0..2047 of every 4 KiB page, writer B bytes 2048..4095
 (and the tail of a short last page).  Both run at once in threads, page by
@@ -14,24 +15,21 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+from tests.helpers.two_writers import data, half
+
 PAGE = 4096
-HALF = PAGE // 2
 
 
-def _pattern(writer: int, round_: int, page: int, length: int) -> bytes:
-    """The bytes a writer puts in its half of ``page`` in ``round_``: unique
-    per writer, round and page, so a lost or stale half is always noticed."""
-    unit = f"<w{writer} r{round_} p{page}>".encode()
-    return (unit * (length // len(unit) + 1))[:length]
-
-
-def _half(writer: int, page: int, size: int) -> tuple[int, int]:
-    """(offset, length) of ``writer``'s half of ``page`` in a ``size``-byte file."""
-    start = page * PAGE + writer * HALF
-    end = min(start + HALF, size)
-    return start, max(end - start, 0)
+def _halves(writer: int, pages: int, size: int) -> Iterator[tuple[int, int, int]]:
+    """(page, offset, length) of each non-empty half ``writer`` owns (the
+    split and the bytes are those of the codec-level race, two_writers.py)."""
+    for page in range(pages):
+        start, end = half(writer, page, size)
+        if end > start:
+            yield page, start, end - start
 
 
 def _write(path: Path, writer: int, pages: int, size: int, rounds: int,
@@ -41,11 +39,8 @@ def _write(path: Path, writer: int, pages: int, size: int, rounds: int,
         try:
             start.wait()
             for round_ in range(rounds):
-                for page in range(pages):
-                    offset, length = _half(writer, page, size)
-                    if length:
-                        data = _pattern(writer, round_, page, length)
-                        assert os.pwrite(fd, data, offset) == length
+                for page, offset, length in _halves(writer, pages, size):
+                    assert os.pwrite(fd, data(writer, round_, 0, page, length), offset) == length
         finally:
             os.close(fd)
     except BaseException as exc:  # reported by the caller, not lost in the thread
@@ -75,12 +70,10 @@ def write_halves(path_a: Path, path_b: Path, pages: int = 32, rounds: int = 3,
 def lost_halves(path: Path, pages: int, size: int, rounds: int) -> list[str]:
     """Every half of every page that does not hold its writer's last round,
     read through ``path`` (empty: both writers' bytes all survived)."""
-    data = path.read_bytes()
-    lost = [f"size {len(data)} != {size}"] if len(data) != size else []
-    for page in range(pages):
-        for writer in (0, 1):
-            offset, length = _half(writer, page, size)
-            if length and data[offset:offset + length] != \
-                    _pattern(writer, rounds - 1, page, length):
+    seen = path.read_bytes()
+    lost = [f"size {len(seen)} != {size}"] if len(seen) != size else []
+    for writer in (0, 1):
+        for page, offset, length in _halves(writer, pages, size):
+            if seen[offset:offset + length] != data(writer, rounds - 1, 0, page, length):
                 lost.append(f"page {page} half {writer}")
     return lost
