@@ -49,6 +49,7 @@ from cryptfs.names.filenames import (
     DIRIV_NAME,
     SIDECAR_SUFFIX,
     NameCipher,
+    decode_entry,
     derive_missing_diriv,
     is_longname,
     read_diriv,
@@ -309,19 +310,11 @@ class Checker:
 
     def _decode(self, dir_fd: int, child: str, name: str, dir_iv: bytes,
                 present: set[str]) -> bytes | None:
+        if is_longname(name) and name + SIDECAR_SUFFIX not in present:
+            self.report("sidecar", child, None, "long name without its sidecar")
+            return None
         try:
-            if is_longname(name):
-                if name + SIDECAR_SUFFIX not in present:
-                    self.report("sidecar", child, None, "long name without its sidecar")
-                    return None
-                fd = os.open(name + SIDECAR_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=dir_fd)
-                try:
-                    sidecar = os.read(fd, 4096)
-                finally:
-                    os.close(fd)
-                return self.names.decode_longname(dir_iv, name, sidecar)
-            return self.names.decode(dir_iv, name)
+            return decode_entry(self.names, dir_iv, dir_fd, name)
         except (FileNameError, OSError) as exc:
             self.report("name", child, None, f"name does not decrypt: {exc}")
             return None
