@@ -71,9 +71,15 @@ def check_writable(cipherdir: Path, hint: str = "") -> None:
 
 
 def unlock(cipherdir: Path, args: argparse.Namespace) -> tuple[KeyFile, KeyRing]:
-    protect_process()  # before any key is in memory
     keyfile = KeyFile.load(cipherdir)
+    return keyfile, unlock_keyfile(keyfile, args)
+
+
+def unlock_keyfile(keyfile: KeyFile, args: argparse.Namespace) -> KeyRing:
+    """The keys of ``keyfile`` (wherever it was read from), with the
+    password or recovery code the arguments say how to get."""
+    protect_process()  # before any key is in memory
     if getattr(args, "recovery", False):
         code = get_password(args.passfile, args.extpass, prompt="Recovery code: ")
-        return keyfile, keyfile.verify(decode_recovery_code(code.decode("ascii", "replace")))
-    return keyfile, keyfile.unlock(get_password(args.passfile, args.extpass))
+        return keyfile.verify(decode_recovery_code(code.decode("ascii", "replace")))
+    return keyfile.unlock(get_password(args.passfile, args.extpass))

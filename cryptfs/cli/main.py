@@ -169,18 +169,30 @@ def parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     path = sub.add_parser("path", help="map plaintext paths to backing paths and back "
-                                       "(read-only; works while mounted)")
+                                       "(read-only; works while mounted; without a password, "
+                                       "the running mount answers)")
     path_sub = path.add_subparsers(dest="path_command", required=True)
     for command, what, help_text in (
             ("encrypt", "plain_path", "print the backing path of a plaintext path (relative "
              "to CIPHERDIR), then the sidecar of each long name, one per line"),
             ("decrypt", "backing_path", "print the plaintext path of a backing path (relative "
-             "to CIPHERDIR or absolute; a sidecar maps to its entry)")):
+             "to CIPHERDIR or absolute; in reverse, relative to the view's root; a sidecar "
+             "maps to its entry)")):
         p = path_sub.add_parser(command, help=help_text)
-        p.add_argument("cipherdir")
+        p.add_argument("cipherdir", metavar="DIR",
+                       help="the cipher directory, or the plaintext directory of a reverse "
+                            "configuration (its view's paths are mapped)")
         p.add_argument("path", metavar=what.upper())
         _password_args(p)
         p.add_argument("--recovery", action="store_true", help="unlock with the recovery code")
+        p.add_argument("--reverse", action="store_true",
+                       help="DIR is a reverse configuration's plaintext directory (found "
+                            "without it when DIR holds .cryptfs.reverse.conf)")
+        p.add_argument("--config", metavar="FILE",
+                       help="with --reverse: the reverse key file, if not in DIR")
+        p.add_argument("--via-mount", action="store_true",
+                       help="ask the running mount of DIR (its control socket), never for "
+                            "the password; the default without --passfile/--extpass")
         p.add_argument("--json", action="store_true",
                        help="every component's plaintext and backing path and sidecar")
     path.set_defaults(func=cmd_path)

@@ -12,6 +12,7 @@ import trio
 
 from cryptfs.cli.common import check_writable, cipherdir_arg, environment_overrides, log, unlock
 from cryptfs.cli.mountopts import parse_mount_options
+from cryptfs.daemon.ctlsock import control_socket
 from cryptfs.daemon.daemonize import detach
 from cryptfs.daemon.lock import lock_cipherdir, wait_released
 from cryptfs.daemon.mount import build_stack, fuse_options, mounted, serve
@@ -26,6 +27,8 @@ from cryptfs.fs.ops import MountOptions
 from cryptfs.keys.keyfile import (
     KeyFile,
 )
+from cryptfs.names.filenames import NameCipher
+from cryptfs.tools.pathmap import forward_mapper
 
 FUSE_CONF = Path("/etc/fuse.conf")  # where fusermount3 reads user_allow_other
 
@@ -82,7 +85,9 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
             keys.lock_memory()  # memory locks are not inherited across fork
         # For the log (syslog once detached), not the terminal: see select_engine.
         log.info("engine: %s", stack.engine.describe())
-        trio.run(serve, stack, args.idle, where)
+        mapper = forward_mapper(str(cipherdir), NameCipher.for_features(keys, keyfile.features))
+        with control_socket(cipherdir, mapper) as control:  # made by the daemon, not its parent
+            trio.run(serve, stack, args.idle, where, control)
     keys.wipe()
 
 

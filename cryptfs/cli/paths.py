@@ -1,5 +1,12 @@
 """``cryptfs path encrypt|decrypt``: the map between plaintext and backing
-paths (tools/pathmap.py).
+paths (tools/pathmap.py), of a cipher directory or of the reverse view of
+a plaintext directory.
+
+With ``--passfile``, ``--extpass`` or ``--recovery`` the map is computed
+here; without, the running mount of the directory answers through its
+control socket (daemon/ctlsock.py), and only where none does is the
+password asked for on the terminal (``--via-mount``: the mount or an
+error, never a prompt).
 
 Text output is for scripts: ``encrypt`` prints the backing path, then the
 sidecar of every long-named component on lines of their own (together, the
@@ -14,42 +21,80 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from cryptfs.cli.common import cipherdir_arg, unlock
+from cryptfs.cli.common import cipherdir_arg, unlock_keyfile
+from cryptfs.daemon.ctlsock import NoMountError, request
+from cryptfs.errors import KeyFileMissingError, UsageError
+from cryptfs.keys.keyfile import KEYFILE_NAME, MAX_KEYFILE_BYTES, KeyFile
+from cryptfs.keys.reverse import REVERSE_KEYFILE_NAME
 from cryptfs.names.filenames import NameCipher
-from cryptfs.tools.pathmap import Component, PathMap
+from cryptfs.tools.pathmap import PathMap, ReversePathMap, mapper_of
 
 
 def cmd_path(args: argparse.Namespace) -> None:
-    cipherdir = cipherdir_arg(args.cipherdir)
-    keyfile, keys = unlock(cipherdir, args)  # reads only: no lock, no write
+    directory = cipherdir_arg(args.cipherdir)
+    config = reverse_config(directory, args)
+    if _with_password(args):
+        answer = _offline(directory, config, args)
+    else:
+        try:
+            answer = request(directory, args.path_command, args.path)
+        except NoMountError:
+            if args.via_mount or not sys.stdin.isatty():
+                raise
+            answer = _offline(directory, config, args)  # asks for the password
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif args.path_command == "encrypt":
+        _print(answer["backing"], *answer["sidecars"])
+    else:
+        _print(answer["plaintext"])
+
+
+def reverse_config(directory: Path, args: argparse.Namespace) -> Path | None:
+    """The reverse key file, if ``directory`` is the plaintext side of a
+    reverse configuration: ``--config FILE`` (with ``--reverse``), or
+    ``.cryptfs.reverse.conf`` in a directory that is no cipher directory."""
+    if args.config is not None:
+        if not args.reverse:
+            raise UsageError("--config goes with --reverse (a forward key file is "
+                             f"always {KEYFILE_NAME} in the cipher directory)")
+        return Path(args.config)
+    hidden = directory / REVERSE_KEYFILE_NAME
+    if args.reverse or (hidden.is_file() and not (directory / KEYFILE_NAME).exists()):
+        return hidden
+    return None
+
+
+def _with_password(args: argparse.Namespace) -> bool:
+    given = bool(args.passfile or args.extpass or args.recovery)
+    if given and args.via_mount:
+        raise UsageError("--via-mount asks the running mount: give no password with it")
+    return given
+
+
+def _offline(directory: Path, config: Path | None, args: argparse.Namespace) -> dict:
+    keyfile = KeyFile.load(directory) if config is None else load_reverse_keyfile(config)
+    keys = unlock_keyfile(keyfile, args)  # reads only: no lock, no write
     try:
-        pathmap = PathMap(str(cipherdir), NameCipher.for_features(keys, keyfile.features))
-        steps = pathmap.encrypt(args.path) if args.path_command == "encrypt" \
-            else pathmap.decrypt(args.path)
+        if config is None:
+            pathmap = PathMap(str(directory), NameCipher.for_features(keys, keyfile.features))
+        else:
+            pathmap = ReversePathMap(str(directory), keys)
+        return mapper_of(pathmap)(args.path_command, args.path)
     finally:
         keys.wipe()
-    if args.json:
-        print(json.dumps(as_json(steps), indent=2))
-    elif args.path_command == "encrypt":
-        _print(backing_of(steps), *[s.sidecar for s in steps if s.sidecar is not None])
-    else:
-        _print(plaintext_of(steps))
 
 
-def backing_of(steps: list[Component]) -> str:
-    return steps[-1].backing if steps else "."
-
-
-def plaintext_of(steps: list[Component]) -> str:
-    return steps[-1].plaintext if steps else "/"
-
-
-def as_json(steps: list[Component]) -> dict:
-    return {"plaintext": plaintext_of(steps), "backing": backing_of(steps),
-            "sidecars": [s.sidecar for s in steps if s.sidecar is not None],
-            "components": [{"plaintext": s.plaintext, "backing": s.backing,
-                            "sidecar": s.sidecar} for s in steps]}
+def load_reverse_keyfile(path: Path) -> KeyFile:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KEYFILE_BYTES + 1)
+    except OSError as exc:
+        raise KeyFileMissingError(f"cannot read the reverse key file {path}: {exc.strerror} "
+                                  "(run 'cryptfs init --reverse' first)") from exc
+    return KeyFile.from_bytes(data)
 
 
 def _print(*lines: str) -> None:

@@ -22,6 +22,7 @@ import trio
 from cryptfs.content.codec import ContentCodec
 from cryptfs.content.sessions import SessionCache
 from cryptfs.daemon import fuseloop
+from cryptfs.daemon.ctlsock import ControlSocket
 from cryptfs.daemon.mountpoint import FSTYPE, set_readahead
 from cryptfs.engines import DEFAULTS, select_engine
 from cryptfs.engines.base import EngineOptions, XtsEngine
@@ -154,13 +155,16 @@ def mounted(stack: Stack, mountpoint: Path, opts: set[str],
         stack.close()
 
 
-async def serve(stack: Stack, idle: float | None = None, where: str | None = None) -> None:
+async def serve(stack: Stack, idle: float | None = None, where: str | None = None,
+                control: ControlSocket | None = None) -> None:
     """Run the FUSE loop until unmount; SIGINT/SIGTERM unmount cleanly;
     with ``idle``, unmount after that many seconds without any request and
     with no file open; ``where``: the canonical mount point (for the
-    read-ahead setting)."""
+    read-ahead setting); ``control``: the control socket to answer on."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
+        if control is not None:
+            nursery.start_soon(control.serve)
         if idle:
             nursery.start_soon(_stop_when_idle, stack, idle)
         readahead = stack.operations.options.readahead_kb

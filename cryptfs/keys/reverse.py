@@ -29,6 +29,9 @@ from cryptfs.keys.hierarchy import FILE_ID_LEN, KeyRing, hkdf_sha512
 
 DIRIV_LEN = 16
 NONCE_LEN = 16
+# A reverse configuration's key file, in the plaintext directory (the view
+# never shows it; it shows the same key file as ``cryptfs.conf``).
+REVERSE_KEYFILE_NAME = ".cryptfs.reverse.conf"
 
 # HKDF info labels and HMAC input labels.  Part of the format: never change one.
 INFO_REVERSE_ROOT_IV = b"cryptfs v1 reverse root directory iv"

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from cryptfs.daemon.ctlsock import Mapper
 from cryptfs.errors import DirIvMissingError, FileNameError, PathNotFoundError, UsageError
+from cryptfs.keys.hierarchy import KeyRing
+from cryptfs.keys.reverse import REVERSE_KEYFILE_NAME, ReverseDerivation
 from cryptfs.lowlevel.linux import DIR_READ
 from cryptfs.names.conflicts import Kind
 from cryptfs.names.filenames import (
@@ -83,6 +86,22 @@ def backing_parts(cipherdir: str, path: str) -> list[str]:
     return parts
 
 
+def backing_of(steps: list[Component]) -> str:
+    return steps[-1].backing if steps else "."
+
+
+def plaintext_of(steps: list[Component]) -> str:
+    return steps[-1].plaintext if steps else "/"
+
+
+def as_json(steps: list[Component]) -> dict:
+    """The answer of ``cryptfs path --json`` and of the control socket."""
+    return {"plaintext": plaintext_of(steps), "backing": backing_of(steps),
+            "sidecars": [s.sidecar for s in steps if s.sidecar is not None],
+            "components": [{"plaintext": s.plaintext, "backing": s.backing,
+                            "sidecar": s.sidecar} for s in steps]}
+
+
 class PathMap:
     """Maps paths of one cipher directory, given its name cipher."""
 
@@ -107,7 +126,7 @@ class PathMap:
     def decrypt(self, backing_path: str) -> list[Component]:
         """The plaintext name of every component of ``backing_path``; a
         sidecar as the last component maps to its entry."""
-        parts = backing_parts(self.root, backing_path)
+        parts = self._parts(backing_path)
         steps: list[Component] = []
         with self._walk() as walker:
             for i, backing in enumerate(parts):
@@ -121,15 +140,24 @@ class PathMap:
                     walker.enter(backing, plain, origin)
         return steps
 
-    @contextmanager
-    def _walk(self) -> Iterator[_Walker]:
-        try:
-            fd = os.open(self.root, DIR_READ)
-        except OSError as exc:
-            raise PathNotFoundError(f"cannot open {self.root}: {exc.strerror}") from exc
+    def _parts(self, backing_path: str) -> list[str]:
+        return backing_parts(self.root, backing_path)
+
+    def _start(self, fd: int) -> _Walk:
+        """The walk at the root, whose descriptor is ``fd``."""
         walker = _Walker(self.names, fd)
+        walker.iv = _diriv(fd, "/")
+        return walker
+
+    @contextmanager
+    def _walk(self) -> Iterator[_Walk]:
+        fd = _open_root(self.root)
         try:
-            walker.iv = _diriv(fd, "/")
+            walker = self._start(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
             yield walker
         finally:
             os.close(walker.fd)
@@ -138,8 +166,17 @@ class PathMap:
 Origin = tuple[bytes, bytes]  # (parent IV, plaintext name) a directory's IV derives from
 
 
-class _Walker:
-    """The directory the walk is in: its descriptor, IV and backing path."""
+def _open_root(root: str) -> int:
+    try:
+        return os.open(root, DIR_READ)
+    except OSError as exc:
+        raise PathNotFoundError(f"cannot open {root}: {exc.strerror}") from exc
+
+
+class _Walk:
+    """The directory a walk is in: its descriptor, IV and backing path.
+    ``PathMap`` drives the walk; a subclass says where names and IVs come
+    from (the backing directory forward, the plaintext tree in reverse)."""
 
     def __init__(self, names: NameCipher, fd: int) -> None:
         self.names, self.fd = names, fd
@@ -150,6 +187,35 @@ class _Walker:
         join = os.path.join
         return Component(plain, join(self.rel, backing),
                          None if sidecar is None else join(self.rel, sidecar))
+
+    def find(self, name: bytes, plain: str) -> tuple[str, str | None, Origin]:
+        raise NotImplementedError
+
+    def name_of(self, backing: str) -> tuple[bytes, str | None, Origin]:
+        raise NotImplementedError
+
+    def entry_of_sidecar(self, backing: str) -> str:
+        raise NotImplementedError
+
+    def enter(self, backing: str, plain: str, origin: Origin) -> None:
+        raise NotImplementedError
+
+    def _step_into(self, name: str | bytes, backing: str, plain: str) -> None:
+        """Replace the walk's descriptor with that of subdirectory ``name``
+        (never through a symlink)."""
+        try:
+            fd = os.open(name, DIR_READ, dir_fd=self.fd)
+        except OSError as exc:
+            what = "a symlink or not a directory" if exc.errno in (
+                errno.ELOOP, errno.ENOTDIR) else exc.strerror
+            raise PathNotFoundError(f"{plain}: {what}") from exc
+        os.close(self.fd)
+        self.fd = fd
+        self.rel = os.path.join(self.rel, backing)
+
+
+class _Walker(_Walk):
+    """A walk through a cipher directory (forward)."""
 
     def find(self, name: bytes, plain: str) -> tuple[str, str | None, Origin]:
         """The backing entry (and sidecar) of plaintext ``name`` here: its
@@ -200,16 +266,8 @@ class _Walker:
 
     def enter(self, backing: str, plain: str, origin: Origin) -> None:
         """Step into directory ``backing``; its IV read, or derived again."""
-        try:
-            fd = os.open(backing, DIR_READ, dir_fd=self.fd)
-        except OSError as exc:
-            what = "a symlink or not a directory" if exc.errno in (
-                errno.ELOOP, errno.ENOTDIR) else exc.strerror
-            raise PathNotFoundError(f"{plain}: {what}") from exc
-        os.close(self.fd)
-        self.fd = fd
-        self.rel = os.path.join(self.rel, backing)
-        self.iv = _diriv(fd, plain, self.names, origin)
+        self._step_into(backing, backing, plain)
+        self.iv = _diriv(self.fd, plain, self.names, origin)
 
     def _exists(self, backing: str) -> bool:
         try:
@@ -255,3 +313,125 @@ def _diriv(fd: int, plain: str, names: NameCipher | None = None,
         raise PathNotFoundError(f"{plain}: directory IV unusable, its names cannot be "
                                 f"decrypted ({exc}; cryptfs fsck says more)") from exc
 
+
+
+# --- reverse mode -------------------------------------------------------------------
+
+
+class ReversePathMap(PathMap):
+    """Maps paths of the reverse view of a plaintext directory (the cipher
+    directory a forward mount would have written, docs/format.md "Reverse
+    mode") to that directory's paths and back.  Nothing of the view is
+    read: its root IV, subdirectory IVs and names follow from the key and
+    the plaintext names alone, so the plaintext tree is all that is walked
+    (to check that an entry exists, and to find a long name's entry).
+
+    ``hidden(plain_path)``: entries the view leaves out (exclusions), on
+    top of the reverse key file, which the view never shows."""
+
+    def __init__(self, plaindir: str, keys: KeyRing,
+                 hidden: Callable[[str], bool] | None = None) -> None:
+        super().__init__(plaindir, NameCipher(keys, convergent=True))
+        self.root_iv = ReverseDerivation(keys).root_iv
+        self.hidden = hidden
+
+    def _parts(self, backing_path: str) -> list[str]:
+        """A view path, relative to the view's root (a leading ``/`` is
+        the view's root too: the view is mounted anywhere, or copied)."""
+        parts = [p for p in backing_path.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise UsageError(f"{backing_path!r}: '..' is not allowed in a view path")
+        return parts
+
+    def _start(self, fd: int) -> _Walk:
+        walker = _ReverseWalker(self.names, fd, self.hidden)
+        walker.iv = self.root_iv
+        return walker
+
+
+class _ReverseWalker(_Walk):
+    """A walk through the plaintext tree behind a reverse view: ``fd`` is
+    the plaintext directory, ``rel`` the view path of its view directory."""
+
+    def __init__(self, names: NameCipher, fd: int,
+                 hidden: Callable[[str], bool] | None) -> None:
+        super().__init__(names, fd)
+        self.hidden = hidden
+        self.plain = ""  # this directory's plaintext path ("" at the root)
+
+    def find(self, name: bytes, plain: str) -> tuple[str, str | None, Origin]:
+        """The view entry (and sidecar) of plaintext ``name``, which must be
+        shown in the view."""
+        if not self._shown(name):
+            raise PathNotFoundError(f"{plain}: no such file or directory in the view")
+        entry = self.names.to_backing(self.iv, name)
+        return entry.name, entry.sidecar_name, (self.iv, name)
+
+    def name_of(self, backing: str) -> tuple[bytes, str | None, Origin]:
+        """The plaintext name of view entry ``backing``: a short name opened
+        with the directory's IV; a long name matched against this
+        directory's plaintext names (its sidecar is the sealed name of one)."""
+        where = os.path.join(self.rel, backing)
+        if is_longname(backing):
+            name = self._longname(backing)
+        elif backing.startswith(RESERVED_PREFIX):
+            raise PathNotFoundError(f"{where} is one of cryptfs's own files, not an entry")
+        else:
+            try:
+                name = self.names.decode(self.iv, backing)
+            except FileNameError:
+                name = None
+        if name is None or not self._shown(name):
+            raise PathNotFoundError(f"{where}: no such file or directory in the view")
+        return name, _own_sidecar(backing), (self.iv, name)
+
+    def entry_of_sidecar(self, backing: str) -> str:
+        return backing[:-len(SIDECAR_SUFFIX)] if is_sidecar(backing) else backing
+
+    def enter(self, backing: str, plain: str, origin: Origin) -> None:
+        """Step into plaintext directory ``name``; its view IV derived."""
+        parent_iv, name = origin
+        self._step_into(name, backing, plain)
+        self.plain = plain
+        self.iv = self.names.derived_diriv(parent_iv, name)
+
+    def _shown(self, name: bytes) -> bool:
+        """Whether plaintext ``name`` here exists and the view shows it."""
+        if not self.plain and name == os.fsencode(REVERSE_KEYFILE_NAME):
+            return False
+        try:
+            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return self.hidden is None or not self.hidden(self.plain + "/" + os.fsdecode(name))
+
+    def _longname(self, backing: str) -> bytes | None:
+        """The plaintext name here whose long view name is ``backing``."""
+        for name in os.listdir(self.fd):
+            raw = os.fsencode(name)
+            if self.names.to_backing(self.iv, raw).name == backing:
+                return raw
+        return None
+
+
+# --- the running mount's answers (daemon/ctlsock.py) ---------------------------------
+
+
+def mapper_of(pathmap: PathMap) -> Mapper:
+    """The control socket's mapper: the offline map, answering in JSON."""
+    def answer(op: str, path: str) -> dict:
+        steps = pathmap.encrypt(path) if op == "encrypt" else pathmap.decrypt(path)
+        return as_json(steps)
+    return answer
+
+
+def forward_mapper(cipherdir: str, names: NameCipher) -> Mapper:
+    """A forward mount's mapper; ``names``: a name cipher of its own (the
+    mapper runs in a thread of its own, the mount's is the mount's)."""
+    return mapper_of(PathMap(cipherdir, names))
+
+
+def reverse_mapper(plaindir: str, keys: KeyRing,
+                   hidden: Callable[[str], bool] | None = None) -> Mapper:
+    """A reverse mount's mapper; ``hidden``: its exclusions."""
+    return mapper_of(ReversePathMap(plaindir, keys, hidden))
