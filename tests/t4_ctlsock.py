@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.daemon.ctlsock import MAX_REQUEST, socket_path
+from cryptfs.daemon.ctlsock import MAX_REQUEST, ControlSocketError, private_dir, socket_path
 from cryptfs.errors import ExitCode
 from tests.conftest import Mount
 from tests.helpers.cli import cryptfs
@@ -176,3 +176,18 @@ def test_killed_daemon_leaves_no_obstacle(fresh_mount):
     out = cryptfs("path", "encrypt", str(fresh_mount.cipherdir), "/a").stdout
     assert out == path_map(fresh_mount).encrypt("/a")[-1].backing + "\n"
     assert "control socket" not in fresh_mount.log()  # no warning: replaced quietly
+
+
+def test_socket_directory_not_ours_is_refused(tmp_path):
+    """A directory others can open, or a symlink to one, is never used."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    with pytest.raises(ControlSocketError, match="not a private directory"):
+        private_dir(open_dir)
+    (tmp_path / "link").symlink_to(tmp_path / "private")
+    (tmp_path / "private").mkdir(mode=0o700)
+    with pytest.raises(ControlSocketError, match="not a private directory"):
+        private_dir(tmp_path / "link")
+    private_dir(tmp_path / "new")
+    assert stat.S_IMODE(os.lstat(tmp_path / "new").st_mode) == 0o700
