@@ -56,6 +56,10 @@ class ControlSocketError(CryptfsError):
     exit_code = ExitCode.MOUNT
 
 
+class SocketTakenError(ControlSocketError):
+    """Another live mount of the directory (``--shared``) has the socket."""
+
+
 class NoMountError(MountError):
     """No running mount of the directory answers this user."""
 
@@ -189,6 +193,9 @@ def control_socket(directory: Path, mapper: Mapper) -> Iterator[ControlSocket | 
     it, and ``cryptfs path`` with the password too."""
     try:
         ctl = listen(directory, mapper)
+    except SocketTakenError as exc:  # expected with --shared: that mount answers
+        log.info("no control socket: %s", exc)
+        ctl = None
     except (OSError, ControlSocketError) as exc:
         log.warning("no control socket (cryptfs path needs the password): %s", exc)
         ctl = None
@@ -214,7 +221,7 @@ def listen(directory: Path, mapper: Mapper) -> ControlSocket:
         os.chmod(tmp, 0o600)
         sock.listen(MAX_CLIENTS)
         if _live(path):
-            raise ControlSocketError(f"{path} belongs to another running mount of {directory}")
+            raise SocketTakenError(f"{path} belongs to another running mount of {directory}")
         os.rename(tmp, path)
     except BaseException:
         sock.close()
