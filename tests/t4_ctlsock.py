@@ -17,7 +17,7 @@ import pytest
 
 from cryptfs.daemon.ctlsock import MAX_REQUEST, ControlSocketError, private_dir, socket_path
 from cryptfs.errors import ExitCode
-from tests.conftest import Mount
+from tests.conftest import Mount, init_cipherdir, require_fuse
 from tests.helpers.cli import cryptfs
 from tests.t4_pathmap import LONG_DIR, LONG_FILE, build_tree, ino, path_map, plain_entries
 
@@ -191,3 +191,44 @@ def test_socket_directory_not_ours_is_refused(tmp_path):
         private_dir(tmp_path / "link")
     private_dir(tmp_path / "new")
     assert stat.S_IMODE(os.lstat(tmp_path / "new").st_mode) == 0o700
+
+
+def test_detached_mount_of_a_relative_path(tmp_path):
+    """The daemon detaches (and changes directory): the socket is still
+    that of the directory given, relative or not."""
+    require_fuse()
+    init_cipherdir(tmp_path / "cipher", tmp_path / "password")
+    (tmp_path / "password").chmod(0o600)
+    (tmp_path / "plain").mkdir()
+    cryptfs("mount", "cipher", "plain", "--passfile", "password", cwd=tmp_path)
+    try:
+        (tmp_path / "plain" / "a").mkdir()
+        out = cryptfs("path", "encrypt", "cipher", "/a", "--via-mount", cwd=tmp_path).stdout
+        assert (tmp_path / "cipher" / out.strip()).is_dir()
+        assert os.lstat(tmp_path / "cipher" / out.strip()).st_ino == \
+            os.lstat(tmp_path / "plain" / "a").st_ino
+    finally:
+        cryptfs("unmount", str(tmp_path / "plain"))
+    assert not socket_path(tmp_path / "cipher", os.geteuid()).exists()
+
+
+def test_stale_sockets_of_other_directories_are_swept(fresh, tmp_path):
+    """Killed daemons of directories never mounted again leave sockets: a
+    mount removes those nobody listens on, and no live one."""
+    directory = socket_path(fresh.cipherdir, os.geteuid()).parent
+    private_dir(directory)
+    stale, live, other = (directory / f"{'0' * 31}{n}.sock" for n in "123")
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(stale))  # closed, the file stays: as after SIGKILL
+    held = socket.socket(socket.AF_UNIX)
+    try:
+        held.bind(str(live))
+        held.listen(1)
+        other.write_bytes(b"")  # not a socket: not ours to remove
+        fresh.start()
+        assert not stale.exists() and live.exists() and other.exists()
+        assert ask(sock_of(fresh), b'{"op": "encrypt", "path": "/"}\n')[0]["ok"]
+    finally:
+        held.close()
+        for path in (stale, live, other):
+            path.unlink(missing_ok=True)

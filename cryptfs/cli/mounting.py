@@ -77,6 +77,7 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
     fsname = args.fsname or os.path.abspath(cipherdir)
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
     where = canonical(mountpoint)  # before mounting: resolving a mount waits for it
+    real = Path(os.path.realpath(cipherdir))  # before detaching, which changes directory
     with mounted(stack, mountpoint, opts, overrides.own_request_loop):
         log.info("mounted %s on %s%s", cipherdir, mountpoint,
                  " (shared: others may mount it too)" if args.shared else "")
@@ -85,8 +86,8 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
             keys.lock_memory()  # memory locks are not inherited across fork
         # For the log (syslog once detached), not the terminal: see select_engine.
         log.info("engine: %s", stack.engine.describe())
-        mapper = forward_mapper(str(cipherdir), NameCipher.for_features(keys, keyfile.features))
-        with control_socket(cipherdir, mapper) as control:  # made by the daemon, not its parent
+        mapper = forward_mapper(str(real), NameCipher.for_features(keys, keyfile.features))
+        with control_socket(real, mapper) as control:  # made by the daemon, not its parent
             trio.run(serve, stack, args.idle, where, control)
     keys.wipe()
 

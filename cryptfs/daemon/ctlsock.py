@@ -212,6 +212,7 @@ def listen(directory: Path, mapper: Mapper) -> ControlSocket:
     (another mount of the same directory, ``--shared``) is left alone."""
     path = socket_path(directory, os.geteuid())
     private_dir(path.parent)
+    sweep(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
@@ -246,14 +247,46 @@ def private_dir(path: Path) -> None:
                                  f"(owner {st.st_uid}, mode {stat.filemode(st.st_mode)})")
 
 
+def sweep(directory: Path) -> None:
+    """Remove what killed daemons left here: sockets nobody listens on
+    (of any directory's mount: /run outlives no reboot, but many mounts),
+    and temporary names of processes that no longer exist."""
+    for name in os.listdir(directory):
+        path = directory / name
+        if name.startswith("."):
+            pid = name.rsplit(".", 1)[-1]
+            if not pid.isdigit() or _process_exists(int(pid)):
+                continue
+        elif not name.endswith(".sock") or _live(path):
+            continue
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+                log.debug("control socket: removed stale %s", path)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _live(path: Path) -> bool:
-    """Whether a daemon answers on ``path`` (a killed one's file refuses)."""
+    """Whether a daemon may answer on ``path``: only a refused connection
+    (a killed daemon's file) or no file says no; a full backlog or any
+    other error counts as alive, so a busy mount's socket is never taken."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
         probe.settimeout(2)
         try:
             probe.connect(os.fspath(path))
-        except OSError:
+        except (ConnectionRefusedError, FileNotFoundError):
             return False
+        except OSError:
+            return True
     return True
 
 

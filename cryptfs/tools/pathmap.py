@@ -15,6 +15,11 @@ It only reads, takes no lock (a mounted directory or a read-only copy
 works) and never leaves the cipher directory: directories are opened by
 descriptor with ``O_NOFOLLOW``, so a symlink (whose backing target is
 ciphertext anyway) is never followed, as in ``tools/fsck.py``.
+
+``ReversePathMap`` maps the paths of a reverse view the same way, one walk
+with another source of names and IVs: the plaintext tree and the key
+(docs/format.md §9).  ``forward_mapper`` and ``reverse_mapper`` give a
+mount's control socket (daemon/ctlsock.py) these maps' answers.
 """
 
 from __future__ import annotations
