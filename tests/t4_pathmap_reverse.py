@@ -166,6 +166,9 @@ def test_missing_and_own_files(reverse_tree):
     with pytest.raises(PathNotFoundError, match="no such"):
         pathmap.encrypt(REVERSE_KEYFILE_NAME)  # the key file: never in the view
     assert pathmap.encrypt(f"/level0/{REVERSE_KEYFILE_NAME}")  # only the root's is hidden
+    (plain / f"{REVERSE_KEYFILE_NAME}.tmp-1234").write_bytes(b"")  # init writing it
+    with pytest.raises(PathNotFoundError, match="no such"):
+        pathmap.encrypt(f"{REVERSE_KEYFILE_NAME}.tmp-1234")
     with pytest.raises(PathNotFoundError, match="a symlink"):
         pathmap.encrypt("/link/level1")
     for own in (KEYFILE_NAME, DIRIV_NAME):
@@ -181,7 +184,7 @@ def test_missing_and_own_files(reverse_tree):
         pathmap.decrypt(long_file)
     with pytest.raises(PathNotFoundError, match="no such file"):
         pathmap.decrypt(f"{level0}/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
-    hidden = ReversePathMap(str(plain), keys, hidden=lambda p: p.startswith("/level0/"))
+    hidden = ReversePathMap(str(plain), keys, hidden=lambda p, st: p.startswith(b"level0/"))
     with pytest.raises(PathNotFoundError, match="no such"):
         hidden.encrypt("/level0/moved")
     assert hidden.encrypt("/level0")[-1].backing == level0
@@ -208,6 +211,15 @@ def test_command_line(reverse_tree, tmp_path):
     out = cryptfs("path", "decrypt", str(plain), expected[deep], "--reverse", "--config",
                   str(config), *pw).stdout
     assert out == os.fsdecode(deep) + "\n"
+    inside = plain / "level0" / "key.conf"  # --config inside the tree: hidden too
+    config.rename(inside)
+    proc = cryptfs("path", "encrypt", str(plain), "/level0/key.conf", "--reverse", "--config",
+                   str(inside), *pw, check=False)
+    assert proc.returncode == ExitCode.CIPHERDIR and "/level0/key.conf: no such" in proc.stderr
+    out = cryptfs("path", "encrypt", str(plain), "/level0/level1", "--reverse", "--config",
+                  str(inside), *pw).stdout
+    assert out == expected[b"/level0/level1"] + "\n"
+    inside.rename(config)
     proc = cryptfs("path", "decrypt", str(plain), expected[deep], "--config", str(config),
                    *pw, check=False)
     assert proc.returncode == ExitCode.USAGE and "--config goes with --reverse" in proc.stderr

@@ -81,7 +81,7 @@ def _offline(directory: Path, config: Path | None, args: argparse.Namespace) -> 
         if config is None:
             pathmap = PathMap(str(directory), NameCipher.for_features(keys, keyfile.features))
         else:
-            pathmap = ReversePathMap(str(directory), keys)
+            pathmap = ReversePathMap(str(directory), keys, config=str(config))
         return mapper_of(pathmap)(args.path_command, args.path)
     finally:
         keys.wipe()

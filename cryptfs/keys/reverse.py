@@ -29,9 +29,6 @@ from cryptfs.keys.hierarchy import FILE_ID_LEN, KeyRing, hkdf_sha512
 
 DIRIV_LEN = 16
 NONCE_LEN = 16
-# A reverse configuration's key file, in the plaintext directory (the view
-# never shows it; it shows the same key file as ``cryptfs.conf``).
-REVERSE_KEYFILE_NAME = ".cryptfs.reverse.conf"
 
 # HKDF info labels and HMAC input labels.  Part of the format: never change one.
 INFO_REVERSE_ROOT_IV = b"cryptfs v1 reverse root directory iv"
@@ -72,3 +69,9 @@ class ReverseDerivation:
 
     def __repr__(self) -> str:  # never show key bytes
         return "<ReverseDerivation (keys hidden)>"
+
+
+# Where ``cryptfs init --reverse PLAINDIR`` puts the key file by default: a
+# hidden file in PLAINDIR that the view never shows (it shows its bytes as
+# ``cryptfs.conf``).
+REVERSE_KEYFILE_NAME = ".cryptfs.reverse.conf"

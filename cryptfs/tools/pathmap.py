@@ -27,7 +27,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from cryptfs.daemon.ctlsock import Mapper
@@ -331,14 +331,17 @@ class ReversePathMap(PathMap):
     the plaintext names alone, so the plaintext tree is all that is walked
     (to check that an entry exists, and to find a long name's entry).
 
-    ``hidden(plain_path)``: entries the view leaves out (exclusions), on
-    top of the reverse key file, which the view never shows."""
+    ``hidden(path, st)``: whether the view leaves out the entry at
+    ``path`` (relative to PLAINDIR, bytes) whose ``lstat`` is ``st`` (the
+    reverse mount's exclusions); by default the view's own rule without
+    exclusions: the reverse key file in PLAINDIR's root (and its temporary
+    copies), and the key file given as ``config`` wherever in the tree."""
 
-    def __init__(self, plaindir: str, keys: KeyRing,
-                 hidden: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, plaindir: str, keys: KeyRing, hidden: Hidden | None = None,
+                 config: str | None = None) -> None:
         super().__init__(plaindir, NameCipher(keys, convergent=True))
         self.root_iv = ReverseDerivation(keys).root_iv
-        self.hidden = hidden
+        self.hidden = hidden or _own_keyfile(config)
 
     def _parts(self, backing_path: str) -> list[str]:
         """A view path, relative to the view's root (a leading ``/`` is
@@ -354,15 +357,33 @@ class ReversePathMap(PathMap):
         return walker
 
 
+Hidden = Callable[[bytes, os.stat_result], bool]
+
+
+def _own_keyfile(config: str | None) -> Hidden:
+    """What a reverse view hides when nothing is excluded: its key file."""
+    own = os.fsencode(REVERSE_KEYFILE_NAME)
+    inode = None
+    if config is not None:
+        with suppress(OSError):
+            st = os.stat(config)
+            inode = (st.st_dev, st.st_ino)
+
+    def hidden(path: bytes, st: os.stat_result) -> bool:
+        if b"/" not in path and (path == own or path.startswith(own + b".tmp-")):
+            return True
+        return inode is not None and (st.st_dev, st.st_ino) == inode
+    return hidden
+
+
 class _ReverseWalker(_Walk):
     """A walk through the plaintext tree behind a reverse view: ``fd`` is
     the plaintext directory, ``rel`` the view path of its view directory."""
 
-    def __init__(self, names: NameCipher, fd: int,
-                 hidden: Callable[[str], bool] | None) -> None:
+    def __init__(self, names: NameCipher, fd: int, hidden: Hidden) -> None:
         super().__init__(names, fd)
         self.hidden = hidden
-        self.plain = ""  # this directory's plaintext path ("" at the root)
+        self.plain = b""  # this directory's path relative to PLAINDIR ("" at the root)
 
     def find(self, name: bytes, plain: str) -> tuple[str, str | None, Origin]:
         """The view entry (and sidecar) of plaintext ``name``, which must be
@@ -397,18 +418,19 @@ class _ReverseWalker(_Walk):
         """Step into plaintext directory ``name``; its view IV derived."""
         parent_iv, name = origin
         self._step_into(name, backing, plain)
-        self.plain = plain
+        self.plain = self._relative(name)
         self.iv = self.names.derived_diriv(parent_iv, name)
+
+    def _relative(self, name: bytes) -> bytes:
+        return self.plain + b"/" + name if self.plain else name
 
     def _shown(self, name: bytes) -> bool:
         """Whether plaintext ``name`` here exists and the view shows it."""
-        if not self.plain and name == os.fsencode(REVERSE_KEYFILE_NAME):
-            return False
         try:
-            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return False
-        return self.hidden is None or not self.hidden(self.plain + "/" + os.fsdecode(name))
+        return not self.hidden(self._relative(name), st)
 
     def _longname(self, backing: str) -> bytes | None:
         """The plaintext name here whose long view name is ``backing``."""
@@ -436,7 +458,8 @@ def forward_mapper(cipherdir: str, names: NameCipher) -> Mapper:
     return mapper_of(PathMap(cipherdir, names))
 
 
-def reverse_mapper(plaindir: str, keys: KeyRing,
-                   hidden: Callable[[str], bool] | None = None) -> Mapper:
-    """A reverse mount's mapper; ``hidden``: its exclusions."""
+def reverse_mapper(plaindir: str, keys: KeyRing, hidden: Hidden) -> Mapper:
+    """A reverse mount's mapper; ``hidden``: what its view leaves out, as
+    ``cryptfs/reverse/exclude.py Excluder.excluded`` answers it (key file
+    included), so the mount's answers follow its exclusions."""
     return mapper_of(ReversePathMap(plaindir, keys, hidden))
