@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.cli.paths import load_reverse_keyfile
+from cryptfs.daemon.ctlsock import socket_path
 from cryptfs.errors import ExitCode, PathNotFoundError
 from cryptfs.keys.keyfile import KEYFILE_NAME, KeyFile
 from cryptfs.keys.reverse import REVERSE_KEYFILE_NAME, ReverseDerivation
@@ -34,8 +36,8 @@ from cryptfs.names.filenames import (
     sidecar_name,
 )
 from cryptfs.tools.pathmap import ReversePathMap
-from tests.conftest import PASSWORD, cryptfs_cmd, init_cipherdir, mounted
-from tests.helpers.cli import cryptfs
+from tests.conftest import PASSWORD, cryptfs_cmd, init_cipherdir, mounted, require_fuse
+from tests.helpers.cli import FAST_KDF, cryptfs
 
 # Names of every length class: short, at the block boundaries of the
 # padded name, both sides of the long-name threshold, the longest.
@@ -236,3 +238,44 @@ def test_wrong_password(reverse_tree, tmp_path):
     proc = cryptfs("path", "encrypt", str(plain), "level0", "--passfile", str(wrong),
                    check=False)
     assert proc.returncode == ExitCode.PASSWORD and not proc.stdout
+
+
+def test_real_view_agrees(tmp_path):
+    """Once the reverse view is in (cryptfs/reverse/): every entry of a real
+    view of the tree, sidecars included, maps back, and every plaintext
+    entry maps to an entry of it; through the running view's control
+    socket where the view has one, offline otherwise."""
+    pytest.importorskip("cryptfs.reverse")
+    require_fuse()
+    plain, view = tmp_path / "plain", tmp_path / "view"
+    entries = build_plain(plain)
+    passfile = tmp_path / "password"
+    passfile.write_text(PASSWORD + "\n")
+    passfile.chmod(0o600)
+    cryptfs("init", "--reverse", str(plain), "--passfile", str(passfile), *FAST_KDF)
+    keys = load_reverse_keyfile(plain / REVERSE_KEYFILE_NAME).unlock(PASSWORD.encode())
+    pathmap = ReversePathMap(str(plain), keys)
+    view.mkdir()
+    cryptfs("mount", "--reverse", str(plain), str(view), "--passfile", str(passfile))
+    try:
+        for path in entries:
+            steps = pathmap.encrypt(os.fsdecode(path))
+            assert os.path.lexists(view / steps[-1].backing), path
+            assert all((view / s.sidecar).is_file() for s in steps if s.sidecar), path
+        mapped = 0
+        for dirpath, dirs, files in os.walk(view):
+            for name in dirs + files:
+                rel = os.path.relpath(os.path.join(dirpath, name), view)
+                if name in (DIRIV_NAME, KEYFILE_NAME):
+                    continue
+                step = pathmap.decrypt(rel)[-1]
+                assert step.backing == (rel[:-len(".name")] if name.endswith(".name") else rel)
+                assert os.fsencode(step.plaintext) in entries
+                mapped += 1
+        assert mapped == len(entries) + len(list(view.rglob("*.name")))
+        if socket_path(plain, os.geteuid()).exists():  # the view answers too
+            deep = next(p for p in entries if p.count(b"/") > DEPTH)
+            out = cryptfs("path", "encrypt", str(plain), os.fsdecode(deep), "--via-mount")
+            assert out.stdout.splitlines()[0] == pathmap.encrypt(os.fsdecode(deep))[-1].backing
+    finally:
+        cryptfs("unmount", str(view))
