@@ -224,7 +224,8 @@ def test_command_line(reverse_tree, tmp_path):
     inside.rename(config)
     proc = cryptfs("path", "decrypt", str(plain), expected[deep], "--config", str(config),
                    *pw, check=False)
-    assert proc.returncode == ExitCode.USAGE and "--config goes with --reverse" in proc.stderr
+    assert proc.returncode == ExitCode.USAGE and "--config" in proc.stderr \
+        and "with --reverse" in proc.stderr
     proc = cryptfs("path", "decrypt", str(plain), expected[deep], "--reverse", *pw,
                    check=False)
     assert proc.returncode == ExitCode.CIPHERDIR and "init --reverse" in proc.stderr
