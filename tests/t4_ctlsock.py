@@ -138,8 +138,10 @@ def test_bad_requests_do_not_harm_the_mount(fresh_mount):
     path = sock_of(fresh_mount)
     replies = ask(path, b"not json\n", b'{"op": "delete", "path": "/a"}\n', b"[1]\n",
                   b'{"op": "encrypt"}\n', b'{"op": "decrypt", "path": "../../etc"}\n',
+                  b'{"op": "decrypt", "path": "a\\u0000b"}\n',
+                  b'{"op": "decrypt", "path": "' + b"x" * 256 + b'"}\n',
                   b'{"op": "encrypt", "path": "/a"}\n', b"\xff\xfe\n")
-    assert [r["ok"] for r in replies] == [False] * 5 + [True, False]
+    assert [r["ok"] for r in replies] == [False] * 7 + [True, False]
     assert all(r["exit"] == ExitCode.USAGE for r in replies if not r["ok"])
     (too_long,) = ask(path, b"x" * (MAX_REQUEST + 10))  # no newline: never a request
     assert not too_long["ok"] and "longer than" in too_long["error"]

@@ -38,6 +38,7 @@ from cryptfs.lowlevel.linux import DIR_READ
 from cryptfs.names.conflicts import Kind
 from cryptfs.names.filenames import (
     DIRIV_NAME,
+    NAME_MAX,
     RESERVED_PREFIX,
     SIDECAR_SUFFIX,
     NameCipher,
@@ -85,9 +86,15 @@ def backing_parts(cipherdir: str, path: str) -> list[str]:
                 break
         else:
             raise UsageError(f"{path} is not inside the cipher directory {cipherdir}")
+    return _checked_parts(path, "a backing path")
+
+
+def _checked_parts(path: str, what: str) -> list[str]:
+    """The components of ``path``, each one a name a directory can hold."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UsageError(f"{path!r}: '..' is not allowed in a backing path")
+    for part in parts:
+        if part == ".." or "\x00" in part or len(os.fsencode(part)) > NAME_MAX:
+            raise UsageError(f"{path[:300]!r}: {part[:80]!r} cannot be a component of {what}")
     return parts
 
 
@@ -346,10 +353,7 @@ class ReversePathMap(PathMap):
     def _parts(self, backing_path: str) -> list[str]:
         """A view path, relative to the view's root (a leading ``/`` is
         the view's root too: the view is mounted anywhere, or copied)."""
-        parts = [p for p in backing_path.split("/") if p not in ("", ".")]
-        if ".." in parts:
-            raise UsageError(f"{backing_path!r}: '..' is not allowed in a view path")
-        return parts
+        return _checked_parts(backing_path, "a view path")
 
     def _start(self, fd: int) -> _Walk:
         walker = _ReverseWalker(self.names, fd, self.hidden)
