@@ -229,9 +229,10 @@ import json, os, sys
 P, root = json.loads(sys.argv[1]), sys.argv[2]
 os.mkdir(root)
 os.chmod(root, 0o777)
-for action in ("write", "truncate", "ftruncate", "otrunc", "chown", "member-write",
-               "member-truncate", "owner-write", "owner-chown",
-               "root-chown", "root-chgrp", "root-write"):
+for action in ("write", "truncate", "ftruncate", "otrunc", "opentrunc", "chown",
+               "member-write", "member-truncate", "member-opentrunc", "owner-write",
+               "owner-chown", "owner-opentrunc", "root-chown", "root-chgrp", "root-write",
+               "root-opentrunc"):
     for mode in P["kill_modes"]:
         path = f"{root}/{action}-{mode:o}"
         with open(path, "wb") as f:
@@ -257,6 +258,8 @@ def act(action, path):
             os.ftruncate(f.fileno(), 1)
     elif action.endswith("truncate"):
         os.truncate(path, 2)
+    elif action.endswith("opentrunc"):  # open(2) truncates, nothing written
+        os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
     elif action == "otrunc":
         with open(path, "wb") as f:
             f.write(b"new")
@@ -281,12 +284,13 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("user, prefix", [
     (NOBODY, "write-"), (NOBODY, "truncate-"), (NOBODY, "ftruncate-"), (NOBODY, "otrunc-"),
-    (NOBODY, "chown-"), (NOBODY, "member-"),
+    (NOBODY, "opentrunc-"), (NOBODY, "chown-"), (NOBODY, "member-"),
     (NOBODY, "owner-"), (0, "root-")])
 def test_setuid_and_setgid_are_cleared_as_on_ext4(setup, user, prefix):
-    """A write, truncate or chown by someone without CAP_FSETID clears
-    setuid, and setgid where group-exec is set or the writer is outside the
-    file's group; root's write keeps them, root's chown clears them."""
+    """A write, truncate (also by open(2) alone) or chown by someone
+    without CAP_FSETID clears setuid, and setgid where group-exec is set or
+    the writer is outside the file's group; root's write keeps them, root's
+    chown clears them."""
     oracle, mount = setup
     results = []
     for root in (oracle, mount.mountpoint):

@@ -37,6 +37,7 @@ from cryptfs.errors import (
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.handles import DirHandleTable, HandleTable, OpenFile
 from cryptfs.fs.inodes import ROOT_INODE, InodeTable
+from cryptfs.fs.setid import SETID, may_keep_setid, without_setid
 from cryptfs.fs.tree import BackingTree, Listed, NameSync, Owner, apply_attributes, ensure_header
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.lowlevel.linux import proc_path
@@ -474,11 +475,25 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_TRUNC:
             try:
                 await self._file_io(opened, opened.file.truncate, 0)
+                self._drop_setid(opened, ctx)
             except BaseException:
                 self.handles.release(fh)
                 raise
             keep_cache = False
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    def _drop_setid(self, opened: OpenFile, ctx) -> None:
+        """Clear the set-id bits a truncation by the caller drops on a local
+        filesystem.  For an open(2) with O_TRUNC the kernel computes that
+        mode change but never sends it: the open already truncated
+        (ATOMIC_O_TRUNC), so fuse_do_setattr skips the SETATTR it was in."""
+        st = os.fstat(opened.fd)
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & SETID \
+                or may_keep_setid(ctx.pid, ctx.uid):
+            return
+        mode = without_setid(stat.S_IMODE(st.st_mode), st.st_gid, lambda: _groups(ctx))
+        if mode != stat.S_IMODE(st.st_mode):
+            apply_attributes(opened.fd, mode, -1, -1, (None, None))
 
     def _content_error(self, ino: int, exc: ContentError) -> pyfuse3.FUSEError:
         """Log a damaged file once per mount (its first error, naming its
