@@ -69,3 +69,9 @@ class ReverseDerivation:
 
     def __repr__(self) -> str:  # never show key bytes
         return "<ReverseDerivation (keys hidden)>"
+
+
+# Where ``cryptfs init --reverse PLAINDIR`` puts the key file by default: a
+# hidden file in PLAINDIR that the view never shows (it shows its bytes as
+# ``cryptfs.conf``).
+REVERSE_KEYFILE_NAME = ".cryptfs.reverse.conf"
