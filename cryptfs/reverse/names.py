@@ -16,9 +16,19 @@ from cryptfs.names.filenames import (
     is_longname,
 )
 
-# The shortest plaintext name whose encrypted form exceeds NAME_MAX: SIV adds
-# 16 bytes to the padded name, base64 4/3, so at least 176 plaintext bytes.
-LONG_MIN = 176
+
+def _long_min() -> int:
+    """The shortest plaintext name whose encrypted form exceeds NAME_MAX:
+    padded to a multiple of 16 (always adding 1..16), sealed (16 more),
+    base64url without padding."""
+    for length in range(1, NAME_MAX + 1):
+        sealed = (length // 16 + 1) * 16 + 16
+        if -(-sealed * 4 // 3) > NAME_MAX:
+            return length
+    return NAME_MAX
+
+
+LONG_MIN = _long_min()
 
 
 @dataclass(frozen=True, slots=True)
