@@ -417,3 +417,25 @@ def test_key_file_elsewhere_and_hidden_inside(tmp_path):
     proc = cryptfs("mount", "--reverse", "--config", str(outside), str(plain), str(inner),
                    "--passfile", str(passfile), check=False)
     assert proc.returncode != 0 and "inside" in proc.stderr
+
+
+def test_a_file_changing_while_open_reads_as_when_opened(tree, tmp_path):
+    """A file grown after its size was seen and before it was opened, then
+    cut short while open: the open file's size and bytes are those of the
+    file when it was opened (final page and trailer where that size puts
+    them), and a later stat shows the new state."""
+    plain, passfile = tree
+    target = plain / "sizes" / "s4096"
+    with ReverseMount(plain, tmp_path / "view", passfile) as view:
+        (seen,) = [p for p in view.rglob("*") if not p.is_symlink() and p.is_file()
+                   and p.lstat().st_size == 4096 + 4096 + 16]
+        target.write_bytes(sized(10000, 7))  # the kernel still holds the old size
+        with open(seen, "rb") as f:
+            assert os.fstat(f.fileno()).st_size == 4096 + 10000 + 16
+            head = f.read(4096)
+            os.truncate(target, 100)
+            rest = f.read()
+        assert len(head + rest) == 4096 + 10000 + 16
+        os.utime(target)
+        with open(seen, "rb") as f:
+            assert len(f.read()) == 4096 + 100 + 16

@@ -18,6 +18,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from itertools import count
 
 import pyfuse3
@@ -26,6 +27,7 @@ import trio
 from cryptfs.errors import ContentError, FileNameError, NameDecodeError
 from cryptfs.fs.ops import MountOptions
 from cryptfs.fs.workers import WorkerPool
+from cryptfs.reverse.content import EncryptingReader
 from cryptfs.reverse.nodes import NodeTable
 from cryptfs.reverse.view import Attrs, Kind, Place, Reader, ReverseView
 
@@ -79,6 +81,8 @@ class ReverseOperations(pyfuse3.Operations):
         self.workers = workers
         self.options = options
         self.handles: dict[int, Reader] = {}
+        self._opened: dict[int, Reader] = {}  # inode -> its last opened reader
+        self._inode_of: dict[int, int] = {}  # file handle -> inode
         self._dirs: dict[int, tuple[int, list[tuple[str, Place, Attrs]]]] = {}
         self._numbers = count(1)
         self.last_activity = time.monotonic()
@@ -139,7 +143,12 @@ class ReverseOperations(pyfuse3.Operations):
 
     @reverse_op
     async def getattr(self, inode, ctx):
-        return self._entry(inode, self.view.attrs(self.nodes.place(inode)))
+        attrs = self.view.attrs(self.nodes.place(inode))
+        opened = self._opened.get(inode)
+        if isinstance(opened, EncryptingReader) and opened.total != attrs.size:
+            # What its reads return: the size the file had when opened.
+            attrs = replace(attrs, size=opened.total)
+        return self._entry(inode, attrs)
 
     @reverse_op
     async def readlink(self, inode, ctx):
@@ -209,6 +218,13 @@ class ReverseOperations(pyfuse3.Operations):
         reader = await self.workers.run(self.view.open, place)
         fh = next(self._numbers)
         self.handles[fh] = reader
+        self._opened[inode] = reader
+        if isinstance(reader, EncryptingReader):
+            # The kernel may hold a size from before the file changed: have
+            # it ask again (getattr answers the size this reader encrypts
+            # for), so that it neither cuts the final page nor reads past it.
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        self._inode_of[fh] = inode
         return pyfuse3.FileInfo(fh=fh)
 
     @reverse_op
@@ -227,6 +243,9 @@ class ReverseOperations(pyfuse3.Operations):
     @reverse_op
     async def release(self, fh):
         reader = self.handles.pop(fh)
+        inode = self._inode_of.pop(fh)
+        if self._opened.get(inode) is reader:
+            del self._opened[inode]
         reader.close()
 
     # -- extended attributes --
@@ -294,4 +313,6 @@ class ReverseOperations(pyfuse3.Operations):
         for reader in self.handles.values():
             reader.close()
         self.handles.clear()
+        self._opened.clear()
+        self._inode_of.clear()
         self._dirs.clear()
