@@ -7,7 +7,7 @@ The reverse counterpart of ``mount.assemble``; ``mount.mounted`` and
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptfs.content.codec import ContentCodec
@@ -69,5 +69,7 @@ def assemble_reverse(plaindir: Path, keyfile: Path, keys: KeyRing, engine: XtsEn
     metadata = MetadataCipher(keys, FEATURE_BOUND_METADATA in features, convergent=True)
     view = ReverseView(plain, keyfile, keys, metadata, codec, excluder)
     workers = WorkerPool(options.worker_threads)
+    if options.inline_max is None:  # what the engine needs, as for a forward mount
+        options = replace(options, inline_max=engine.inline_max)
     ops = ReverseOperations(view, workers, options)
     return ReverseStack(ops, engine, sessions, plain, workers)

@@ -29,7 +29,7 @@ from cryptfs.fs.ops import MountOptions
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.reverse.content import EncryptingReader
 from cryptfs.reverse.nodes import NodeTable
-from cryptfs.reverse.view import Attrs, Kind, Place, Reader, ReverseView
+from cryptfs.reverse.view import Attrs, BytesReader, Kind, Place, Reader, ReverseView
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class ReverseOperations(pyfuse3.Operations):
         self._inode_of: dict[int, int] = {}  # file handle -> inode
         self._dirs: dict[int, tuple[int, list[tuple[str, Place, Attrs]]]] = {}
         self._numbers = count(1)
+        if options.inline_max is None:
+            raise ValueError("MountOptions.inline_max: resolve it from the engine first")
+        self._inline_max = options.inline_max
         self.last_activity = time.monotonic()
         self.after_init: Callable[[], None] | None = None
 
@@ -230,6 +233,11 @@ class ReverseOperations(pyfuse3.Operations):
     @reverse_op
     async def read(self, fh, off, size):
         reader = self.handles[fh]
+        if isinstance(reader, BytesReader) or (
+                size <= self._inline_max and reader.cached(off, size)):
+            # A hop to a worker costs more than this read (docs/design.md,
+            # Threading model)
+            return reader.read(off, size)
         return await self.workers.run(reader.read, off, size)
 
     @reverse_op
