@@ -28,6 +28,7 @@ from tests.conftest import (
 from tests.helpers.cli import FAST_KDF, cryptfs
 
 AFALG = pytest.mark.afalg
+MARKER = "PLAINTEXT-MARKER"  # in a name, contents, a link target, an xattr
 
 
 # -- the plaintext trees ------------------------------------------------------------
@@ -57,6 +58,9 @@ def small_tree(root: Path) -> None:
     write(root / ("L" * 255), b"long name\n")
     os.setxattr(root / "a.txt", "user.note", b"value")
     os.setxattr(root / "sub", "user.dir", b"on a directory")
+    write(root / MARKER, MARKER.encode() * 3)
+    os.symlink(MARKER, root / "sub" / "marked-link")
+    os.setxattr(root / "sub" / "page.bin", f"user.{MARKER}", MARKER.encode())
 
 
 def full_tree(root: Path) -> None:
@@ -144,6 +148,20 @@ def view_digest(root: Path, rels: list[str] | None = None) -> dict[str, str]:
                 h.update(name.encode() + b"=" + os.getxattr(path, name))
         out[rel] = h.hexdigest()
     return out
+
+
+def assert_ciphertext_only(root: Path) -> None:
+    """No name, content, link target or xattr under ``root`` shows MARKER."""
+    marker = MARKER.encode()
+    for path in root.rglob("*"):
+        assert MARKER not in path.name
+        if path.is_symlink():
+            assert MARKER not in os.readlink(path)
+        elif path.is_file() or path.is_dir():
+            if path.is_file():
+                assert marker not in path.read_bytes(), path
+            for name in os.listxattr(path):
+                assert MARKER not in name and marker not in os.getxattr(path, name)
 
 
 # -- mounting ---------------------------------------------------------------------
@@ -240,6 +258,7 @@ def test_backup_of_the_view_mounts_forward_as_the_tree(tmp_path, engine, init_ex
         assert (view / "cryptfs.conf").read_bytes() == (plain / REVERSE_KEYFILE_NAME).read_bytes()
         rsync(view, backup)
     assert not (backup / REVERSE_KEYFILE_NAME).exists()
+    assert_ciphertext_only(backup)
     forward = Mount(backup, tmp_path / "forward", passfile, engine).start()
     try:
         diff = subprocess.run(["diff", "-r", "--no-dereference", "-x", REVERSE_KEYFILE_NAME,
@@ -410,7 +429,7 @@ def test_key_file_elsewhere_and_hidden_inside(tmp_path):
             assert (view / "cryptfs.conf").read_bytes() == config.read_bytes()
             sizes = sorted(p.lstat().st_size for p in view.iterdir())
             assert config.stat().st_size in sizes  # as cryptfs.conf only
-            assert len(list(view.iterdir())) == 2 + 7  # conf, diriv, 6 entries + sidecar
+            assert len(list(view.iterdir())) == 2 + 8  # conf, diriv, 7 entries + sidecar
     assert not (plain / REVERSE_KEYFILE_NAME).exists()
     inner = plain / "sub" / "mnt"
     inner.mkdir()
