@@ -61,3 +61,14 @@ def test_readahead_values():
     for bad in ("-1", "lots", "16385"):
         with pytest.raises(SystemExit):
             parser().parse_args(["mount", "/c", "/p", "--readahead", bad])
+
+
+def test_reverse_through_the_helper_form():
+    """An fstab line ``/data /mnt/view cryptfs reverse,exclude_from=F,config=K,...``
+    mounts the reverse view with those options."""
+    argv = mount_helper_args(["/d", "/v", "-o",
+                              "reverse,exclude_from=/ex,config=/k,passfile=/pw"])
+    args = parser().parse_args(argv)
+    assert (args.reverse, args.exclude_from, args.config, args.passfile) == \
+        (True, ["/ex"], "/k", "/pw")
+    assert not parser().parse_args(["mount", "/c", "/p"]).reverse

@@ -16,7 +16,7 @@ from cryptfs.cli.common import (
 )
 from cryptfs.engines import select_engine
 from cryptfs.errors import CipherDirError, UsageError
-from cryptfs.keys.hierarchy import protect_process
+from cryptfs.keys.hierarchy import KeyRing, protect_process
 from cryptfs.keys.keyfile import (
     FEATURE_AUTHENTICATED,
     FORMAT_VERSION,
@@ -54,10 +54,14 @@ def cmd_init(args: argparse.Namespace) -> None:
         if keyfile.authenticated else ""
     print(f"cryptfs: initialised {cipherdir}{mode}")
     if not args.no_recovery_code:
-        print("\nRecovery code (unlocks this directory if the password is lost; anyone\n"
-              "holding it can read everything: store it offline, then forget it):\n\n"
-              f"    {encode_recovery_code(keys.master_key)}\n")
+        print_recovery_code(keys)
     keys.wipe()
+
+
+def print_recovery_code(keys: KeyRing) -> None:
+    print("\nRecovery code (unlocks this directory if the password is lost; anyone\n"
+          "holding it can read everything: store it offline, then forget it):\n\n"
+          f"    {encode_recovery_code(keys.master_key)}\n")
 
 
 def cmd_passwd(args: argparse.Namespace) -> None:

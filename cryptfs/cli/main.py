@@ -18,8 +18,9 @@ from cryptfs.cli.checks import cmd_fsck, cmd_speed
 from cryptfs.cli.cipherdir import cmd_info, cmd_init, cmd_key, cmd_passwd
 from cryptfs.cli.mounting import cmd_install_helpers, cmd_mount, cmd_unmount, mount_helper_args
 from cryptfs.cli.paths import cmd_path
+from cryptfs.cli.reverse import cmd_init_reverse, cmd_mount_reverse
 from cryptfs.engines import ENGINE_NAMES
-from cryptfs.errors import CryptfsError, ExitCode
+from cryptfs.errors import CryptfsError, ExitCode, UsageError
 from cryptfs.fs.dircache import DEFAULT_LIMIT
 from cryptfs.fs.ops import MountOptions
 from cryptfs.lowlevel.log import setup_logging
@@ -55,6 +56,27 @@ def _verbose_arg(p: argparse.ArgumentParser) -> None:
                    help="also say which crypto engine is used and why")
 
 
+def _either(reverse, forward):
+    """The command for ``--reverse`` or the forward one."""
+
+    def run(args: argparse.Namespace) -> None:
+        (reverse if args.reverse else forward)(args)
+
+    return run
+
+
+def _check_reverse_only(args: argparse.Namespace) -> None:
+    """Options that mean something only for a reverse view."""
+    if getattr(args, "reverse", True):
+        return
+    given = [flag for flag, value in (("--config", getattr(args, "config", None)),
+                                      ("--exclude", getattr(args, "exclude", None)),
+                                      ("--exclude-from", getattr(args, "exclude_from", None)))
+             if value]
+    if given:
+        raise UsageError(f"{', '.join(given)} only go with --reverse")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="cryptfs", description="An encrypted FUSE filesystem.")
     top.add_argument("--version", action="version", version=f"cryptfs {__version__}")
@@ -73,7 +95,13 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--authenticated", action="store_true",
                       help="tag every page (HMAC-SHA256): tampering, truncation and moved "
                            "pages read as EIO; costs speed (see README)")
-    init.set_defaults(func=cmd_init)
+    init.add_argument("--reverse", action="store_true",
+                      help="CIPHERDIR is a plaintext directory: make the key file of its "
+                           "encrypted view (cryptfs mount --reverse), hidden in it as "
+                           ".cryptfs.reverse.conf or at --config")
+    init.add_argument("--config", metavar="FILE",
+                      help="with --reverse: put the key file here instead")
+    init.set_defaults(func=_either(cmd_init_reverse, cmd_init))
 
     mount = sub.add_parser("mount", help="mount a cipher directory")
     mount.add_argument("cipherdir")
@@ -111,7 +139,18 @@ def parser() -> argparse.ArgumentParser:
                        help=argparse.SUPPRESS)  # tuning experiments (scripts/bench)
     mount.add_argument("--dir-fds", type=int, default=DEFAULT_LIMIT,
                        help=argparse.SUPPRESS)  # directory descriptors kept open (tests)
-    mount.set_defaults(func=cmd_mount)
+    mount.add_argument("--reverse", action="store_true",
+                       help="mount a read-only encrypted view of the plaintext directory "
+                            "CIPHERDIR, for backups (see README)")
+    mount.add_argument("--config", metavar="FILE",
+                       help="with --reverse: the key file, if not in the directory")
+    mount.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                       help="with --reverse: leave out what matches (gitignore syntax; "
+                            "repeatable)")
+    mount.add_argument("--exclude-from", "--exclude_from", action="append", default=[],
+                       metavar="FILE",
+                       help="with --reverse: leave out what the patterns in FILE match")
+    mount.set_defaults(func=_either(cmd_mount_reverse, cmd_mount))
 
     unmount = sub.add_parser("unmount", help="unmount (flushes and stops the daemon)")
     unmount.add_argument("mountpoint")
@@ -216,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.debug, args.verbose)
     try:
+        _check_reverse_only(args)
         args.func(args)
     except CryptfsError as exc:
         if args.debug:

@@ -145,6 +145,6 @@ def mount_helper_args(argv: list[str]) -> list[str]:
         out += [f"--{key}", value]
     flag_map = {"ro": "--ro", "allow_other": "--allow-other", "recovery": "--recovery",
                 "foreground": "--foreground", "no_xattr": "--no-xattr",
-                "nonempty": "--nonempty", "shared": "--shared"}
+                "nonempty": "--nonempty", "shared": "--shared", "reverse": "--reverse"}
     out += [flag_map[f] for f in sorted(parsed.flags) if f in flag_map]
     return out + [f"--fuse-flag={flag}" for flag in sorted(parsed.fuse)]

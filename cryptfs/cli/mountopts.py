@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from cryptfs.errors import OptionError
 
 # cryptfs options that take a value, and flags.
-VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname", "readahead"}
+VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname", "readahead",
+                 "config", "exclude_from"}  # the last two: with reverse
 FLAG_OPTIONS = {"ro", "rw", "allow_other", "recovery", "foreground", "no_xattr",
-                "nonempty", "shared"}
+                "nonempty", "shared", "reverse"}
 # Mount flags the kernel applies to a FUSE mount (libfuse passes them on).
 FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime",
               "relatime", "norelatime", "strictatime", "nodiratime", "diratime",

@@ -191,11 +191,16 @@ class MetadataCipher:
         return self._unpad(name)
 
     def encrypt_xattr_value(self, stored_name: bytes, value: bytes,
-                            owner: XattrOwner | None) -> bytes:
+                            owner: XattrOwner | None, nonce: bytes | None = None) -> bytes:
+        """``nonce``: a derived one (reverse mode, ``keys/reverse.py``);
+        None draws a random one."""
         padded = self._pad(value)
         if len(padded) + NONCE_LEN + SIV_TAG_LEN > XATTR_SIZE_MAX:
             raise XattrTooBigError(f"xattr value of {len(value)} bytes is too large to encrypt")
-        nonce = self._random(NONCE_LEN)
+        if nonce is None:
+            nonce = self._random(NONCE_LEN)
+        elif len(nonce) != NONCE_LEN:
+            raise ValueError(f"an xattr nonce is {NONCE_LEN} bytes")
         return nonce + self._siv.encrypt(padded, self._value_ad(stored_name, nonce, owner))
 
     def decrypt_xattr_value(self, stored_name: bytes, stored: bytes,

@@ -1,0 +1,119 @@
+"""``cryptfs init --reverse`` and ``cryptfs mount --reverse``: an encrypted,
+read-only view of a plaintext directory, for backups (README "Backups
+(reverse mode)")."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import trio
+
+from cryptfs.cli.cipherdir import print_recovery_code
+from cryptfs.cli.common import environment_overrides, kdf_params, log
+from cryptfs.daemon.daemonize import detach
+from cryptfs.daemon.mount import fuse_options, mounted, serve
+from cryptfs.daemon.mountpoint import canonical, prepare_mountpoint
+from cryptfs.daemon.reverse import build_reverse_stack
+from cryptfs.errors import CipherDirError, KeyFileMissingError, UsageError
+from cryptfs.fs.ops import MountOptions
+from cryptfs.keys.hierarchy import KeyRing, protect_process
+from cryptfs.keys.keyfile import (
+    FEATURE_AUTHENTICATED,
+    MAX_KEYFILE_BYTES,
+    NEW_FEATURES,
+    KeyFile,
+    write_atomic,
+)
+from cryptfs.keys.password import get_password
+from cryptfs.keys.recovery import decode_recovery_code
+from cryptfs.keys.reverse import REVERSE_KEYFILE_NAME
+from cryptfs.reverse.exclude import read_patterns
+
+
+def plaindir_arg(path: str) -> Path:
+    plaindir = Path(path)
+    if not plaindir.is_dir():
+        raise CipherDirError(f"plaintext directory {plaindir} does not exist")
+    return plaindir
+
+
+def reverse_keyfile(plaindir: Path, config: str | None) -> Path:
+    """Where the key file of a reverse view of ``plaindir`` is."""
+    return Path(config) if config else plaindir / REVERSE_KEYFILE_NAME
+
+
+def cmd_init_reverse(args: argparse.Namespace) -> None:
+    plaindir = plaindir_arg(args.cipherdir)
+    path = reverse_keyfile(plaindir, args.config)
+    if path.exists():
+        raise CipherDirError(f"{path} exists already: {plaindir} has a reverse configuration")
+    password = get_password(args.passfile, args.extpass, confirm=True)
+    protect_process()
+    features = (*NEW_FEATURES, FEATURE_AUTHENTICATED) if args.authenticated else NEW_FEATURES
+    keyfile, keys = KeyFile.create(password, kdf_params(args), features)
+    try:
+        write_atomic(path, keyfile.to_bytes(), 0o600)
+    except OSError as exc:
+        raise CipherDirError(f"cannot write {path}: {exc.strerror}") from exc
+    mode = " (authenticated)" if keyfile.authenticated else ""
+    print(f"cryptfs: reverse configuration for {plaindir} in {path}{mode}")
+    if not args.no_recovery_code:
+        print_recovery_code(keys)
+    keys.wipe()
+
+
+def load_reverse_keyfile(path: Path) -> KeyFile:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KEYFILE_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise KeyFileMissingError(f"no reverse configuration at {path}; run "
+                                  "'cryptfs init --reverse' first") from exc
+    except OSError as exc:
+        raise KeyFileMissingError(f"cannot read {path}: {exc.strerror}") from exc
+    return KeyFile.from_bytes(data)
+
+
+def unlock_reverse(keyfile: KeyFile, args: argparse.Namespace) -> KeyRing:
+    protect_process()  # before any key is in memory
+    if getattr(args, "recovery", False):
+        code = get_password(args.passfile, args.extpass, prompt="Recovery code: ")
+        return keyfile.verify(decode_recovery_code(code.decode("ascii", "replace")))
+    return keyfile.unlock(get_password(args.passfile, args.extpass))
+
+
+def check_outside(mountpoint: Path, plaindir: Path) -> None:
+    """A view mounted inside the tree it shows would show itself, and a
+    lookup of its own mount point would wait for itself."""
+    where, tree = os.path.realpath(mountpoint), os.path.realpath(plaindir)
+    if where == tree or where.startswith(tree.rstrip("/") + "/"):
+        raise UsageError(f"the mount point {mountpoint} is inside {plaindir}: "
+                         "mount the view elsewhere")
+
+
+def cmd_mount_reverse(args: argparse.Namespace) -> None:
+    plaindir, mountpoint = plaindir_arg(args.cipherdir), Path(args.mountpoint)
+    path = reverse_keyfile(plaindir, args.config)
+    keyfile = load_reverse_keyfile(path)
+    patterns = read_patterns(args.exclude, args.exclude_from)
+    check_outside(mountpoint, plaindir)
+    prepare_mountpoint(mountpoint, nonempty=args.nonempty)
+    keys = unlock_reverse(keyfile, args)
+    options = MountOptions(read_only=True, allow_other=args.allow_other,
+                           xattrs=not args.no_xattr, readahead_kb=args.readahead)
+    overrides = environment_overrides()
+    stack = build_reverse_stack(plaindir, path, keys, args.engine, options, keyfile.features,
+                                patterns, overrides.engine)
+    fsname = args.fsname or os.path.abspath(plaindir)
+    opts = fuse_options(options, fsname) | set(args.fuse_flags)
+    where = canonical(mountpoint)
+    with mounted(stack, mountpoint, opts, overrides.own_request_loop):
+        log.info("mounted the encrypted view of %s on %s", plaindir, mountpoint)
+        if not args.foreground:
+            detach()
+            keys.lock_memory()
+        log.info("engine: %s", stack.engine.describe())
+        trio.run(serve, stack, args.idle, where)
+    keys.wipe()
