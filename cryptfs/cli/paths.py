@@ -24,9 +24,10 @@ import sys
 from pathlib import Path
 
 from cryptfs.cli.common import cipherdir_arg, unlock_keyfile
+from cryptfs.cli.reverse import load_reverse_keyfile
 from cryptfs.daemon.ctlsock import NoMountError, request
-from cryptfs.errors import KeyFileMissingError, UsageError
-from cryptfs.keys.keyfile import KEYFILE_NAME, MAX_KEYFILE_BYTES, KeyFile
+from cryptfs.errors import UsageError
+from cryptfs.keys.keyfile import KEYFILE_NAME, KeyFile
 from cryptfs.keys.reverse import REVERSE_KEYFILE_NAME
 from cryptfs.names.filenames import NameCipher
 from cryptfs.tools.pathmap import PathMap, ReversePathMap, mapper_of
@@ -85,16 +86,6 @@ def _offline(directory: Path, config: Path | None, args: argparse.Namespace) -> 
         return mapper_of(pathmap)(args.path_command, args.path)
     finally:
         keys.wipe()
-
-
-def load_reverse_keyfile(path: Path) -> KeyFile:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEYFILE_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileMissingError(f"cannot read the reverse key file {path}: {exc.strerror} "
-                                  "(run 'cryptfs init --reverse' first)") from exc
-    return KeyFile.from_bytes(data)
 
 
 def _print(*lines: str) -> None:

@@ -11,14 +11,15 @@ from pathlib import Path
 import trio
 
 from cryptfs.cli.cipherdir import print_recovery_code
-from cryptfs.cli.common import environment_overrides, kdf_params, log
+from cryptfs.cli.common import environment_overrides, kdf_params, log, unlock_keyfile
+from cryptfs.daemon.ctlsock import control_socket
 from cryptfs.daemon.daemonize import detach
 from cryptfs.daemon.mount import fuse_options, mounted, serve
 from cryptfs.daemon.mountpoint import canonical, prepare_mountpoint
 from cryptfs.daemon.reverse import build_reverse_stack
 from cryptfs.errors import CipherDirError, KeyFileMissingError, UsageError
 from cryptfs.fs.ops import MountOptions
-from cryptfs.keys.hierarchy import KeyRing, protect_process
+from cryptfs.keys.hierarchy import protect_process
 from cryptfs.keys.keyfile import (
     FEATURE_AUTHENTICATED,
     MAX_KEYFILE_BYTES,
@@ -27,9 +28,9 @@ from cryptfs.keys.keyfile import (
     write_atomic,
 )
 from cryptfs.keys.password import get_password
-from cryptfs.keys.recovery import decode_recovery_code
 from cryptfs.keys.reverse import REVERSE_KEYFILE_NAME
 from cryptfs.reverse.exclude import read_patterns
+from cryptfs.tools.pathmap import reverse_mapper
 
 
 def plaindir_arg(path: str) -> Path:
@@ -76,14 +77,6 @@ def load_reverse_keyfile(path: Path) -> KeyFile:
     return KeyFile.from_bytes(data)
 
 
-def unlock_reverse(keyfile: KeyFile, args: argparse.Namespace) -> KeyRing:
-    protect_process()  # before any key is in memory
-    if getattr(args, "recovery", False):
-        code = get_password(args.passfile, args.extpass, prompt="Recovery code: ")
-        return keyfile.verify(decode_recovery_code(code.decode("ascii", "replace")))
-    return keyfile.unlock(get_password(args.passfile, args.extpass))
-
-
 def check_outside(mountpoint: Path, plaindir: Path) -> None:
     """A view mounted inside the tree it shows would show itself, and a
     lookup of its own mount point would wait for itself."""
@@ -100,7 +93,7 @@ def cmd_mount_reverse(args: argparse.Namespace) -> None:
     patterns = read_patterns(args.exclude, args.exclude_from)
     check_outside(mountpoint, plaindir)
     prepare_mountpoint(mountpoint, nonempty=args.nonempty)
-    keys = unlock_reverse(keyfile, args)
+    keys = unlock_keyfile(keyfile, args)
     options = MountOptions(read_only=True, allow_other=args.allow_other,
                            xattrs=not args.no_xattr, readahead_kb=args.readahead)
     overrides = environment_overrides()
@@ -109,11 +102,14 @@ def cmd_mount_reverse(args: argparse.Namespace) -> None:
     fsname = args.fsname or os.path.abspath(plaindir)
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
     where = canonical(mountpoint)
+    real = Path(os.path.realpath(plaindir))  # before detaching, which changes directory
     with mounted(stack, mountpoint, opts, overrides.own_request_loop):
         log.info("mounted the encrypted view of %s on %s", plaindir, mountpoint)
         if not args.foreground:
             detach()
             keys.lock_memory()
         log.info("engine: %s", stack.engine.describe())
-        trio.run(serve, stack, args.idle, where)
+        mapper = reverse_mapper(str(real), keys, stack.excluder.excluded)
+        with control_socket(real, mapper) as control:  # made by the daemon, not its parent
+            trio.run(serve, stack, args.idle, where, control)
     keys.wipe()

@@ -34,6 +34,7 @@ class ReverseStack:
     sessions: SessionCache
     plain: PlainTree
     workers: WorkerPool
+    excluder: Excluder  # what the view leaves out (the control socket's map follows it)
 
     @property
     def handles(self) -> dict:  # open files, for --idle
@@ -72,4 +73,4 @@ def assemble_reverse(plaindir: Path, keyfile: Path, keys: KeyRing, engine: XtsEn
     if options.inline_max is None:  # what the engine needs, as for a forward mount
         options = replace(options, inline_max=engine.inline_max)
     ops = ReverseOperations(view, workers, options)
-    return ReverseStack(ops, engine, sessions, plain, workers)
+    return ReverseStack(ops, engine, sessions, plain, workers, excluder)
