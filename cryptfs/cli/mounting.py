@@ -74,7 +74,7 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
     fsname = args.fsname or os.path.abspath(cipherdir)
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
     where = canonical(mountpoint)  # before mounting: resolving a mount waits for it
-    with mounted(stack, mountpoint, opts, overrides.own_request_loop):
+    with mounted(stack, mountpoint, opts, overrides.own_request_loop, overrides.spin):
         log.info("mounted %s on %s%s", cipherdir, mountpoint,
                  " (shared: others may mount it too)" if args.shared else "")
         if not args.foreground:
