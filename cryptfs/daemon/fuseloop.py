@@ -30,11 +30,11 @@ wait that answered False to them would only be woken again at once by the
 same condition, never ending.  POLLNVAL (the descriptor is not open)
 cannot be read at all: the wait ends with False, and so does the loop.
 
-With ``spin`` (``CRYPTFS_SPIN=1``; off by default: on the loaded two-CPU
-machine it was measured on it did not pay), before the loop parks it spins
-a little (``Spin``): waking a parked
-process costs tens of microseconds when client and daemon run on different
-CPUs, more than a whole request, so while requests arrive back to back the
+With ``spin`` (``CRYPTFS_SPIN=1``; off by default: it paid only with client
+and daemon on different CPUs, and cost when neither was pinned; see
+docs/bench/2026-12-07e-wakeups), before the loop parks it spins a little
+(``Spin``): waking a parked
+process on another CPU can cost more than a whole request, so while requests arrive back to back the
 loop polls for the next one (``sched_yield`` between polls, so a client on
 the same CPU runs instead) for up to a budget that adapts: it grows when a
 park ended soon (a longer spin would have caught the request), halves when
