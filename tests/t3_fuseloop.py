@@ -5,6 +5,7 @@ one already is; one parked task per descriptor; every waiter ends on stop."""
 from __future__ import annotations
 
 import os
+import time
 import tomllib
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import trio
 import trio.testing
 from packaging.requirements import Requirement
 
+from cryptfs.cli.common import environment_overrides
 from cryptfs.daemon import fuseloop
+from tests.conftest import Mount, init_cipherdir, require_fuse
 
 
 @pytest.fixture
@@ -154,3 +157,117 @@ def test_pyproject_admits_only_the_verified_pyfuse3_releases():
             f"pyproject.toml's {pyfuse3_dep} and fuseloop.VERIFIED {fuseloop.VERIFIED} "
             f"disagree on pyfuse3 {version}")
     assert pyfuse3.__version__.startswith(fuseloop.VERIFIED)
+
+
+def test_the_spin_budget_grows_after_short_waits_and_falls_to_zero_when_idle():
+    spin = fuseloop.Spin()
+    assert spin.budget_ns == 0  # a new mount does not spin
+    spin.waited(10_000)  # a request came soon after the wait began
+    assert spin.budget_ns == fuseloop.SPIN_START_NS
+    spin.waited(60_000)  # a spin this long would have caught it
+    assert spin.budget_ns >= 60_000
+    for _ in range(10):
+        spin.waited(fuseloop.SPIN_MAX_NS)
+    assert spin.budget_ns == fuseloop.SPIN_MAX_NS  # bounded
+    spin.waited(10 * fuseloop.SPIN_MAX_NS)  # quiet: shorter
+    assert spin.budget_ns == fuseloop.SPIN_MAX_NS // 2
+    for _ in range(10):
+        spin.waited(10**9)
+    assert spin.budget_ns == 0  # idle: no spin at all
+
+
+@pytest.fixture
+def spinning(channel, monkeypatch):
+    """The channel with the largest spin budget; ``yields`` counts the
+    spin's sched_yield calls, and the first one runs ``on_yield`` (a
+    request arriving while the loop spins)."""
+    r, w = channel
+    fuseloop._state.spin.enabled = True
+    fuseloop._state.spin.budget_ns = fuseloop.SPIN_MAX_NS
+    calls: dict = {"yields": 0, "on_yield": lambda: None}
+
+    def sched_yield() -> None:
+        calls["yields"] += 1
+        if calls["yields"] == 1:
+            calls["on_yield"]()
+
+    monkeypatch.setattr(fuseloop.os, "sched_yield", sched_yield)
+    return r, w, calls
+
+
+async def test_a_request_arriving_during_the_spin_is_taken_without_parking(spinning):
+    r, w, calls = spinning
+    calls["on_yield"] = lambda: os.write(w, b"x")
+    with trio.testing.assert_no_checkpoints():
+        assert await pyfuse3._wait_fuse_readable()
+    assert os.read(r, 1) == b"x"
+    assert fuseloop._state.spin.caught == 1
+
+
+async def test_no_spin_while_a_worker_result_waits(spinning):
+    """A result queued by a worker thread (run_sync_soon; here it brings
+    the request) would wait for the spin: the loop parks at once."""
+    r, w, calls = spinning
+    trio.lowlevel.current_trio_token().run_sync_soon(os.write, w, b"x")
+    with trio.fail_after(30):
+        assert await pyfuse3._wait_fuse_readable()
+    assert os.read(r, 1) == b"x"
+    assert calls["yields"] == 0
+
+
+async def test_no_spin_while_another_task_is_ready(spinning):
+    r, w, calls = spinning
+
+    async def request() -> None:  # ready to run when the wait begins
+        os.write(w, b"x")
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            assert await pyfuse3._wait_fuse_readable()
+    assert os.read(r, 1) == b"x"
+    assert calls["yields"] == 0
+
+
+def daemon_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_mount_does_not_spin(tmp_path, monkeypatch):
+    """After a burst of back-to-back requests (the spin's budget up) the
+    mount goes quiet: over ten idle seconds its daemon uses next to no CPU
+    (a spin that kept polling would use seconds)."""
+    require_fuse()
+    monkeypatch.setenv(fuseloop.SPIN_ENV, "1")
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
+    try:
+        path = mount.mountpoint / "f"
+        path.write_bytes(b"x")
+        for _ in range(2000):  # each a round trip (the kernel caches no xattrs)
+            with pytest.raises(OSError):
+                os.getxattr(path, "user.absent")
+        before = daemon_cpu_seconds(mount.proc.pid)
+        time.sleep(10)
+        assert daemon_cpu_seconds(mount.proc.pid) - before < 0.5
+    finally:
+        mount.stop()
+    mount.check_log()
+
+
+async def test_no_spin_unless_asked(spinning):
+    r, w, calls = spinning
+    fuseloop._state.spin.enabled = False  # (install's default)
+    trio.lowlevel.current_trio_token().run_sync_soon(os.write, w, b"x")
+    with trio.fail_after(30):
+        assert await pyfuse3._wait_fuse_readable()
+    assert os.read(r, 1) == b"x"
+    assert calls["yields"] == 0
+    assert fuseloop._state.spin.budget_ns == fuseloop.SPIN_MAX_NS  # not adapted either
+
+
+def test_the_environment_asks_for_the_spin():
+    assert environment_overrides({fuseloop.SPIN_ENV: "1"}).spin
+    assert not environment_overrides({}).spin

@@ -78,7 +78,7 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
     where = canonical(mountpoint)  # before mounting: resolving a mount waits for it
     real = Path(os.path.realpath(cipherdir))  # before detaching, which changes directory
-    with mounted(stack, mountpoint, opts, overrides.own_request_loop):
+    with mounted(stack, mountpoint, opts, overrides.own_request_loop, overrides.spin):
         log.info("mounted %s on %s%s", cipherdir, mountpoint,
                  " (shared: others may mount it too)" if args.shared else "")
         if not args.foreground:

@@ -103,7 +103,7 @@ def cmd_mount_reverse(args: argparse.Namespace) -> None:
     opts = fuse_options(options, fsname) | set(args.fuse_flags)
     where = canonical(mountpoint)
     real = Path(os.path.realpath(plaindir))  # before detaching, which changes directory
-    with mounted(stack, mountpoint, opts, overrides.own_request_loop):
+    with mounted(stack, mountpoint, opts, overrides.own_request_loop, overrides.spin):
         log.info("mounted the encrypted view of %s on %s", plaindir, mountpoint)
         if not args.foreground:
             detach()

@@ -135,16 +135,17 @@ def fuse_options(options: MountOptions, fsname: str) -> set[str]:
 
 @contextlib.contextmanager
 def mounted(stack: Stack, mountpoint: Path, opts: set[str],
-            own_request_loop: bool = True) -> Iterator[None]:
+            own_request_loop: bool = True, spin: bool = False) -> Iterator[None]:
     """``own_request_loop``: False keeps pyfuse3's request loop
-    (``CRYPTFS_PYFUSE3_LOOP=1``, for comparisons)."""
+    (``CRYPTFS_PYFUSE3_LOOP=1``, for comparisons); ``spin``: ours spins
+    before it parks (``CRYPTFS_SPIN=1``)."""
     try:
         pyfuse3.init(stack.operations, os.fspath(mountpoint), opts)
     except RuntimeError as exc:
         stack.close()
         raise MountError(f"cannot mount on {mountpoint}: {exc}") from exc
     if own_request_loop:
-        fuseloop.install()
+        fuseloop.install(spin=spin)
     else:
         log.debug("%s=1: pyfuse3's own request loop is kept", fuseloop.OFF_ENV)
     try:
