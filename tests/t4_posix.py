@@ -135,6 +135,47 @@ def test_unlinked_open_file_keeps_working(mnt):
         assert os.fstat(f.fileno()).st_size == 9
 
 
+def test_attributes_after_unlink(mnt):
+    """The SETATTR of the times the kernel sends after each unlink (writeback
+    cache) leaves right attributes: an unlinked file open read-only, the
+    other name of a hard-linked file, a file written after another one's
+    unlink (its mapping carries no error)."""
+    (mnt / "r").write_bytes(b"read only")
+    os.chmod(mnt / "r", 0o640)
+    fd = os.open(mnt / "r", os.O_RDONLY)
+    try:
+        os.unlink(mnt / "r")
+        st = os.fstat(fd)
+        assert (st.st_size, st.st_nlink, stat.S_IMODE(st.st_mode)) == (9, 0, 0o640)
+        assert os.pread(fd, 100, 0) == b"read only"
+    finally:
+        os.close(fd)
+    (mnt / "a").write_bytes(b"linked")
+    os.link(mnt / "a", mnt / "b")
+    os.unlink(mnt / "a")
+    st = os.stat(mnt / "b")
+    assert (st.st_size, st.st_nlink) == (6, 1)
+    with open(mnt / "c", "wb") as f:
+        f.write(b"c")
+        os.unlink(mnt / "b")
+        f.write(b"d")
+        f.flush()
+        os.fsync(f.fileno())
+    assert (mnt / "c").read_bytes() == b"cd"
+
+
+def test_security_xattrs_refused(mnt):
+    """security.* (the kernel's security.capability before each write(2))
+    and trusted.* are not stored: EOPNOTSUPP, and writes go on."""
+    path = mnt / "f"
+    path.write_bytes(b"x")
+    for name in ("security.capability", "security.selinux", "trusted.x"):
+        raises_errno(errno.EOPNOTSUPP, os.getxattr, path, name)
+    with open(path, "ab") as f:
+        f.write(b"y")
+    assert path.read_bytes() == b"xy"
+
+
 def test_rename_everything(mnt):
     (mnt / "a").write_bytes(b"A")
     (mnt / "b").write_bytes(b"B")

@@ -45,6 +45,10 @@ from cryptfs.names.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, Xat
 
 log = logging.getLogger(__name__)
 
+# Unlinked inodes whose attributes are kept for the kernel's SETATTR that
+# follows the unlink (it comes at once; FORGET usually drops them soon after).
+UNLINKED_KEPT = 1024
+
 
 @dataclass(frozen=True)
 class MountOptions:
@@ -193,6 +197,9 @@ class Operations(pyfuse3.Operations):
         self._as_root = os.geteuid() == 0
         self._damaged = Once()  # inodes whose damage was logged
         self.last_activity = time.monotonic()  # for --idle
+        # Attributes of regular files at the unlink of their last name,
+        # until the kernel forgets them (see ``setattr``).
+        self._unlinked: dict[int, os.stat_result] = {}
         # Run once the kernel has the INIT reply (mount.serve sets it).
         self.after_init: Callable[[], None] | None = None
 
@@ -282,13 +289,57 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list):
         for ino, count in inode_list:
             self.inodes.forget(ino, count)  # its on_gone clears the per-inode caches
+            if self._unlinked and ino not in self.inodes:
+                self._unlinked.pop(ino, None)
 
     @fuse_op
     async def getattr(self, inode, ctx):
         return self._attrs(inode, self._stat(inode))
 
-    @fuse_op
     async def setattr(self, inode, attr, fields, fh, ctx):
+        """The SETATTR(mtime, ctime) the kernel sends after every unlink of
+        a regular file (writeback cache: fuse_update_ctime) is answered
+        before the general path for an inode with no name left and not
+        open: from the attributes kept at the unlink (the backing file is
+        gone, so the general path could only fail)."""
+        gone = self._unlinked.get(inode)
+        if gone is not None and self._just_times(fields) and self.handles.by_ino(inode) is None \
+                and inode in self.inodes and not self.inodes.get(inode).links:
+            self.last_activity = time.monotonic()
+            return self._unlinked_attrs(inode, gone, attr, fields)
+        return await self._setattr(inode, attr, fields, fh, ctx)
+
+    @staticmethod
+    def _just_times(fields) -> bool:
+        return not (fields.update_size or fields.update_mode or fields.update_uid
+                    or fields.update_gid)
+
+    def _unlinked_attrs(self, ino: int, st: os.stat_result, attr, fields):
+        """What an unlinked inode's attributes are after a change of times:
+        ``st`` (taken before the unlink) with one link less and the new times
+        (the kernel keeps its own times of a regular file in writeback mode
+        and takes nothing else from the reply to this request)."""
+        out = self._attrs(ino, st)
+        out.st_nlink = max(st.st_nlink - 1, 0)
+        if fields.update_atime:
+            out.st_atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            out.st_mtime_ns = attr.st_mtime_ns
+        if fields.update_ctime:
+            out.st_ctime_ns = attr.st_ctime_ns
+        return out
+
+    def _remember_unlinked(self, ino: int, st: os.stat_result) -> None:
+        """Keep a regular file's attributes from its last unlink until the
+        kernel forgets the inode (a bounded number: the oldest go first)."""
+        if not stat.S_ISREG(st.st_mode):
+            return
+        if len(self._unlinked) >= UNLINKED_KEPT:
+            del self._unlinked[next(iter(self._unlinked))]
+        self._unlinked[ino] = st
+
+    @fuse_op
+    async def _setattr(self, inode, attr, fields, fh, ctx):
         self._check_writable()
         if fields.update_size:
             await self._truncate(inode, attr.st_size)
@@ -400,7 +451,11 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def unlink(self, parent_inode, name, ctx):
         self._check_writable()
-        self.tree.unlink(parent_inode, name)
+        # With the writeback cache the kernel follows up with a SETATTR of
+        # the times (see ``setattr``); without it no such request comes.
+        last = self.tree.unlink(parent_inode, name, last_stat=self.enable_writeback_cache)
+        if last is not None:
+            self._remember_unlinked(*last)
 
     @fuse_op
     async def rmdir(self, parent_inode, name, ctx):
@@ -637,13 +692,21 @@ class Operations(pyfuse3.Operations):
         sealed = self.metadata.encrypt_xattr_value(sealed_name, value, owner)
         self.tree.set_xattr(inode, sealed_name, sealed)
 
-    @fuse_op
     async def getxattr(self, inode, name, ctx):
-        self._check_xattrs()
+        """Not under ``fuse_op``: the kernel asks for security.capability
+        before every write(2) and chown (pyfuse3 cannot negotiate
+        HANDLE_KILLPRIV_V2), so a name we never store is refused here, before
+        the wrapper's and the handler's work; nothing on this path can
+        raise anything but ``FUSEError``."""
+        self.last_activity = time.monotonic()
+        if not self.options.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel then answers EOPNOTSUPP itself
         if not name.startswith(XATTR_PREFIX):
-            # The kernel asks for security.capability before every write(2)
-            # (pyfuse3 cannot negotiate HANDLE_KILLPRIV_V2): answer at once.
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        return await self._getxattr(inode, name)
+
+    @fuse_op
+    async def _getxattr(self, inode, name):
         owner = await self._xattr_owner(inode)
         sealed_name = self._xattr_name(name, owner)
         sealed = self.tree.get_xattr(inode, sealed_name)
