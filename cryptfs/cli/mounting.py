@@ -14,7 +14,7 @@ from cryptfs.cli.common import check_writable, cipherdir_arg, environment_overri
 from cryptfs.cli.mountopts import parse_mount_options
 from cryptfs.daemon.daemonize import detach
 from cryptfs.daemon.lock import lock_cipherdir, wait_released
-from cryptfs.daemon.mount import build_stack, fuse_options, mounted, serve
+from cryptfs.daemon.mount import build_stack, fuse_options, mounted, read_requests_plainly, serve
 from cryptfs.daemon.mountpoint import (
     canonical,
     cryptfs_mount_at,
@@ -63,6 +63,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
 
 
 def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace) -> None:
+    read_requests_plainly()  # before the stack starts its threads
     keyfile, keys = unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
                            inline_max=args.inline_max, dir_fds=args.dir_fds,
