@@ -45,10 +45,6 @@ from cryptfs.names.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, Xat
 
 log = logging.getLogger(__name__)
 
-# Unlinked inodes whose attributes are kept for the kernel's SETATTR that
-# follows the unlink (it comes at once; FORGET usually drops them soon after).
-UNLINKED_KEPT = 1024
-
 
 @dataclass(frozen=True)
 class MountOptions:
@@ -197,9 +193,6 @@ class Operations(pyfuse3.Operations):
         self._as_root = os.geteuid() == 0
         self._damaged = Once()  # inodes whose damage was logged
         self.last_activity = time.monotonic()  # for --idle
-        # Attributes of regular files at the unlink of their last name,
-        # until the kernel forgets them (see ``setattr``).
-        self._unlinked: dict[int, os.stat_result] = {}
         # Run once the kernel has the INIT reply (mount.serve sets it).
         self.after_init: Callable[[], None] | None = None
 
@@ -289,24 +282,21 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list):
         for ino, count in inode_list:
             self.inodes.forget(ino, count)  # its on_gone clears the per-inode caches
-            if self._unlinked and ino not in self.inodes:
-                self._unlinked.pop(ino, None)
 
     @fuse_op
     async def getattr(self, inode, ctx):
         return self._attrs(inode, self._stat(inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        """The SETATTR(mtime, ctime) the kernel sends after every unlink of
-        a regular file (writeback cache: fuse_update_ctime) is answered
-        before the general path for an inode with no name left and not
-        open: from the attributes kept at the unlink (the backing file is
-        gone, so the general path could only fail)."""
-        gone = self._unlinked.get(inode)
-        if gone is not None and self._just_times(fields) and self.handles.by_ino(inode) is None \
-                and inode in self.inodes and not self.inodes.get(inode).links:
+        """The SETATTR of the times the kernel sends after every unlink of a
+        regular file (writeback cache: fuse_update_ctime) is answered before
+        the general path when the inode has no name left and is not open:
+        there is no backing file to change (the general path would fail with
+        ENOENT, an error the kernel would keep on the inode)."""
+        if fields.update_ctime and fields.update_mtime and self._just_times(fields) \
+                and self.handles.by_ino(inode) is None and self._nameless(inode):
             self.last_activity = time.monotonic()
-            return self._unlinked_attrs(inode, gone, attr, fields)
+            return self._times_of_unlinked(inode, attr, fields)
         return await self._setattr(inode, attr, fields, fh, ctx)
 
     @staticmethod
@@ -314,29 +304,28 @@ class Operations(pyfuse3.Operations):
         return not (fields.update_size or fields.update_mode or fields.update_uid
                     or fields.update_gid)
 
-    def _unlinked_attrs(self, ino: int, st: os.stat_result, attr, fields):
-        """What an unlinked inode's attributes are after a change of times:
-        ``st`` (taken before the unlink) with one link less and the new times
-        (the kernel keeps its own times of a regular file in writeback mode
-        and takes nothing else from the reply to this request)."""
-        out = self._attrs(ino, st)
-        out.st_nlink = max(st.st_nlink - 1, 0)
+    def _nameless(self, ino: int) -> bool:
+        """An inode the kernel still holds whose every name is gone."""
+        return ino != ROOT_INODE and ino in self.inodes and not self.inodes.get(ino).links
+
+    def _times_of_unlinked(self, ino: int, attr, fields) -> pyfuse3.EntryAttributes:
+        """The reply for an unlinked file's new times.  The kernel drops the
+        reply to the request that follows an unlink (fuse_flush_times); a
+        caller's utimensat on the file through an O_PATH descriptor is the
+        only other way here (ctime with mtime: a regular file), and there
+        only the file type and times are known without a syscall: nothing
+        is cached (timeouts 0), so a later stat asks again, as before."""
+        out = pyfuse3.EntryAttributes()
+        out.st_ino = ino
+        out.generation = self.inodes.generation(ino)
+        out.entry_timeout = out.attr_timeout = 0
+        out.st_mode = stat.S_IFREG
+        out.st_blksize = 4096
         if fields.update_atime:
             out.st_atime_ns = attr.st_atime_ns
-        if fields.update_mtime:
-            out.st_mtime_ns = attr.st_mtime_ns
-        if fields.update_ctime:
-            out.st_ctime_ns = attr.st_ctime_ns
+        out.st_mtime_ns = attr.st_mtime_ns
+        out.st_ctime_ns = attr.st_ctime_ns
         return out
-
-    def _remember_unlinked(self, ino: int, st: os.stat_result) -> None:
-        """Keep a regular file's attributes from its last unlink until the
-        kernel forgets the inode (a bounded number: the oldest go first)."""
-        if not stat.S_ISREG(st.st_mode):
-            return
-        if len(self._unlinked) >= UNLINKED_KEPT:
-            del self._unlinked[next(iter(self._unlinked))]
-        self._unlinked[ino] = st
 
     @fuse_op
     async def _setattr(self, inode, attr, fields, fh, ctx):
@@ -451,11 +440,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def unlink(self, parent_inode, name, ctx):
         self._check_writable()
-        # With the writeback cache the kernel follows up with a SETATTR of
-        # the times (see ``setattr``); without it no such request comes.
-        last = self.tree.unlink(parent_inode, name, last_stat=self.enable_writeback_cache)
-        if last is not None:
-            self._remember_unlinked(*last)
+        self.tree.unlink(parent_inode, name)
 
     @fuse_op
     async def rmdir(self, parent_inode, name, ctx):

@@ -824,29 +824,13 @@ class BackingTree:
 
     # -- removing entries --
 
-    def unlink(self, parent: int, name: bytes,
-               last_stat: bool = False) -> tuple[int, os.stat_result] | None:
-        """Remove ``name``; with ``last_stat``, return the inode and its
-        attributes just before if this was the last name we knew it by
-        (``Operations`` answers the SETATTR the kernel sends next from them)."""
+    def unlink(self, parent: int, name: bytes) -> None:
         entry = self.entry(parent, name)
         fd = self._dir_fd(parent)
-        last = self._last_link(parent, fd, entry.name) if last_stat else None
         os.unlink(entry.name, dir_fd=fd)
         self._remove_sidecar(parent, fd, entry)
         self._inodes.unlink(parent, entry.name.encode())
         self._drop_shown(parent, name)
-        return last
-
-    def _last_link(self, parent: int, dir_fd: int,
-                   backing: str) -> tuple[int, os.stat_result] | None:
-        """The inode at ``parent/backing`` and its attributes, if that is
-        the only name we know it by."""
-        link = (parent, os.fsencode(backing))
-        inode = self._inodes.find(*link)
-        if inode is None or inode.links != {link}:
-            return None
-        return inode.ino, os.stat(backing, dir_fd=dir_fd, follow_symlinks=False)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         entry = self.entry(parent, name)
