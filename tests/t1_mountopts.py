@@ -61,3 +61,13 @@ def test_readahead_values():
     for bad in ("-1", "lots", "16385"):
         with pytest.raises(SystemExit):
             parser().parse_args(["mount", "/c", "/p", "--readahead", bad])
+
+
+def test_cache_timeout_values():
+    args = parser().parse_args(mount_helper_args(["/c", "/p", "-o", "cache_timeout=2.5"]))
+    assert args.cache_timeout == 2.5
+    assert parser().parse_args(["mount", "/c", "/p"]).cache_timeout is None  # the default
+    assert parser().parse_args(["mount", "/c", "/p", "--cache-timeout", "0"]).cache_timeout == 0
+    for bad in ("-1", "soon", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["mount", "/c", "/p", "--cache-timeout", bad])

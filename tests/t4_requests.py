@@ -212,6 +212,34 @@ def test_readahead_is_set_on_the_mount(tmp_path, extra, expected):
     mount.check_log()
 
 
+# -- long kernel caches without --shared ---------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "cached"), [((), True), (("--cache-timeout", "0"), False)])
+def test_attributes_are_cached_past_a_second(tmp_path, extra, cached):
+    """Every change comes through an exclusive mount, so the kernel keeps
+    names and attributes for a minute: a change made behind the mount's back
+    (here a chmod of the backing file) shows only when that runs out;
+    ``--cache-timeout 0`` shows it at once (as ``--shared`` does)."""
+    require_fuse()
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl",
+                  extra=extra).start()
+    try:
+        path = mount.mountpoint / "f"
+        path.write_bytes(b"x")
+        os.chmod(path, 0o600)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        (backing,) = [p for p in mount.cipherdir.iterdir() if not p.name.startswith("cryptfs.")]
+        os.chmod(backing, 0o644)
+        time.sleep(1.5)  # past the kernel's caching before (1 s)
+        assert os.stat(path).st_mode & 0o777 == (0o600 if cached else 0o644)
+    finally:
+        mount.stop()
+    mount.check_log()
+
+
 # -- no splice receive: the daemon drops CAP_SYS_RESOURCE ----------------------------
 
 CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 21, 24

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from cryptfs.errors import OptionError
 
 # cryptfs options that take a value, and flags.
-VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname", "readahead"}
+VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname", "readahead",
+                 "cache_timeout"}
 FLAG_OPTIONS = {"ro", "rw", "allow_other", "recovery", "foreground", "no_xattr",
                 "nonempty", "shared"}
 # Mount flags the kernel applies to a FUSE mount (libfuse passes them on).

@@ -45,13 +45,24 @@ from cryptfs.names.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, Xat
 
 log = logging.getLogger(__name__)
 
+# --cache-timeout's default (see MountOptions.entry_timeout).
+CACHE_TIMEOUT = 60.0
+
 
 @dataclass(frozen=True)
 class MountOptions:
     read_only: bool = False
     allow_other: bool = False  # other users may enter; the kernel checks permissions
-    entry_timeout: float = 1.0  # seconds the kernel may cache names and attributes
-    attr_timeout: float = 1.0
+    # Seconds the kernel may cache names (negative lookups included) and
+    # attributes.  Without --shared every change comes through this mount
+    # (the mount lock keeps other mounts and fsck out) and the kernel updates
+    # or drops what it caches on each (link counts and ctimes of the other
+    # names after link, unlink and rename over a name; directory attributes
+    # after any change in them; i_blocks at close), so the cache can be long:
+    # only changes made behind the mount's back (a sync tool writing into the
+    # cipher directory) show this late.
+    entry_timeout: float = CACHE_TIMEOUT
+    attr_timeout: float = CACHE_TIMEOUT
     writeback_cache: bool = True
     worker_threads: int = 4
     # Reads and writes up to this size whose backing pages are in memory run
