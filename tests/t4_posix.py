@@ -164,6 +164,24 @@ def test_attributes_after_unlink(mnt):
     assert (mnt / "c").read_bytes() == b"cd"
 
 
+def test_unlinking_the_only_known_name_of_a_hard_link(fresh_mount):
+    """After a remount the mount knows a hard-linked file by the name looked
+    up only; unlinking it leaves the kernel's inode cached (one link left)
+    and sends the SETATTR of the times for it: that must not fail, or the
+    kernel keeps the error on the inode and a close of the other name,
+    looked up later, fails with EIO."""
+    plain = fresh_mount.mountpoint
+    (plain / "a").write_bytes(b"linked")
+    os.link(plain / "a", plain / "b")
+    fresh_mount.restart()
+    assert os.stat(plain / "a").st_nlink == 2
+    os.unlink(plain / "a")
+    with open(plain / "b", "ab") as f:
+        f.write(b" and more")
+    assert (plain / "b").read_bytes() == b"linked and more"
+    assert os.stat(plain / "b").st_nlink == 1
+
+
 def test_security_xattrs_refused(mnt):
     """security.* (the kernel's security.capability before each write(2))
     and trusted.* are not stored: EOPNOTSUPP, and writes go on."""
