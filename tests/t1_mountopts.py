@@ -72,3 +72,13 @@ def test_reverse_through_the_helper_form():
     assert (args.reverse, args.exclude_from, args.config, args.passfile) == \
         (True, ["/ex"], "/k", "/pw")
     assert not parser().parse_args(["mount", "/c", "/p"]).reverse
+
+
+def test_cache_timeout_values():
+    args = parser().parse_args(mount_helper_args(["/c", "/p", "-o", "cache_timeout=2.5"]))
+    assert args.cache_timeout == 2.5
+    assert parser().parse_args(["mount", "/c", "/p"]).cache_timeout is None  # the default
+    assert parser().parse_args(["mount", "/c", "/p", "--cache-timeout", "0"]).cache_timeout == 0
+    for bad in ("-1", "soon", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["mount", "/c", "/p", "--cache-timeout", bad])

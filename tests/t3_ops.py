@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import stat
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pyfuse3
@@ -339,6 +340,59 @@ async def test_open_file_survives_unlink(fs):
     assert await fs.read(fi.fh, 0, 100) == b"data more"
     assert (await fs.getattr(ino, CTX)).st_size == 9
     await fs.release(fi.fh)
+
+
+async def test_times_after_the_last_unlink(fs):
+    """With the writeback cache the kernel sends SETATTR(mtime, ctime) of a
+    regular file after every unlink; for a file with no name left and not
+    open it gets an answer (a regular file's type and the new times, cached
+    nowhere), not ENOENT, which the kernel would keep on the inode."""
+    ino = await create(fs, ROOT_INODE, b"f", b"data")
+    await fs.unlink(ROOT_INODE, b"f", CTX)
+    attr, fields = changes(st_mtime_ns=1_000_000_007)
+    attr.st_ctime_ns = 2_000_000_011
+    after = await fs.setattr(ino, attr, fields, None, CTX)
+    assert (after.st_ino, stat.S_IFMT(after.st_mode), after.attr_timeout) == \
+        (ino, stat.S_IFREG, 0)
+    assert (after.st_mtime_ns, after.st_ctime_ns) == (1_000_000_007, 2_000_000_011)
+    # any other change still takes the general path: the file is gone
+    await expect_errno(errno.ENOENT, fs.setattr, ino, *changes(st_mode=0o600), None, CTX)
+    await expect_errno(errno.ENOENT, fs.getattr, ino, CTX)
+
+
+async def test_times_after_unlinking_one_of_two_links(fs):
+    """A file with a name left, or open, is changed in its backing file as
+    before (its other name shows the new times)."""
+    ino = await create(fs, ROOT_INODE, b"f", b"data")
+    await fs.link(ino, ROOT_INODE, b"g", CTX)
+    await fs.unlink(ROOT_INODE, b"f", CTX)
+    after = await fs.setattr(ino, *changes(st_mtime_ns=3_000_000_000), None, CTX)
+    assert (after.st_nlink, after.st_mtime_ns) == (1, 3_000_000_000)
+    fi = await fs.open(ino, os.O_RDWR, CTX)
+    await fs.unlink(ROOT_INODE, b"g", CTX)
+    after = await fs.setattr(ino, *changes(st_mtime_ns=4_000_000_000), fi.fh, CTX)
+    assert (after.st_nlink, after.st_size, after.st_mtime_ns) == (0, 4, 4_000_000_000)
+    assert (await fs.getattr(ino, CTX)).st_mtime_ns == 4_000_000_000
+    await fs.release(fi.fh)
+
+
+async def test_security_xattrs(fs):
+    """Names we never store (security.capability, asked before every
+    write(2)) are refused at once, on any inode; with xattrs off every
+    name gets ENOSYS."""
+    ino = await create(fs, ROOT_INODE, b"f", b"data")
+    for name in (b"security.capability", b"security.selinux", b"trusted.x", b"system.x"):
+        await expect_errno(errno.EOPNOTSUPP, fs.getxattr, ino, name, CTX)
+        await expect_errno(errno.EOPNOTSUPP, fs.getxattr, 9999, name, CTX)
+    await expect_errno(errno.ENODATA, fs.getxattr, ino, b"user.none", CTX)
+    await expect_errno(errno.ENOENT, fs.getxattr, 9999, b"user.none", CTX)
+    monkey = fs.options
+    fs.options = replace(monkey, xattrs=False)
+    try:
+        for name in (b"security.capability", b"user.none"):
+            await expect_errno(errno.ENOSYS, fs.getxattr, ino, name, CTX)
+    finally:
+        fs.options = monkey
 
 
 async def test_deep_backing_paths(fs):

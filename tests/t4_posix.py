@@ -135,6 +135,65 @@ def test_unlinked_open_file_keeps_working(mnt):
         assert os.fstat(f.fileno()).st_size == 9
 
 
+def test_attributes_after_unlink(mnt):
+    """The SETATTR of the times the kernel sends after each unlink (writeback
+    cache) leaves right attributes: an unlinked file open read-only, the
+    other name of a hard-linked file, a file written after another one's
+    unlink (its mapping carries no error)."""
+    (mnt / "r").write_bytes(b"read only")
+    os.chmod(mnt / "r", 0o640)
+    fd = os.open(mnt / "r", os.O_RDONLY)
+    try:
+        os.unlink(mnt / "r")
+        st = os.fstat(fd)
+        assert (st.st_size, st.st_nlink, stat.S_IMODE(st.st_mode)) == (9, 0, 0o640)
+        assert os.pread(fd, 100, 0) == b"read only"
+    finally:
+        os.close(fd)
+    (mnt / "a").write_bytes(b"linked")
+    os.link(mnt / "a", mnt / "b")
+    os.unlink(mnt / "a")
+    st = os.stat(mnt / "b")
+    assert (st.st_size, st.st_nlink) == (6, 1)
+    with open(mnt / "c", "wb") as f:
+        f.write(b"c")
+        os.unlink(mnt / "b")
+        f.write(b"d")
+        f.flush()
+        os.fsync(f.fileno())
+    assert (mnt / "c").read_bytes() == b"cd"
+
+
+def test_unlinking_the_only_known_name_of_a_hard_link(fresh_mount):
+    """After a remount the mount knows a hard-linked file by the name looked
+    up only; unlinking it leaves the kernel's inode cached (one link left)
+    and sends the SETATTR of the times for it: that must not fail, or the
+    kernel keeps the error on the inode and a close of the other name,
+    looked up later, fails with EIO."""
+    plain = fresh_mount.mountpoint
+    (plain / "a").write_bytes(b"linked")
+    os.link(plain / "a", plain / "b")
+    fresh_mount.restart()
+    assert os.stat(plain / "a").st_nlink == 2
+    os.unlink(plain / "a")
+    with open(plain / "b", "ab") as f:
+        f.write(b" and more")
+    assert (plain / "b").read_bytes() == b"linked and more"
+    assert os.stat(plain / "b").st_nlink == 1
+
+
+def test_security_xattrs_refused(mnt):
+    """security.* (the kernel's security.capability before each write(2))
+    and trusted.* are not stored: EOPNOTSUPP, and writes go on."""
+    path = mnt / "f"
+    path.write_bytes(b"x")
+    for name in ("security.capability", "security.selinux", "trusted.x"):
+        raises_errno(errno.EOPNOTSUPP, os.getxattr, path, name)
+    with open(path, "ab") as f:
+        f.write(b"y")
+    assert path.read_bytes() == b"xy"
+
+
 def test_rename_everything(mnt):
     (mnt / "a").write_bytes(b"A")
     (mnt / "b").write_bytes(b"B")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount, cryptfs_cmd, init_cipherdir, require_fuse
+from tests.conftest import Mount, cryptfs_cmd, init_cipherdir, require_fuse, require_kernel
 from tests.helpers.checks import raises_errno
 
 P = 4096
@@ -210,3 +210,71 @@ def test_readahead_is_set_on_the_mount(tmp_path, extra, expected):
     finally:
         mount.stop()
     mount.check_log()
+
+
+# -- long kernel caches without --shared ---------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "cached"), [((), True), (("--cache-timeout", "0"), False)])
+def test_attributes_are_cached_past_a_second(tmp_path, extra, cached):
+    """Every change comes through an exclusive mount, so the kernel keeps
+    names and attributes for a minute: a change made behind the mount's back
+    (here a chmod of the backing file) shows only when that runs out;
+    ``--cache-timeout 0`` shows it at once (as ``--shared`` does)."""
+    require_fuse()
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl",
+                  extra=extra).start()
+    try:
+        path = mount.mountpoint / "f"
+        path.write_bytes(b"x")
+        os.chmod(path, 0o600)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        (backing,) = [p for p in mount.cipherdir.iterdir() if not p.name.startswith("cryptfs.")]
+        os.chmod(backing, 0o644)
+        time.sleep(1.5)  # past the kernel's caching before (1 s)
+        assert os.stat(path).st_mode & 0o777 == (0o600 if cached else 0o644)
+    finally:
+        mount.stop()
+    mount.check_log()
+
+
+# -- no splice receive: the daemon drops CAP_SYS_RESOURCE ----------------------------
+
+CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 21, 24
+
+
+def capabilities(status: Path) -> dict[str, int]:
+    """CapEff, CapPrm, ... of a /proc status file."""
+    return {key: int(value, 16) for key, value in
+            (line.split(":\t") for line in status.read_text().splitlines())
+            if key.startswith("Cap")}
+
+
+@pytest.mark.kernel
+def test_daemon_drops_cap_sys_resource(tmp_path):
+    """With CAP_SYS_RESOURCE libfuse receives each request by splice(2) and
+    a read(2) of its pipe: every thread of the daemon runs without it (and
+    keeps the rest, CAP_SYS_ADMIN here).  Only a process that has it sees a
+    difference: root in the kernel VM."""
+    mine = capabilities(Path("/proc/self/status"))["CapEff"]
+    require_kernel(None if mine & 1 << CAP_SYS_RESOURCE and mine & 1 << CAP_SYS_ADMIN
+                   else "this process lacks CAP_SYS_RESOURCE or CAP_SYS_ADMIN")
+    require_fuse()
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    mount = Mount(tmp_path / "cipher", tmp_path / "plain", passfile, "openssl").start()
+    try:
+        (mount.mountpoint / "f").write_bytes(b"x" * 300_000)  # the worker threads run
+        assert (mount.mountpoint / "f").read_bytes() == b"x" * 300_000
+        tasks = list(Path(f"/proc/{mount.proc.pid}/task").iterdir())
+        assert tasks
+        for task in tasks:
+            caps = capabilities(task / "status")
+            for key in ("CapEff", "CapPrm"):
+                assert not caps[key] & 1 << CAP_SYS_RESOURCE, (task.name, key, hex(caps[key]))
+                assert caps[key] & 1 << CAP_SYS_ADMIN, (task.name, key, hex(caps[key]))
+    finally:
+        mount.stop()
+

@@ -227,3 +227,16 @@ def test_shared_through_the_mount_helper_form(tmp_path):
             if is_mounted(mountpoint):
                 cryptfs("unmount", str(mountpoint))
     assert not any(is_mounted(m) for m in mounts)
+
+
+def test_a_shared_mount_refuses_a_cache_timeout(tmp_path):
+    """A shared mount caches no names or attributes: ``--cache-timeout``
+    with it is a usage error, not silently dropped (0 is what it is)."""
+    passfile = tmp_path / "password"
+    init_cipherdir(tmp_path / "cipher", passfile)
+    (tmp_path / "plain").mkdir()
+    proc = cryptfs("mount", str(tmp_path / "cipher"), str(tmp_path / "plain"), "--passfile",
+                   str(passfile), "--shared", "--cache-timeout", "5", check=False)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert "--cache-timeout" in proc.stderr
+    assert not is_mounted(tmp_path / "plain")

@@ -32,6 +32,17 @@ SUBCOMMANDS = {"init", "mount", "unmount", "passwd", "key", "info", "install-hel
 # --- argument parsing ----------------------------------------------------------------
 
 
+def _seconds(text: str) -> float:
+    """--cache-timeout SECONDS: 0 or more (fractions allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
 def _readahead(text: str) -> int:
     """--readahead KIB: 0 (the kernel's default) to 16384."""
     if not text.isdigit() or int(text) > 16384:
@@ -122,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
                        metavar="KIB",
                        help="kernel read-ahead on the mount, as root (default 1024: "
                             "1 MiB read requests; 0: the kernel's default)")
+    mount.add_argument("--cache-timeout", type=_seconds, default=None, metavar="SECONDS",
+                       help="how long the kernel may cache names and attributes (default "
+                            f"{MountOptions.entry_timeout:g}; changes made behind the mount's "
+                            "back, by a sync tool, show this late; --shared: always 0)")
     mount.add_argument("--shared", action="store_true",
                        help="for a cipher directory others change while it is mounted "
                             "(other --shared mounts, here or on other machines over NFS): "

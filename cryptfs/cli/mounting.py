@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -15,7 +16,7 @@ from cryptfs.cli.mountopts import parse_mount_options
 from cryptfs.daemon.ctlsock import control_socket
 from cryptfs.daemon.daemonize import detach
 from cryptfs.daemon.lock import lock_cipherdir, wait_released
-from cryptfs.daemon.mount import build_stack, fuse_options, mounted, serve
+from cryptfs.daemon.mount import build_stack, fuse_options, mounted, read_requests_plainly, serve
 from cryptfs.daemon.mountpoint import (
     canonical,
     cryptfs_mount_at,
@@ -55,6 +56,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
     cipherdir, mountpoint = cipherdir_arg(args.cipherdir), Path(args.mountpoint)
     if args.allow_other:
         check_allow_other(os.geteuid())
+    if args.shared and args.cache_timeout:
+        raise UsageError("--cache-timeout: a --shared mount caches no names or attributes")
     KeyFile.load(cipherdir)  # a cipher directory, before a lock file goes into it
     if not args.ro:
         check_writable(cipherdir, hint=" (mount it with --ro)")
@@ -66,11 +69,15 @@ def cmd_mount(args: argparse.Namespace) -> None:
 
 
 def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace) -> None:
+    read_requests_plainly()  # before the stack starts its threads
     keyfile, keys = unlock(cipherdir, args)
     options = MountOptions(read_only=args.ro, allow_other=args.allow_other,
                            inline_max=args.inline_max, dir_fds=args.dir_fds,
                            xattrs=not args.no_xattr, readahead_kb=args.readahead,
                            shared=args.shared)
+    if args.cache_timeout is not None:
+        options = replace(options, entry_timeout=args.cache_timeout,
+                          attr_timeout=args.cache_timeout)
     overrides = environment_overrides()
     stack = build_stack(cipherdir, keys, args.engine, options, keyfile.features,
                         overrides.engine)
@@ -142,7 +149,7 @@ def mount_helper_args(argv: list[str]) -> list[str]:
     parsed = parse_mount_options(",".join(options))
     out = ["mount", *positional]
     for key, value in parsed.values.items():
-        out += [f"--{key}", value]
+        out += [f"--{key.replace('_', '-')}", value]
     flag_map = {"ro": "--ro", "allow_other": "--allow-other", "recovery": "--recovery",
                 "foreground": "--foreground", "no_xattr": "--no-xattr",
                 "nonempty": "--nonempty", "shared": "--shared", "reverse": "--reverse"}

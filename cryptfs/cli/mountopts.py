@@ -16,7 +16,8 @@ from cryptfs.errors import OptionError
 
 # cryptfs options that take a value, and flags.
 VALUE_OPTIONS = {"passfile", "extpass", "engine", "idle", "fsname", "readahead",
-                 "config", "exclude_from"}  # the last two: with reverse
+                 "config", "exclude_from",  # these two: with reverse
+                 "cache_timeout"}
 FLAG_OPTIONS = {"ro", "rw", "allow_other", "recovery", "foreground", "no_xattr",
                 "nonempty", "shared", "reverse"}
 # Mount flags the kernel applies to a FUSE mount (libfuse passes them on).

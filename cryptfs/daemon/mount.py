@@ -35,11 +35,33 @@ from cryptfs.fs.tree import BackingTree
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.keys.hierarchy import KeyRing
 from cryptfs.keys.keyfile import FEATURE_AUTHENTICATED, remove_stale_copies
+from cryptfs.lowlevel.linux import CAP_SYS_RESOURCE, drop_capability
 from cryptfs.names.filenames import NameCipher
 from cryptfs.names.metadata import MetadataCipher
 
 log = logging.getLogger(__name__)
 
+
+
+def read_requests_plainly() -> None:
+    """Keep libfuse receiving each request with one read(2) of /dev/fuse.
+
+    pyfuse3 registers ``write_buf``, so libfuse 3 asks for splice receive
+    (FUSE_CAP_SPLICE_READ) and uses it wherever it can grow its pipe to its
+    buffer size (1 MiB + 4 KiB), beyond the 1 MiB pipe-max-size: with
+    CAP_SYS_RESOURCE, which every root process has.  Each request then costs
+    a splice into the pipe and a read from it, and pyfuse3 copies a write's
+    data out of the pipe anyway.  Dropping the capability (before any thread
+    starts: capabilities are per thread) keeps the plain read; nothing the
+    daemon does needs it, and without it root's daemon no longer writes past
+    quotas or into the blocks a filesystem reserves for root."""
+    try:
+        dropped = drop_capability(CAP_SYS_RESOURCE)
+    except OSError as exc:  # no capset here: nothing to drop either
+        log.debug("CAP_SYS_RESOURCE not dropped: %s", exc)
+        return
+    if dropped:
+        log.debug("CAP_SYS_RESOURCE dropped: libfuse reads requests without splice")
 
 
 @dataclass

@@ -46,13 +46,24 @@ from cryptfs.names.metadata import OWNER_FILE, XATTR_PREFIX, MetadataCipher, Xat
 
 log = logging.getLogger(__name__)
 
+# --cache-timeout's default (see MountOptions.entry_timeout).
+CACHE_TIMEOUT = 60.0
+
 
 @dataclass(frozen=True)
 class MountOptions:
     read_only: bool = False
     allow_other: bool = False  # other users may enter; the kernel checks permissions
-    entry_timeout: float = 1.0  # seconds the kernel may cache names and attributes
-    attr_timeout: float = 1.0
+    # Seconds the kernel may cache names (negative lookups included) and
+    # attributes.  Without --shared every change comes through this mount
+    # (the mount lock keeps other mounts and fsck out) and the kernel updates
+    # or drops what it caches on each (link counts and ctimes of the other
+    # names after link, unlink and rename over a name; directory attributes
+    # after any change in them; i_blocks at close), so the cache can be long:
+    # only changes made behind the mount's back (a sync tool writing into the
+    # cipher directory) show this late.
+    entry_timeout: float = CACHE_TIMEOUT
+    attr_timeout: float = CACHE_TIMEOUT
     writeback_cache: bool = True
     worker_threads: int = 4
     # Reads and writes up to this size whose backing pages are in memory run
@@ -288,8 +299,48 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode, ctx):
         return self._attrs(inode, self._stat(inode))
 
-    @fuse_op
     async def setattr(self, inode, attr, fields, fh, ctx):
+        """The SETATTR of the times the kernel sends after every unlink of a
+        regular file (writeback cache: fuse_update_ctime) is answered before
+        the general path when the inode has no name left and is not open:
+        there is no backing file to change (the general path would fail with
+        ENOENT, an error the kernel would keep on the inode)."""
+        if fields.update_ctime and fields.update_mtime and self._just_times(fields) \
+                and self.handles.by_ino(inode) is None and self._nameless(inode):
+            self.last_activity = time.monotonic()
+            return self._times_of_unlinked(inode, attr, fields)
+        return await self._setattr(inode, attr, fields, fh, ctx)
+
+    @staticmethod
+    def _just_times(fields) -> bool:
+        return not (fields.update_size or fields.update_mode or fields.update_uid
+                    or fields.update_gid)
+
+    def _nameless(self, ino: int) -> bool:
+        """An inode the kernel still holds whose every name is gone."""
+        return ino != ROOT_INODE and ino in self.inodes and not self.inodes.get(ino).links
+
+    def _times_of_unlinked(self, ino: int, attr, fields) -> pyfuse3.EntryAttributes:
+        """The reply for an unlinked file's new times.  The kernel drops the
+        reply to the request that follows an unlink (fuse_flush_times); a
+        caller's utimensat on the file through an O_PATH descriptor is the
+        only other way here (ctime with mtime: a regular file), and there
+        only the file type and times are known without a syscall: nothing
+        is cached (timeouts 0), so a later stat asks again, as before."""
+        out = pyfuse3.EntryAttributes()
+        out.st_ino = ino
+        out.generation = self.inodes.generation(ino)
+        out.entry_timeout = out.attr_timeout = 0
+        out.st_mode = stat.S_IFREG
+        out.st_blksize = 4096
+        if fields.update_atime:
+            out.st_atime_ns = attr.st_atime_ns
+        out.st_mtime_ns = attr.st_mtime_ns
+        out.st_ctime_ns = attr.st_ctime_ns
+        return out
+
+    @fuse_op
+    async def _setattr(self, inode, attr, fields, fh, ctx):
         self._check_writable()
         if fields.update_size:
             await self._truncate(inode, attr.st_size)
@@ -652,13 +703,21 @@ class Operations(pyfuse3.Operations):
         sealed = self.metadata.encrypt_xattr_value(sealed_name, value, owner)
         self.tree.set_xattr(inode, sealed_name, sealed)
 
-    @fuse_op
     async def getxattr(self, inode, name, ctx):
-        self._check_xattrs()
+        """Not under ``fuse_op``: the kernel asks for security.capability
+        before every write(2) and chown (pyfuse3 cannot negotiate
+        HANDLE_KILLPRIV_V2), so a name we never store is refused here, before
+        the wrapper's and the handler's work; nothing on this path can
+        raise anything but ``FUSEError``."""
+        self.last_activity = time.monotonic()
+        if not self.options.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel then answers EOPNOTSUPP itself
         if not name.startswith(XATTR_PREFIX):
-            # The kernel asks for security.capability before every write(2)
-            # (pyfuse3 cannot negotiate HANDLE_KILLPRIV_V2): answer at once.
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        return await self._getxattr(inode, name)
+
+    @fuse_op
+    async def _getxattr(self, inode, name):
         owner = await self._xattr_owner(inode)
         sealed_name = self._xattr_name(name, owner)
         sealed = self.tree.get_xattr(inode, sealed_name)

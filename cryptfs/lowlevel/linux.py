@@ -153,3 +153,42 @@ def mlock(buf: bytearray) -> bool:
 def set_undumpable() -> None:
     """PR_SET_DUMPABLE 0: no core file, no ptrace by other users."""
     _prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+# --- capabilities (capget/capset) ------------------------------------------
+
+CAP_SYS_RESOURCE = 24
+_CAP_VERSION_3 = 0x20080522  # two 32-bit words per set
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_capget = _bind("capget", [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)])
+_capset = _bind("capset", [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)])
+
+
+def drop_capability(cap: int) -> bool:
+    """Clear ``cap`` from the calling thread's effective and permitted sets
+    (for good: threads started afterwards and children inherit that; the
+    inheritable set is left alone, the ambient one follows the permitted).
+    True if it was there to drop."""
+    if _capget is None or _capset is None:
+        raise OSError(errno.ENOSYS, "capget/capset are not available")
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_capget(ctypes.byref(header), data))
+    word, bit = divmod(cap, 32)
+    mask = 1 << bit
+    if not (data[word].effective | data[word].permitted) & mask:
+        return False
+    data[word].effective &= ~mask
+    data[word].permitted &= ~mask
+    _check(_capset(ctypes.byref(header), data))
+    return True
