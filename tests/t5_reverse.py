@@ -458,3 +458,31 @@ def test_a_file_changing_while_open_reads_as_when_opened(tree, tmp_path):
         os.utime(target)
         with open(seen, "rb") as f:
             assert len(f.read()) == 4096 + 100 + 16
+
+
+def test_changes_behind_the_view_show_within_seconds(tmp_path):
+    """The plaintext tree is live data: the view's names and attributes are
+    cached for a second, not for the forward mount's minute, so a backup run
+    just after a change copies it.  A stat'ed file that grows, and a name
+    looked up before it existed, are seen two seconds later."""
+    import time
+    require_fuse()
+    plain, passfile = tmp_path / "plain", tmp_path / "password"
+    plain.mkdir()
+    write(plain / "grows", b"x" * 100)
+    init_reverse(plain, passfile)
+    with ReverseMount(plain, tmp_path / "view", passfile) as view:
+        def backing(name: str) -> Path:
+            out = cryptfs("path", "encrypt", str(plain), name, "--via-mount")
+            return view / out.stdout.splitlines()[0]
+        grows = backing("grows")
+        before = grows.stat().st_size
+        write(plain / "later", b"y")
+        new = backing("later")
+        (plain / "later").unlink()
+        assert not new.exists()  # a negative entry, now cached
+        write(plain / "later", b"y")
+        write(plain / "grows", b"x" * 9000)
+        time.sleep(2)
+        assert grows.stat().st_size > before
+        assert new.exists()

@@ -12,9 +12,10 @@ import trio
 
 from cryptfs.cli.cipherdir import print_recovery_code
 from cryptfs.cli.common import environment_overrides, kdf_params, log, unlock_keyfile
+from cryptfs.cli.mounting import check_allow_other
 from cryptfs.daemon.ctlsock import control_socket
 from cryptfs.daemon.daemonize import detach
-from cryptfs.daemon.mount import fuse_options, mounted, serve
+from cryptfs.daemon.mount import fuse_options, mounted, read_requests_plainly, serve
 from cryptfs.daemon.mountpoint import canonical, prepare_mountpoint
 from cryptfs.daemon.reverse import build_reverse_stack
 from cryptfs.errors import CipherDirError, KeyFileMissingError, UsageError
@@ -31,6 +32,12 @@ from cryptfs.keys.password import get_password
 from cryptfs.keys.reverse import REVERSE_KEYFILE_NAME
 from cryptfs.reverse.exclude import read_patterns
 from cryptfs.tools.pathmap import reverse_mapper
+
+# Seconds the kernel may cache the view's names and attributes.  Not the
+# forward mount's long default: the plaintext tree changes behind the view
+# (it is the user's live data), and a backup run right after a change must
+# see it.
+REVERSE_CACHE_TIMEOUT = 1.0
 
 
 def plaindir_arg(path: str) -> Path:
@@ -93,10 +100,15 @@ def cmd_mount_reverse(args: argparse.Namespace) -> None:
     patterns = read_patterns(args.exclude, args.exclude_from)
     check_outside(mountpoint, plaindir)
     prepare_mountpoint(mountpoint, nonempty=args.nonempty)
+    if args.allow_other:
+        check_allow_other(os.geteuid())
     keys = unlock_keyfile(keyfile, args)
+    timeout = REVERSE_CACHE_TIMEOUT if args.cache_timeout is None else args.cache_timeout
     options = MountOptions(read_only=True, allow_other=args.allow_other,
-                           xattrs=not args.no_xattr, readahead_kb=args.readahead)
+                           xattrs=not args.no_xattr, readahead_kb=args.readahead,
+                           entry_timeout=timeout, attr_timeout=timeout)
     overrides = environment_overrides()
+    read_requests_plainly()  # before the stack starts its threads
     stack = build_reverse_stack(plaindir, path, keys, args.engine, options, keyfile.features,
                                 patterns, overrides.engine)
     fsname = args.fsname or os.path.abspath(plaindir)
