@@ -153,3 +153,18 @@ def mlock(buf: bytearray) -> bool:
 def set_undumpable() -> None:
     """PR_SET_DUMPABLE 0: no core file, no ptrace by other users."""
     _prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+# --- mallopt(3) ------------------------------------------------------------
+
+M_ARENA_MAX = -8  # glibc's malloc.h
+_mallopt = _bind("mallopt", [ctypes.c_int, ctypes.c_int])
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would; call before
+    threads start).  glibc gives each thread that allocates an arena of
+    its own, and memory freed in one is kept there; the daemon's threads
+    allocate under the GIL anyway, so more arenas buy no parallelism.
+    False where the C library has no ``mallopt`` (not glibc) or refuses."""
+    return _mallopt is not None and _mallopt(M_ARENA_MAX, arenas) == 1
