@@ -12,9 +12,17 @@ import trio
 
 from cryptfs.cli.common import check_writable, cipherdir_arg, environment_overrides, log, unlock
 from cryptfs.cli.mountopts import parse_mount_options
+from cryptfs.daemon import memtrace
 from cryptfs.daemon.daemonize import detach
 from cryptfs.daemon.lock import lock_cipherdir, wait_released
-from cryptfs.daemon.mount import build_stack, fuse_options, mounted, serve
+from cryptfs.daemon.mount import (
+    build_stack,
+    fuse_options,
+    log_timing,
+    mounted,
+    serve,
+    warn_if_far_behind,
+)
 from cryptfs.daemon.mountpoint import (
     canonical,
     cryptfs_mount_at,
@@ -77,11 +85,15 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
     with mounted(stack, mountpoint, opts, overrides.own_request_loop):
         log.info("mounted %s on %s%s", cipherdir, mountpoint,
                  " (shared: others may mount it too)" if args.shared else "")
+        warn_if_far_behind(stack.timing, args.engine)
         if not args.foreground:
             detach()
             keys.lock_memory()  # memory locks are not inherited across fork
         # For the log (syslog once detached), not the terminal: see select_engine.
         log.info("engine: %s", stack.engine.describe())
+        log_timing(stack.timing, args.engine)
+        if overrides.memdump:
+            memtrace.start(overrides.memdump)
         trio.run(serve, stack, args.idle, where)
     keys.wipe()
 
