@@ -271,7 +271,8 @@ class AfalgEngine:
         return AfalgSession(self, key)
 
     def describe(self) -> str:
-        path = "vmsplice/splice zero-copy" if self.zero_copy else "sendmsg copies (no vmsplice)"
+        path = ("vmsplice zero-copy encrypting, pread+sendmsg decrypting files" if self.zero_copy
+                else "sendmsg copies (no vmsplice)")
         threads = self.parallel.helpers + 1
         return (f"afalg (kernel AF_ALG {ALGORITHM}, {path}, "
                 f"large runs split over {threads} thread(s))")

@@ -71,7 +71,7 @@ def candidates(options: EngineOptions = DEFAULTS) -> list[tuple[str, Factory | s
     except (EngineUnavailableError, EngineError, OSError) as exc:
         return [*found, ("afalg", str(exc))]
     if kernel.zero_copy:
-        found.append(("afalg (vmsplice/splice)",
+        found.append(("afalg (vmsplice)",
                       lambda: AfalgEngine(zero_copy=True, helpers=helpers)))
     else:
         found.append(("afalg (vmsplice)", "vmsplice is not allowed here (seccomp?)"))
