@@ -12,6 +12,8 @@ import pytest
 from cryptfs.engines import cross_check, select_engine
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, Scratch, units
+from cryptfs.engines.timing import SIZES as timing_sizes
+from cryptfs.engines.timing import EngineTiming, time_engines
 from cryptfs.engines.userspace import FACTORIES, OpenSSLEngine
 from cryptfs.errors import BackingSizeError, EngineUnavailableError
 from tests.conftest import REQUIRE_AFALG, afalg_engine
@@ -274,3 +276,50 @@ def test_scratch_buffers_are_per_thread():
     thread.start()
     thread.join()
     assert other == [b"them"] and bytes(mine[:4]) == b"main"  # not released, not shared
+
+
+# -- timing the kernel engine against userspace (engines/timing.py) --
+
+
+def test_timing_figures_for_every_size_and_the_far_behind_advice():
+    """Two real engines timed on each size: positive figures, a summary
+    naming both sizes, and advice only where the first is far behind."""
+    fast, slow = OpenSSLEngine(), OpenSSLEngine("public")
+    try:
+        timing = time_engines(fast, slow, "openssl (cryptography)")
+    finally:
+        fast.close()
+        slow.close()
+    assert set(timing.kernel) == set(timing.userspace) == set(timing_sizes)
+    assert all(v > 0 for v in (*timing.kernel.values(), *timing.userspace.values()))
+    assert "4 KiB" in timing.summary() and "64 KiB" in timing.summary()
+    behind = EngineTiming({4096: 100.0, 65536: 900.0}, {4096: 1000.0, 65536: 1000.0}, "x")
+    assert behind.far_behind() and behind.ratios()[4096] == pytest.approx(0.1)
+    assert "--engine openssl" in (behind.advice() or "")
+    level = EngineTiming({4096: 600.0, 65536: 900.0}, {4096: 1000.0, 65536: 1000.0}, "x")
+    assert not level.far_behind() and level.advice() is None
+
+
+def test_no_timing_where_the_kernel_engine_is_unavailable():
+    """The host side: ``auto`` falls back to userspace and times nothing
+    (there is no kernel engine to compare); the choice is unchanged."""
+    if kernel_has_afalg():
+        pytest.skip("the kernel has AF_ALG here: see test_timing_on_the_kernel")
+    choice = select_engine("auto", compare=True)
+    assert choice.engine.name == "openssl" and choice.timing is None
+    choice.engine.close()
+
+
+@pytest.mark.afalg
+def test_timing_on_the_kernel_leaves_the_choice_alone(caplog):
+    """In the kernel VM: ``auto`` with timing still takes the kernel
+    engine, whatever the figures say, and both engines have figures."""
+    afalg_engine()
+    choice = select_engine("auto", compare=True)
+    try:
+        assert choice.engine.name == "afalg"
+        assert choice.timing is not None
+        assert set(choice.timing.kernel) == set(timing_sizes)
+        assert all(v > 0 for v in choice.timing.ratios().values())
+    finally:
+        choice.engine.close()

@@ -33,6 +33,40 @@ def test_hard_links_share_one_inode_and_paths_follow_renames():
     assert table.path(a.ino) == b"renamed/a"
 
 
+def test_links_through_adding_and_removing_hard_links():
+    """An inode's names as hard links come and go: the same name twice is
+    one link, the last name's removal (and only that) reports the inode
+    gone, and renames and exchanges carry every name along."""
+    gone: list[int] = []
+    table = InodeTable((1, 2), on_gone=gone.append)
+    a = table.remember(ROOT_INODE, b"a", fake_stat(1, 100))
+    assert table.remember(ROOT_INODE, b"a", fake_stat(1, 100)) is a
+    assert a.links == {(ROOT_INODE, b"a")}
+    table.remember(ROOT_INODE, b"b", fake_stat(1, 100))
+    table.remember(ROOT_INODE, b"c", fake_stat(1, 100))
+    assert a.links == {(ROOT_INODE, b"a"), (ROOT_INODE, b"b"), (ROOT_INODE, b"c")}
+    assert table.link(a.ino) == (ROOT_INODE, b"a")  # the smallest, every time
+    table.unlink(ROOT_INODE, b"a")
+    table.move((ROOT_INODE, b"c"), (ROOT_INODE, b"d"))
+    assert a.links == {(ROOT_INODE, b"b"), (ROOT_INODE, b"d")}
+    assert table.link(a.ino) == (ROOT_INODE, b"b")
+    other = table.remember(ROOT_INODE, b"e", fake_stat(1, 200))
+    table.exchange((ROOT_INODE, b"b"), (ROOT_INODE, b"e"))
+    assert a.links == {(ROOT_INODE, b"d"), (ROOT_INODE, b"e")}
+    assert other.links == {(ROOT_INODE, b"b")}
+    table.unlink(ROOT_INODE, b"d")
+    assert gone == [] and table.path(a.ino) == b"e"
+    table.unlink(ROOT_INODE, b"e")
+    assert gone == [a.ino] and a.links == frozenset()
+    try:
+        table.link(a.ino)
+    except FileNotFoundError:
+        pass
+    else:
+        raise AssertionError("an inode with no name left has a link")
+    assert table.find(ROOT_INODE, b"b") is other
+
+
 def test_reused_backing_inode_number_gets_a_new_inode():
     table = InodeTable((1, 2))
     old = table.remember(ROOT_INODE, b"deleted", fake_stat(1, 100))

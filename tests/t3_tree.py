@@ -13,7 +13,7 @@ import pytest
 from cryptfs.daemon.mount import Stack, assemble
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import StaleHandleError, StaleInodeError
-from cryptfs.fs.handles import DirHandleTable
+from cryptfs.fs.handles import DirHandleTable, closed_state
 from cryptfs.fs.inodes import ROOT_INODE
 from cryptfs.fs.ops import MountOptions
 from cryptfs.fs.tree import UnsyncedSidecars
@@ -420,3 +420,16 @@ def test_a_long_named_directory_without_iv_or_sidecar_reads_eio(stack, caplog):
     assert caplog.text.count("cannot be derived") == 1
     touch(stack, ROOT_INODE, b"other")
     assert _iv_file(stack, d.ino) is None
+
+
+def test_closed_state_tells_every_mtime_and_size_apart():
+    """The state a closed file's next open compares (keep the kernel's page
+    cache only if unchanged) is exact: any change of mtime or size, either
+    side of 1970 and up to the largest sizes, gives another value."""
+    def state(mtime_ns: int, size: int) -> int:
+        fields = [0] * 16
+        fields[6], fields[14] = size, mtime_ns  # st_size, st_mtime_ns
+        return closed_state(os.stat_result(fields))
+
+    pairs = [(m, s) for m in (-(10**18), -1, 0, 1, 10**18) for s in (0, 1, 4096, 2**63 - 1)]
+    assert len({state(m, s) for m, s in pairs}) == len(pairs)

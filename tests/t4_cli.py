@@ -317,6 +317,9 @@ def test_info_shows_no_key_material(setup):
     out = cryptfs("info", str(cipher))
     text = out.stdout + out.stderr
     assert "format version:   1" in text and "slot 0: password" in text and "engine" in text
+    # the kernel engine timed against userspace where it is used, else why not
+    assert "engine timing:    kernel engine vs openssl" in text \
+        or "engine timing:    none: the kernel engine is not used here" in text
     assert code not in text and code.replace("-", "") not in text
 
 
@@ -330,6 +333,9 @@ def test_speed_measures_every_engine_here(tmp_path):
     assert any(label.startswith("afalg") for label in results)  # a figure or a reason
     text = cryptfs("speed", "--seconds", "0.02", "--dir", str(tmp_path)).stdout
     assert "openssl (cryptography)" in text and "MB/s" in text and "Fastest here" in text
+    # the kernel engine's ratio to userspace, or that there is none
+    assert "Kernel engine: not usable here" in text or "afalg (vmsplice) / openssl" in text \
+        or "afalg (sendmsg copies) / openssl" in text
     assert not list(tmp_path.iterdir())  # the test backing file is gone
 
 

@@ -14,7 +14,7 @@ from cryptfs.cli.common import (
     kdf_params,
     unlock,
 )
-from cryptfs.engines import select_engine
+from cryptfs.engines import EngineChoice, select_engine
 from cryptfs.errors import CipherDirError, UsageError
 from cryptfs.keys.hierarchy import KeyRing, protect_process
 from cryptfs.keys.keyfile import (
@@ -130,6 +130,16 @@ def _slot_lines(keyfile: KeyFile) -> list[str]:
     return lines
 
 
+def timing_line(choice: EngineChoice) -> str:
+    """The kernel engine's figures against userspace, as the mount logs them."""
+    if choice.timing is None:
+        return ("none: the kernel engine is not used here" if choice.engine.name != "afalg"
+                else "none: the timing failed (see -v)")
+    advice = choice.timing.advice()
+    return choice.timing.summary() + ("" if advice is None else
+                                      "; far behind: --engine openssl is faster here")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     cipherdir = cipherdir_arg(args.cipherdir)
     keyfile = KeyFile.load(cipherdir)
@@ -142,5 +152,6 @@ def cmd_info(args: argparse.Namespace) -> None:
     for line in _slot_lines(keyfile):
         print(f"key {line}")
     # auto always has the userspace engine to fall back on
-    choice = select_engine("auto", environment_overrides().engine)
+    choice = select_engine("auto", environment_overrides().engine, compare=True)
     print(f"engine here:      {choice.engine.describe()}; {choice.reason}")
+    print(f"engine timing:    {timing_line(choice)}")

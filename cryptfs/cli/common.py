@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptfs.daemon.fuseloop import OFF_ENV, SPIN_ENV
+from cryptfs.daemon.memtrace import ENV as MEMDUMP_ENV
 from cryptfs.engines.base import EngineOptions
 from cryptfs.engines.native import NO_NATIVE_ENV
 from cryptfs.engines.parallel import THREADS_ENV, run_threads
@@ -34,6 +35,7 @@ class EnvironmentOverrides:
     engine: EngineOptions
     own_request_loop: bool  # False: pyfuse3's request loop (fuseloop.py)
     spin: bool = False  # the request loop spins before it parks (fuseloop.py)
+    memdump: str | None = None  # a file for memory reports (daemon/memtrace.py)
 
 
 def environment_overrides(environ: Mapping[str, str] = os.environ) -> EnvironmentOverrides:
@@ -41,12 +43,14 @@ def environment_overrides(environ: Mapping[str, str] = os.environ) -> Environmen
     ``CRYPTFS_NO_NATIVE=1`` (the userspace engine without its native
     helper), ``CRYPTFS_RUN_THREADS=N`` (threads a large run is split over,
     1-4), ``CRYPTFS_PYFUSE3_LOOP=1`` (pyfuse3's own request loop) and
-    ``CRYPTFS_SPIN=1`` (our loop spins before it parks)."""
+    ``CRYPTFS_SPIN=1`` (our loop spins before it parks) and
+    ``CRYPTFS_MEMDUMP=FILE`` (memory reports on SIGUSR2)."""
     threads = environ.get(THREADS_ENV)
     return EnvironmentOverrides(
         EngineOptions(native=environ.get(NO_NATIVE_ENV) != "1",
                       run_threads=None if threads is None else run_threads(threads)),
-        own_request_loop=environ.get(OFF_ENV) != "1", spin=environ.get(SPIN_ENV) == "1")
+        own_request_loop=environ.get(OFF_ENV) != "1", spin=environ.get(SPIN_ENV) == "1",
+        memdump=environ.get(MEMDUMP_ENV) or None)
 
 
 def kdf_params(args: argparse.Namespace) -> KdfParams:

@@ -13,10 +13,19 @@ import trio
 
 from cryptfs.cli.common import check_writable, cipherdir_arg, environment_overrides, log, unlock
 from cryptfs.cli.mountopts import parse_mount_options
+from cryptfs.daemon import memtrace
 from cryptfs.daemon.ctlsock import control_socket
 from cryptfs.daemon.daemonize import detach
 from cryptfs.daemon.lock import lock_cipherdir, wait_released
-from cryptfs.daemon.mount import build_stack, fuse_options, mounted, read_requests_plainly, serve
+from cryptfs.daemon.mount import (
+    build_stack,
+    fuse_options,
+    log_timing,
+    mounted,
+    read_requests_plainly,
+    serve,
+    warn_if_far_behind,
+)
 from cryptfs.daemon.mountpoint import (
     canonical,
     cryptfs_mount_at,
@@ -88,11 +97,15 @@ def _mount_and_serve(cipherdir: Path, mountpoint: Path, args: argparse.Namespace
     with mounted(stack, mountpoint, opts, overrides.own_request_loop, overrides.spin):
         log.info("mounted %s on %s%s", cipherdir, mountpoint,
                  " (shared: others may mount it too)" if args.shared else "")
+        warn_if_far_behind(stack.timing, args.engine)
         if not args.foreground:
             detach()
             keys.lock_memory()  # memory locks are not inherited across fork
         # For the log (syslog once detached), not the terminal: see select_engine.
         log.info("engine: %s", stack.engine.describe())
+        log_timing(stack.timing, args.engine)
+        if overrides.memdump:
+            memtrace.start(overrides.memdump)
         mapper = forward_mapper(str(real), NameCipher.for_features(keys, keyfile.features))
         with control_socket(real, mapper) as control:  # made by the daemon, not its parent
             trio.run(serve, stack, args.idle, where, control)

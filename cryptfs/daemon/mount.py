@@ -26,6 +26,7 @@ from cryptfs.daemon.ctlsock import ControlSocket
 from cryptfs.daemon.mountpoint import FSTYPE, set_readahead
 from cryptfs.engines import DEFAULTS, select_engine
 from cryptfs.engines.base import EngineOptions, XtsEngine
+from cryptfs.engines.timing import EngineTiming
 from cryptfs.errors import CipherDirError, MountError, NameDecodeError
 from cryptfs.fs.dircache import DirCache
 from cryptfs.fs.handles import HandleTable
@@ -35,12 +36,15 @@ from cryptfs.fs.tree import BackingTree
 from cryptfs.fs.workers import WorkerPool
 from cryptfs.keys.hierarchy import KeyRing
 from cryptfs.keys.keyfile import FEATURE_AUTHENTICATED, remove_stale_copies
-from cryptfs.lowlevel.linux import CAP_SYS_RESOURCE, drop_capability
+from cryptfs.lowlevel.linux import CAP_SYS_RESOURCE, drop_capability, limit_malloc_arenas
 from cryptfs.names.filenames import NameCipher
 from cryptfs.names.metadata import MetadataCipher
 
 log = logging.getLogger(__name__)
 
+# glibc malloc arenas for the daemon's threads (``limit_malloc_arenas``);
+# the user's MALLOC_ARENA_MAX, if set, is left to glibc.
+MALLOC_ARENAS = 2
 
 
 def read_requests_plainly() -> None:
@@ -74,6 +78,9 @@ class Stack:
     handles: HandleTable
     tree: BackingTree
     workers: WorkerPool
+    # The kernel engine timed against the userspace one (build_stack, when
+    # the kernel engine was chosen), for the log.
+    timing: EngineTiming | None = None
 
     def close(self) -> None:
         self.workers.close()
@@ -87,8 +94,32 @@ def build_stack(cipherdir: Path, keys: KeyRing, engine_name: str,
                 options: MountOptions, features: Collection[str],
                 engine_options: EngineOptions = DEFAULTS) -> Stack:
     """``features``: the key file's feature flags (they select encodings)."""
-    engine = select_engine(engine_name, engine_options).engine
-    return assemble(cipherdir, keys, engine, options, features)
+    if "MALLOC_ARENA_MAX" not in os.environ:  # before any thread starts
+        limit_malloc_arenas(MALLOC_ARENAS)
+    choice = select_engine(engine_name, engine_options, compare=True)
+    stack = assemble(cipherdir, keys, choice.engine, options, features)
+    stack.timing = choice.timing
+    return stack
+
+
+def warn_if_far_behind(timing: EngineTiming | None, engine_name: str) -> None:
+    """Where ``auto`` chose a kernel engine far behind the userspace one,
+    warn, naming the faster choice (before detaching: the user should see
+    it).  A user who asked for ``--engine afalg`` gets it at info level
+    (``log_timing``)."""
+    advice = None if timing is None else timing.advice()
+    if advice is not None and engine_name == "auto":
+        log.warning("%s", advice)
+
+
+def log_timing(timing: EngineTiming | None, engine_name: str) -> None:
+    """The engine figures at info level (for the daemon's log)."""
+    if timing is None:
+        return
+    log.info("engine timing: %s", timing.summary())
+    advice = timing.advice()
+    if advice is not None and engine_name != "auto":
+        log.info("%s", advice)
 
 
 def assemble(cipherdir: Path, keys: KeyRing, engine: XtsEngine,

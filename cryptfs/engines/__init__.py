@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, EngineOptions, XtsEngine, aligned_buffer
+from cryptfs.engines.timing import EngineTiming, time_engines
 from cryptfs.engines.userspace import OpenSSLEngine
 from cryptfs.errors import EngineError, EngineUnavailableError
 
@@ -29,6 +30,7 @@ DEFAULTS = EngineOptions()
 class EngineChoice:
     engine: XtsEngine
     reason: str  # why this engine, for logs and ``cryptfs info``
+    timing: EngineTiming | None = None  # the kernel engine against userspace, if timed
 
 
 def cross_check(candidate: XtsEngine, reference: XtsEngine) -> None:
@@ -75,9 +77,11 @@ def userspace_engine(options: EngineOptions = DEFAULTS) -> OpenSSLEngine:
     return engine
 
 
-def select_engine(name: str = "auto", options: EngineOptions = DEFAULTS) -> EngineChoice:
+def select_engine(name: str = "auto", options: EngineOptions = DEFAULTS,
+                  compare: bool = False) -> EngineChoice:
     """Return the engine ``name`` asks for, built with ``options``; see the
-    module docstring."""
+    module docstring (``compare``: time a chosen kernel engine against the
+    userspace one)."""
     if name == "openssl":
         return _chosen(userspace_engine(options), "requested")
     if name not in ("auto", "afalg"):
@@ -91,7 +95,25 @@ def select_engine(name: str = "auto", options: EngineOptions = DEFAULTS) -> Engi
                 raise
             raise EngineUnavailableError(f"AF_ALG engine failed its self-test: {exc}") from exc
         return _chosen(userspace_engine(options), f"AF_ALG not usable: {exc}")
-    return _chosen(kernel, "requested" if name == "afalg" else "AF_ALG passed its self-test")
+    choice = _chosen(kernel, "requested" if name == "afalg" else "AF_ALG passed its self-test")
+    if compare:
+        choice = EngineChoice(kernel, choice.reason, compare_with_userspace(kernel, options))
+    return choice
+
+
+def compare_with_userspace(kernel: XtsEngine, options: EngineOptions = DEFAULTS
+                           ) -> EngineTiming | None:
+    """``kernel`` timed against the userspace engine ``--engine openssl``
+    would use; None (and a debug line) if the timing failed: it is only
+    information, and the engine passed its self-test."""
+    userspace = OpenSSLEngine(helpers=options.helpers, native_helper=options.native)
+    try:
+        return time_engines(kernel, userspace, userspace.label)
+    except (EngineError, OSError) as exc:
+        log.debug("could not time the engines: %s", exc)
+        return None
+    finally:
+        userspace.close()
 
 
 def _chosen(engine: XtsEngine, reason: str) -> EngineChoice:

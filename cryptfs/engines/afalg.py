@@ -13,11 +13,12 @@ length.  The data arrives one of three ways:
   plaintext is ``vmsplice``d into the channel's pipe, at most 16 pages per
   call, then each unit is ``splice``d from the pipe into the socket.  The
   kernel reads our pages directly.
-* **file splice** (decrypting from a backing file): ``splice`` moves
-  ciphertext from the file's page cache into the pipe, then into the socket.
-  The ciphertext is never copied into user space.
-* **sendmsg** (small runs, unaligned buffers, or where seccomp forbids
-  vmsplice): the data is copied in with the request.
+* **sendmsg** (small runs, unaligned buffers, where seccomp forbids
+  vmsplice, and decrypting from a backing file): the data is copied in with
+  the request.  A backing file's run is read with one ``pread`` and the
+  hole rule applied in memory: splicing the file into the pipe cost, per
+  unit, a splice, two ``lseek`` and a 16-byte read more, for the saving of
+  a 4 KiB copy (docs/design.md has the measurement).
 
 See ../shared notes in docs/design.md for the kernel facts behind this.
 """
@@ -32,20 +33,20 @@ import socket
 import threading
 
 from cryptfs.engines.base import (
-    MIN_UNIT,
     PAGE_SIZE,
     XTS_KEY_LEN,
     Buffer,
     aligned_buffer,
+    fill_zeros,
     group_units,
     is_zero,
-    pread_exact,
     read_plaintext,
+    read_run,
     tweak,
     units,
 )
 from cryptfs.engines.parallel import ParallelRuns
-from cryptfs.errors import BackingSizeError, EngineError, EngineUnavailableError
+from cryptfs.errors import EngineError, EngineUnavailableError
 from cryptfs.lowlevel.linux import vmsplice_all
 
 log = logging.getLogger(__name__)
@@ -105,19 +106,6 @@ class _Channel:
                      dst: memoryview) -> None:
         for seg_start, seg_end in _segments(length):
             vmsplice_all(self.pipe_w, address + seg_start, seg_end - seg_start)
-            self._drain(opcode, first, seg_start, seg_end, dst)
-
-    def run_file(self, opcode: int, first: int, fd: int, offset: int, length: int,
-                 dst: memoryview) -> None:
-        for seg_start, seg_end in _segments(length):
-            want, pos = seg_end - seg_start, offset + seg_start
-            while want:
-                n = os.splice(fd, self.pipe_w, want, offset_src=pos)
-                if n == 0:
-                    raise BackingSizeError(
-                        f"backing file ended at {pos} (changed behind the mount?)"
-                    )
-                want, pos = want - n, pos + n
             self._drain(opcode, first, seg_start, seg_end, dst)
 
     def _drain(self, opcode: int, first: int, seg_start: int, seg_end: int,
@@ -224,19 +212,17 @@ class AfalgSession:
 
     def _decrypt_file_serial(self, first: int, fd: int, offset: int, length: int,
                              dst: memoryview) -> None:
-        holes = _HoleMap(fd, offset, offset + length)
-        spans = group_units(length, lambda k, start, size: holes.is_zero(offset + start, size),
-                            max_units=SEGMENT_PAGES)
+        """One ``pread`` of the run (this thread's scratch buffer), the hole
+        rule on the bytes read, and each span of data units through
+        sendmsg."""
+        data = read_run(fd, offset, length)
+        spans = group_units(length, lambda k, start, size: is_zero(data[start:start + size]))
         for hole, start, end in spans:
             if hole:
-                dst[start:end] = bytes(end - start)
-            elif end - start < ZERO_COPY_MIN:
-                data = pread_exact(fd, end - start, offset + start)
-                self.decrypt(first + start // PAGE_SIZE, data, dst[start:end])
+                fill_zeros(dst[start:end])
             else:
-                self._with_channel(lambda ch, s=start, e=end: ch.run_file(
-                    socket.ALG_OP_DECRYPT, first + s // PAGE_SIZE, fd, offset + s, e - s,
-                    dst[s:e]))
+                self._with_channel(lambda ch, s=start, e=end: ch.run_copy(
+                    socket.ALG_OP_DECRYPT, first + s // PAGE_SIZE, data[s:e], dst[s:e]))
 
     def close(self) -> None:
         with self._lock:
@@ -247,45 +233,6 @@ class AfalgSession:
         for channel in idle:
             channel.close()
         self._tfm.close()
-
-
-class _HoleMap:
-    """Which units of a backing range are stored as all zeros (holes).
-
-    Filesystem holes are found with SEEK_DATA/SEEK_HOLE without reading.
-    In data regions only the first AES block (16 bytes) of a unit is read;
-    the whole unit is read only if that block is zero, which for real
-    ciphertext happens with probability 2^-128.  So the hole rule costs one
-    16-byte read per unit, while the ciphertext itself is spliced.
-    """
-
-    def __init__(self, fd: int, start: int, end: int) -> None:
-        self._fd = fd
-        self._data: list[tuple[int, int]] = []  # data extents within [start, end)
-        pos = start
-        try:
-            while pos < end:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-                if data >= end:
-                    break
-                hole = os.lseek(fd, data, os.SEEK_HOLE)
-                self._data.append((data, min(hole, end)))
-                pos = hole
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
-                return
-            if exc.errno != errno.EINVAL:  # filesystem without SEEK_DATA support
-                raise
-            self._data = [(start, end)]
-
-    def is_zero(self, offset: int, size: int) -> bool:
-        end = offset + size
-        if not any(d_start < end and offset < d_end for d_start, d_end in self._data):
-            return True
-        head = pread_exact(self._fd, MIN_UNIT, offset)
-        if not is_zero(head):
-            return False
-        return is_zero(pread_exact(self._fd, size, offset))
 
 
 class AfalgEngine:
@@ -324,7 +271,8 @@ class AfalgEngine:
         return AfalgSession(self, key)
 
     def describe(self) -> str:
-        path = "vmsplice/splice zero-copy" if self.zero_copy else "sendmsg copies (no vmsplice)"
+        path = ("vmsplice zero-copy encrypting, pread+sendmsg decrypting files" if self.zero_copy
+                else "sendmsg copies (no vmsplice)")
         threads = self.parallel.helpers + 1
         return (f"afalg (kernel AF_ALG {ALGORITHM}, {path}, "
                 f"large runs split over {threads} thread(s))")

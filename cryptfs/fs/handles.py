@@ -48,6 +48,14 @@ class OpenFile:
     lock: FileLock = field(default_factory=FileLock)
 
 
+def closed_state(st: os.stat_result) -> int:
+    """A file's backing mtime and size as one int, exactly (the size takes
+    the low 64 bits): kept for every file closed while the kernel holds its
+    inode, which can be every file of a large tree, and one int costs a
+    third of a tuple of two."""
+    return st.st_mtime_ns << 64 | st.st_size
+
+
 class HandleTable:
     def __init__(self, codec: ContentCodec, read_only: bool = False,
                  shared: bool = False) -> None:
@@ -58,9 +66,10 @@ class HandleTable:
         self._by_ino: dict[int, OpenFile] = {}
         self._by_fh: dict[int, OpenFile] = {}
         self._next_fh = 1
-        # (backing mtime, size) when each inode's last handle closed: if
-        # unchanged at the next open, the kernel may keep its page cache.
-        self._closed_state: dict[int, tuple[int, int]] = {}
+        # Backing mtime and size (``closed_state``) when each inode's last
+        # handle closed: if unchanged at the next open, the kernel may keep
+        # its page cache.
+        self._closed_state: dict[int, int] = {}
         # Shared: (backing mtime, size, ctime) at each inode's last open.
         self._opened_state: dict[int, tuple[int, int, int]] = {}
 
@@ -78,7 +87,7 @@ class HandleTable:
                 os.close(fd)
                 raise
             st = os.fstat(current.fd)
-            keep_cache = self._closed_state.pop(ino, None) == (st.st_mtime_ns, st.st_size)
+            keep_cache = self._closed_state.pop(ino, None) == closed_state(st)
         else:
             keep_cache = True  # open already: the kernel's cache is current
         if self._shared:
@@ -168,7 +177,7 @@ class HandleTable:
         del self._by_ino[opened.ino]
         try:
             st = os.fstat(opened.fd)
-            self._closed_state[opened.ino] = (st.st_mtime_ns, st.st_size)
+            self._closed_state[opened.ino] = closed_state(st)
         finally:
             os.close(opened.fd)
 

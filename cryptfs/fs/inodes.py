@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import pyfuse3
@@ -80,7 +80,11 @@ def device_namespace(dev: int) -> int:
 class Inode:
     ino: int
     dev_ino: tuple[int, int]
-    links: set[Link] = field(default_factory=set)
+    # The directory entries it is known by: None, one Link (nearly every
+    # inode), or a set of them (hard links).  Not always a set: an empty
+    # set object takes more memory than the rest of the inode, and the
+    # kernel can hold every inode of a large tree (``links`` reads them).
+    _links: Link | set[Link] | None = None
     lookups: int = 0
     # Differs between any two inodes that had the same number in this mount
     # (a number is reused once the kernel forgot its inode): the kernel
@@ -92,6 +96,46 @@ class Inode:
     # --shared: what this backing inode was when last seen (``BackingTree``
     # compares it to tell a re-created file that reuses the number).
     identity: Identity | None = None
+
+    @property
+    def links(self) -> frozenset[Link]:
+        """Every known ``(parent, backing name)`` of this inode (a copy)."""
+        links = self._links
+        if links is None:
+            return frozenset()
+        return frozenset(links) if isinstance(links, set) else frozenset((links,))
+
+    def has_links(self) -> bool:
+        return self._links is not None
+
+    def first_link(self) -> Link:
+        """The smallest link (the same one each time among hard links); the
+        inode must have one."""
+        links = self._links
+        assert links is not None
+        return min(links) if isinstance(links, set) else links
+
+    def add_link(self, link: Link) -> None:
+        links = self._links
+        if links is None or links == link:
+            self._links = link
+        elif isinstance(links, set):
+            links.add(link)
+        else:
+            self._links = {links, link}
+
+    def discard_link(self, link: Link) -> None:
+        links = self._links
+        if isinstance(links, set):
+            links.discard(link)
+            if len(links) == 1:
+                self._links = next(iter(links))
+        elif links == link:
+            self._links = None
+
+    def has_link(self, link: Link) -> bool:
+        links = self._links
+        return link in links if isinstance(links, set) else links == link
 
 
 def _ignore(ino: int) -> None:
@@ -131,9 +175,9 @@ class InodeTable:
         among hard links).  ``FileNotFoundError`` for an inode with no known
         name left (all its links were unlinked while it stayed open)."""
         inode = self.get(ino)
-        if not inode.links:
+        if not inode.has_links():
             raise FileNotFoundError(2, "inode has no name left")
-        return min(inode.links)
+        return inode.first_link()
 
     def path(self, ino: int) -> bytes:
         """The backing path of ``ino`` relative to the cipher directory, for
@@ -141,10 +185,10 @@ class InodeTable:
         parts: list[bytes] = []
         while ino != ROOT_INODE:
             inode = self._by_ino.get(ino)
-            if inode is None or not inode.links:
+            if inode is None or not inode.has_links():
                 parts.append(b"(unlinked)")
                 break
-            ino, name = min(inode.links)
+            ino, name = inode.first_link()
             parts.append(name)
         return b"/".join(reversed(parts)) or b"."
 
@@ -169,7 +213,7 @@ class InodeTable:
         stale = self._by_link.get(link)
         if stale is not None and stale is not inode:  # replaced behind our back
             self._drop_link(stale, link)
-        inode.links.add(link)
+        inode.add_link(link)
         self._by_link[link] = inode
         if lookup:
             inode.lookups += 1
@@ -235,12 +279,12 @@ class InodeTable:
         whatever another inode has there is kept."""
         if self._by_link.get(link) is inode:
             del self._by_link[link]
-        if link in inode.links:
+        if inode.has_link(link):
             self._drop_link(inode, link)
 
     def _drop_link(self, inode: Inode, link: Link) -> None:
-        inode.links.discard(link)
-        if not inode.links:
+        inode.discard_link(link)
+        if not inode.has_links():
             self._on_gone(inode.ino)
 
     def move(self, old: Link, new: Link) -> None:
@@ -248,8 +292,8 @@ class InodeTable:
         self.unlink(*new)
         inode = self._by_link.pop(old, None)
         if inode is not None:
-            inode.links.discard(old)
-            inode.links.add(new)
+            inode.discard_link(old)
+            inode.add_link(new)
             self._by_link[new] = inode
 
     def rebacked(self, link: Link, st: os.stat_result) -> None:
@@ -269,8 +313,8 @@ class InodeTable:
         first, second = self._by_link.pop(a, None), self._by_link.pop(b, None)
         for inode, old, new in ((first, a, b), (second, b, a)):
             if inode is not None:
-                inode.links.discard(old)
-                inode.links.add(new)
+                inode.discard_link(old)
+                inode.add_link(new)
                 self._by_link[new] = inode
 
     def forget(self, ino: int, count: int) -> None:

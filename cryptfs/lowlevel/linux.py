@@ -192,3 +192,18 @@ def drop_capability(cap: int) -> bool:
     data[word].permitted &= ~mask
     _check(_capset(ctypes.byref(header), data))
     return True
+
+
+# --- mallopt(3) ------------------------------------------------------------
+
+M_ARENA_MAX = -8  # glibc's malloc.h
+_mallopt = _bind("mallopt", [ctypes.c_int, ctypes.c_int])
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would; call before
+    threads start).  glibc gives each thread that allocates an arena of
+    its own, and memory freed in one is kept there; the daemon's threads
+    allocate under the GIL anyway, so more arenas buy no parallelism.
+    False where the C library has no ``mallopt`` (not glibc) or refuses."""
+    return _mallopt is not None and _mallopt(M_ARENA_MAX, arenas) == 1

@@ -21,6 +21,7 @@ from cryptfs.engines import DEFAULTS, cross_check
 from cryptfs.engines.afalg import AfalgEngine
 from cryptfs.engines.base import PAGE_SIZE, EngineOptions, XtsEngine, aligned_buffer
 from cryptfs.engines.parallel import default_helpers
+from cryptfs.engines.timing import FAR_BEHIND
 from cryptfs.engines.userspace import LABELS, OpenSSLEngine
 from cryptfs.errors import EngineError, EngineUnavailableError
 
@@ -70,7 +71,7 @@ def candidates(options: EngineOptions = DEFAULTS) -> list[tuple[str, Factory | s
     except (EngineUnavailableError, EngineError, OSError) as exc:
         return [*found, ("afalg", str(exc))]
     if kernel.zero_copy:
-        found.append(("afalg (vmsplice/splice)",
+        found.append(("afalg (vmsplice)",
                       lambda: AfalgEngine(zero_copy=True, helpers=helpers)))
     else:
         found.append(("afalg (vmsplice)", "vmsplice is not allowed here (seccomp?)"))
@@ -130,6 +131,33 @@ def run(seconds: float = 0.5, workdir: str | None = None,
     return results
 
 
+def kernel_ratios(results: list[EngineSpeed]) -> tuple[str, str, dict[str, float]] | None:
+    """The kernel engine as ``auto`` would use it (zero copy where allowed)
+    against the userspace engine ``--engine openssl`` would use (the first
+    available): their labels and MB/s ratio per cell; None if either is
+    unavailable."""
+    usable = [r for r in results if not r.unavailable]
+    kernel = next((r for r in usable if r.label.startswith("afalg")), None)
+    user = next((r for r in usable if r.label.startswith("openssl")), None)
+    if kernel is None or user is None:
+        return None
+    return kernel.label, user.label, {c: kernel.mb_per_s[c] / user.mb_per_s[c]
+                                      for c in kernel.mb_per_s}
+
+
+def kernel_ratio_lines(results: list[EngineSpeed]) -> list[str]:
+    """What the mount logs as its engine timing, from these longer runs."""
+    found = kernel_ratios(results)
+    if found is None:
+        return ["Kernel engine: not usable here, nothing to compare."]
+    kernel, user, ratios = found
+    lines = [f"{kernel} / {user}: " + ", ".join(f"{c} {r:.2f}" for c, r in ratios.items())]
+    if min(ratios.values()) < FAR_BEHIND:
+        lines.append("The kernel engine is far behind here: mount with --engine openssl "
+                     "(auto takes the kernel engine whenever it passes its self-test).")
+    return lines
+
+
 def report(results: list[EngineSpeed], options: EngineOptions = DEFAULTS) -> str:
     columns = [cell(op, size) for size in REQUEST_SIZES for op in OPERATIONS]
     width = max(len(r.label) for r in results) + 2
@@ -145,6 +173,7 @@ def report(results: list[EngineSpeed], options: EngineOptions = DEFAULTS) -> str
     engine = "openssl" if best.label.startswith("openssl") else "afalg"
     lines += [
         "",
+        *kernel_ratio_lines(results),
         f"Fastest here on one thread: {best.label} (mount with --engine {engine}).",
         *(["(The afalg engine uses vmsplice for runs of 2+ pages where allowed; on a",
            "machine where copies win, that cut-off should move: please report it.)"]
