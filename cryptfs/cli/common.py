@@ -42,7 +42,7 @@ def environment_overrides(environ: Mapping[str, str] = os.environ) -> Environmen
     """The one place cryptfs reads its environment variables:
     ``CRYPTFS_NO_NATIVE=1`` (the userspace engine without its native
     helper), ``CRYPTFS_RUN_THREADS=N`` (threads a large run is split over,
-    1-4), ``CRYPTFS_PYFUSE3_LOOP=1`` (pyfuse3's own request loop) and
+    1-4), ``CRYPTFS_PYFUSE3_LOOP=1`` (pyfuse3's own request loop),
     ``CRYPTFS_SPIN=1`` (our loop spins before it parks) and
     ``CRYPTFS_MEMDUMP=FILE`` (memory reports on SIGUSR2)."""
     threads = environ.get(THREADS_ENV)
