@@ -211,7 +211,11 @@ def init_reverse(plain: Path, passfile: Path, *extra: str) -> None:
 
 
 def rsync(src: Path, dst: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["rsync", "-aX", *extra, f"{src}/", f"{dst}/"], capture_output=True,
+    # --modify-window=-1: rsync's default compares times to the second and
+    # leaves a new directory or fifo with the time it was made whenever the
+    # source's time is in the same second (the tree was built just before).
+    proc = subprocess.run(["rsync", "-aX", "--modify-window=-1", *extra, f"{src}/", f"{dst}/"],
+                          capture_output=True,
                           text=True, timeout=MOUNT_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     return proc
