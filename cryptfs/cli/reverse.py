@@ -18,12 +18,11 @@ from cryptfs.daemon.daemonize import detach
 from cryptfs.daemon.mount import fuse_options, mounted, read_requests_plainly, serve
 from cryptfs.daemon.mountpoint import canonical, prepare_mountpoint
 from cryptfs.daemon.reverse import build_reverse_stack
-from cryptfs.errors import CipherDirError, KeyFileMissingError, UsageError
+from cryptfs.errors import CipherDirError, UsageError
 from cryptfs.fs.ops import MountOptions
 from cryptfs.keys.hierarchy import protect_process
 from cryptfs.keys.keyfile import (
     FEATURE_AUTHENTICATED,
-    MAX_KEYFILE_BYTES,
     NEW_FEATURES,
     KeyFile,
     write_atomic,
@@ -73,15 +72,8 @@ def cmd_init_reverse(args: argparse.Namespace) -> None:
 
 
 def load_reverse_keyfile(path: Path) -> KeyFile:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEYFILE_BYTES + 1)
-    except FileNotFoundError as exc:
-        raise KeyFileMissingError(f"no reverse configuration at {path}; run "
-                                  "'cryptfs init --reverse' first") from exc
-    except OSError as exc:
-        raise KeyFileMissingError(f"cannot read {path}: {exc.strerror}") from exc
-    return KeyFile.from_bytes(data)
+    return KeyFile.read(path, missing=f"no reverse configuration at {path}; run "
+                                      "'cryptfs init --reverse' first")
 
 
 def check_outside(mountpoint: Path, plaindir: Path) -> None:

@@ -404,15 +404,19 @@ class KeyFile:
 
     @classmethod
     def load(cls, cipherdir: Path) -> KeyFile:
-        path = Path(cipherdir) / KEYFILE_NAME
+        return cls.read(Path(cipherdir) / KEYFILE_NAME,
+                        missing=f"{cipherdir} is not a cryptfs cipher directory (no "
+                                f"{KEYFILE_NAME}); run 'cryptfs init' first")
+
+    @classmethod
+    def read(cls, path: Path, missing: str) -> KeyFile:
+        """The key file at ``path`` (bounded read); ``missing``: the error
+        message when there is none."""
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_KEYFILE_BYTES + 1)
         except FileNotFoundError as exc:
-            raise KeyFileMissingError(
-                f"{cipherdir} is not a cryptfs cipher directory (no {KEYFILE_NAME}); "
-                "run 'cryptfs init' first"
-            ) from exc
+            raise KeyFileMissingError(missing) from exc
         except OSError as exc:
             raise KeyFileMissingError(f"cannot read {path}: {exc.strerror}") from exc
         return cls.from_bytes(data)
