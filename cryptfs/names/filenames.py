@@ -101,6 +101,18 @@ def is_longname(backing_name: str) -> bool:
     return _LONGNAME.fullmatch(backing_name) is not None
 
 
+def _shortest_long_name() -> int:
+    """The shortest plaintext name whose encoded form (padded, sealed with
+    the 16-byte SIV tag, base64url) exceeds NAME_MAX, so gets a long entry."""
+    for length in range(1, NAME_MAX + 1):
+        if len(b64url(bytes(len(pad16(bytes(length))) + 16))) > NAME_MAX:
+            return length
+    return NAME_MAX
+
+
+LONG_NAME_MIN = _shortest_long_name()
+
+
 def sidecar_name(longname: str) -> str:
     return longname + SIDECAR_SUFFIX
 

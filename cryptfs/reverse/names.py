@@ -9,26 +9,13 @@ from dataclasses import dataclass
 
 from cryptfs.errors import NameDecodeError
 from cryptfs.names.filenames import (
+    LONG_NAME_MIN,
     NAME_MAX,
     RESERVED_PREFIX,
     SIDECAR_SUFFIX,
     NameCipher,
     is_longname,
 )
-
-
-def _long_min() -> int:
-    """The shortest plaintext name whose encrypted form exceeds NAME_MAX:
-    padded to a multiple of 16 (always adding 1..16), sealed (16 more),
-    base64url without padding."""
-    for length in range(1, NAME_MAX + 1):
-        sealed = (length // 16 + 1) * 16 + 16
-        if -(-sealed * 4 // 3) > NAME_MAX:
-            return length
-    return NAME_MAX
-
-
-LONG_MIN = _long_min()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +56,7 @@ def resolve(cipher: NameCipher, dir_iv: bytes, name: str,
         if not is_longname(longname):
             return None
         for plain in plain_names():
-            if len(plain) >= LONG_MIN and cipher.to_backing(dir_iv, plain).name == longname:
+            if len(plain) >= LONG_NAME_MIN and cipher.to_backing(dir_iv, plain).name == longname:
                 return ViewName(name, plain, sidecar)
         return None
     try:
